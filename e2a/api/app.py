@@ -1,0 +1,97 @@
+"""The Klein application: route modules mounted on one router, one JSON error handler.
+
+Each :class:`ApiApp` owns its own ``Klein`` instance (not a module-global one), so two e2a
+services can run in one process — the cross-process tests rely on that.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any
+
+from klein import Klein
+from twisted.logger import Logger
+from twisted.web.server import Request, Site
+from werkzeug.exceptions import MethodNotAllowed as WzMethodNotAllowed
+from werkzeug.exceptions import NotFound as WzNotFound
+
+from e2a import __version__
+from e2a.api.http import CappedRequest, write_json
+from e2a.config import Config
+from e2a.errors import E2AError
+from e2a.store.database import Database
+
+log = Logger()
+
+
+@dataclass
+class ApiDeps:
+    """What routes may use. Built by the composition root (e2a/service.py)."""
+
+    config: Config
+    db: Database
+    clock: Any
+    dns: Any = None  # e2a.mailauth.dns.DnsClient
+    master_key: bytes = b""
+    extras: dict[str, Any] = field(default_factory=dict)  # later services (send, websocket, …)
+
+    @property
+    def trusted_proxies(self) -> list[ipaddress._BaseNetwork]:
+        return [ipaddress.ip_network(p, strict=False) for p in self.config.http.trusted_proxies]
+
+
+class ApiApp:
+    def __init__(self, deps: ApiDeps) -> None:
+        self.deps = deps
+        self.router = Klein()
+        self._install_error_handlers()
+        from e2a.api import account, agents, domains, service_routes
+
+        for module in (service_routes, agents, domains, account):
+            module.install(self.router, deps)
+
+    def _install_error_handlers(self) -> None:
+        router = self.router
+        production = self.deps.config.production
+
+        @router.handle_errors(E2AError)
+        def e2a_error(request: Request, failure: Any) -> bytes:
+            err: E2AError = failure.value
+            for name, value in err.headers.items():
+                request.setHeader(name, value)
+            return write_json(request, err.status, err.to_json())
+
+        @router.handle_errors(WzNotFound)
+        def not_found(request: Request, failure: Any) -> bytes:
+            return write_json(request, 404, {"error": {"code": "not_found", "message": "no such route"}})
+
+        @router.handle_errors(WzMethodNotAllowed)
+        def method_not_allowed(request: Request, failure: Any) -> bytes:
+            allowed = sorted(set(failure.value.valid_methods or []))
+            request.setHeader(b"Allow", ", ".join(allowed).encode())
+            return write_json(
+                request, 405, {"error": {"code": "method_not_allowed", "message": "method not allowed"}}
+            )
+
+        @router.handle_errors(Exception)
+        def internal(request: Request, failure: Any) -> bytes:
+            log.failure("unhandled error in {method} {path}", failure, method=request.method, path=request.path)
+            message = "internal error"
+            if not production:
+                message = f"internal error: {failure.getErrorMessage()}"
+            return write_json(request, 500, {"error": {"code": "internal_error", "message": message}})
+
+    def resource(self) -> Any:
+        return self.router.resource()
+
+    def site(self) -> Site:
+        site = Site(self.resource())
+        site.requestFactory = CappedRequest
+        site.displayTracebacks = False
+        site.noisy = False
+        return site
+
+
+def version_string() -> str:
+    return __version__

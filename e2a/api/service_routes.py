@@ -1,0 +1,48 @@
+"""Service endpoints: health, readiness, info (api.md §3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from klein import Klein
+from twisted.internet import defer
+from twisted.web.server import Request
+
+from e2a import __version__
+from e2a.api.http import write_json
+from e2a.store import migrate
+
+
+def install(router: Klein, deps: Any) -> None:
+    @router.route("/api/health", methods=["GET", "HEAD"])
+    def health(request: Request) -> bytes:
+        return write_json(request, 200, {"status": "ok"}, authenticated=False)
+
+    @router.route("/api/ready", methods=["GET"])
+    async def ready(request: Request) -> bytes:
+        checks = {"database": "error", "migrations": "pending"}
+        try:
+            d = defer.Deferred.fromCoroutine(deps.db.fetchall("SELECT version FROM schema_migrations"))
+            d.addTimeout(2, deps.clock)
+            rows = await d
+            checks["database"] = "ok"
+            applied = {r["version"] for r in rows}
+            if all(m.version in applied for m in migrate.load_migrations()):
+                checks["migrations"] = "ok"
+        except Exception:
+            pass
+        if checks == {"database": "ok", "migrations": "ok"}:
+            return write_json(request, 200, {"status": "ready"}, authenticated=False)
+        return write_json(request, 503, {"status": "not_ready", "checks": checks}, authenticated=False)
+
+    @router.route("/api/v1/info", methods=["GET"])
+    def info(request: Request) -> bytes:
+        config = deps.config
+        body: dict[str, Any] = {
+            "shared_domain": config.shared_domain,
+            "slug_registration_enabled": config.shared_domain != "",
+        }
+        if config.http.public_url:
+            body["public_url"] = config.http.public_url
+        body["version"] = __version__
+        return write_json(request, 200, body, authenticated=False)

@@ -1,0 +1,201 @@
+"""The composition root: the only place e2a's objects are built and wired, in start order.
+
+``MultiService`` ignores the Deferreds its children return from ``startService``, so
+:class:`E2AService` awaits each step itself (Buildbot's AsyncMultiService rule): database first
+(embedded or external) → migrations → pool → LISTEN → thread pools → listeners and workers.
+Stopping runs in reverse — listeners first so no new work arrives, the database last.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, endpoints
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from e2a.config import (
+    Config,
+    ensure_data_dir,
+    listen_endpoint,
+    resolve_hmac_secret,
+    resolve_master_key,
+)
+from e2a.store import migrate
+from e2a.store.database import Database
+from e2a.store.embedded import EmbeddedPostgres, EmbeddedSettings
+from e2a.store.events import EventListener
+
+log = Logger()
+
+
+class E2AService(service.Service):
+    name = "e2a"
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.embedded: EmbeddedPostgres | None = None
+        self.db: Database | None = None
+        self.events: EventListener | None = None
+        self.dsn = ""
+        self.blocking_pool = ThreadPool(minthreads=0, maxthreads=4, name="e2a-blocking")
+        self.mailauth_pool = ThreadPool(minthreads=0, maxthreads=8, name="e2a-mailauth")
+        self.master_key = b""
+        self.hmac_secret = ""
+        self.http_port: Any = None
+        self.smtp_port: Any = None
+        self.smtp_factory: Any = None
+        self.api: Any = None
+        self.dns: Any = None
+        self._stoppers: list[Any] = []
+        self.started: defer.Deferred[None] = defer.Deferred()
+
+    # ---- start ------------------------------------------------------------------------
+
+    def startService(self) -> None:  # noqa: N802 - Twisted API
+        super().startService()
+        d = defer.Deferred.fromCoroutine(self._start())
+
+        def failed(failure: Any) -> None:
+            log.failure("e2a failed to start", failure)
+            self.started.errback(failure)
+            if self.reactor.running:
+                self.reactor.stop()
+
+        d.addCallbacks(lambda _: self.started.callback(None), failed)
+
+    async def _start(self) -> None:
+        config = self.config
+        data_dir = ensure_data_dir(config)
+        self.master_key = resolve_master_key(config)
+        self.hmac_secret = resolve_hmac_secret(config)
+        self.blocking_pool.start()
+        self._stoppers.append(self.blocking_pool.stop)
+        self.mailauth_pool.start()
+        self._stoppers.append(self.mailauth_pool.stop)
+
+        if config.database.url:
+            self.dsn = config.database.url
+        else:
+            self.embedded = EmbeddedPostgres(EmbeddedSettings(Path(data_dir) / "pg"))
+            self.dsn = await self.embedded.start(self.reactor, self.blocking_pool)
+            embedded = self.embedded
+
+            async def stop_embedded() -> None:
+                await embedded.stop(self.reactor, self.blocking_pool)
+
+            self._stoppers.append(stop_embedded)
+
+        if config.database.auto_migrate:
+            await migrate.migrate(self.dsn, self.reactor)
+        else:
+            st = await migrate.status(self.dsn, self.reactor)
+            if st.pending:
+                raise migrate.MigrationError(
+                    f"{len(st.pending)} migration(s) pending and database.auto_migrate is off; run e2a-admin migrate"
+                )
+
+        self.db = Database(self.dsn, config.database.pool_size, self.reactor)
+        await self.db.start()
+        self._stoppers.append(self.db.close)
+        self.events = EventListener(self.dsn, self.reactor)
+        await self.events.start()
+        self._stoppers.append(self.events.stop)
+
+        self.dns = self._build_dns()
+        await self._ensure_deployment_rows()
+        await self._start_http()
+        await self._start_smtp()
+        log.info("e2a started: http on {http}, smtp on {smtp}", http=self.http_address(), smtp=self.smtp_address())
+
+    def _build_dns(self) -> Any:
+        try:
+            from e2a.mailauth.dns import DnsClient
+        except ImportError:
+            return None
+        return DnsClient(self.config.dns.parsed_nameservers(), float(self.config.dns.timeout), reactor=self.reactor)
+
+    async def _ensure_deployment_rows(self) -> None:
+        """Upsert the shared domain as a system-owned verified domain (config.md §4)."""
+        shared = self.config.shared_domain
+        if not shared:
+            return
+        assert self.db is not None
+        await self.db.execute(
+            "INSERT INTO domains (domain, user_id, is_shared, verified, verified_at)"
+            " VALUES (%s, NULL, TRUE, TRUE, now())"
+            " ON CONFLICT (domain) DO UPDATE SET user_id = NULL, is_shared = TRUE, verified = TRUE,"
+            " verified_at = COALESCE(domains.verified_at, now())",
+            (shared,),
+        )
+
+    async def _start_http(self) -> None:
+        from e2a.api.app import ApiApp, ApiDeps
+
+        assert self.db is not None
+        deps = ApiDeps(config=self.config, db=self.db, clock=self.reactor, dns=self.dns, master_key=self.master_key)
+        deps.extras["service"] = self
+        self.api = ApiApp(deps)
+        endpoint = endpoints.serverFromString(self.reactor, listen_endpoint(self.config.http.listen_addr))
+        self.http_port = await endpoint.listen(self.api.site())
+
+    async def _start_smtp(self) -> None:
+        try:
+            from e2a.smtp import server as smtp_server  # noqa: F401
+        except ImportError:
+            return
+        builder = getattr(self, "build_smtp_factory", None)
+        if builder is None:
+            return
+        self.smtp_factory = builder()
+        endpoint = endpoints.serverFromString(self.reactor, listen_endpoint(self.config.smtp.listen_addr))
+        self.smtp_port = await endpoint.listen(self.smtp_factory)
+
+    def http_address(self) -> str:
+        return _address(self.http_port)
+
+    def smtp_address(self) -> str:
+        return _address(self.smtp_port)
+
+    # ---- stop -------------------------------------------------------------------------
+
+    def stopService(self) -> defer.Deferred[None]:  # noqa: N802 - Twisted API
+        super().stopService()
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        # Listeners first: no new work arrives while the rest winds down.
+        for port in (self.smtp_port, self.http_port):
+            if port is not None:
+                await port.stopListening()
+        self.smtp_port = self.http_port = None
+        if self.smtp_factory is not None and hasattr(self.smtp_factory, "shutdown"):
+            self.smtp_factory.shutdown()
+        while self._stoppers:
+            stop = self._stoppers.pop()
+            try:
+                result = stop()
+                if hasattr(result, "__await__") or isinstance(result, defer.Deferred):
+                    await result
+            except Exception:
+                log.failure("error while stopping e2a")
+        log.info("e2a stopped")
+
+
+def _address(port: Any) -> str:
+    if port is None:
+        return "-"
+    host = port.getHost()
+    return f"{host.host}:{host.port}"
+
+
+def build_service(config: Config, reactor: Any | None = None) -> E2AService:
+    """Build the root service. Only this module (and the twistd entry points) touch the reactor."""
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    return E2AService(config, reactor)

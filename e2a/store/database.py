@@ -1,0 +1,211 @@
+"""The one way e2a talks to PostgreSQL: named, retryable transactions over txpostgres.
+
+Design (Synapse's ``runInteraction``, Buildbot's connector):
+
+* ``run(desc, txn_fn, *args)`` checks a connection out of a small pool, runs ``txn_fn(txn, ...)``
+  inside BEGIN/COMMIT, and retries the whole function on serialization failures and deadlocks.
+  Transaction functions must therefore be safe to re-run and free of outside side effects.
+* Side effects that must only happen once the data is durable (NOTIFY payloads are sent by
+  PostgreSQL at commit anyway, but in-process pushes are not) go through ``txn.call_after``.
+* A connection that broke (server restart, network) is replaced on the next checkout, so a
+  database outage turns into :class:`~e2a.errors.TransientError` for the duration of the
+  outage, not forever.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import psycopg2
+import psycopg2.errorcodes
+import psycopg2.extensions
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from txpostgres import txpostgres
+
+from e2a.errors import TransientError
+
+log = Logger()
+
+T = TypeVar("T")
+
+RETRYABLE = {
+    psycopg2.errorcodes.SERIALIZATION_FAILURE,  # 40001
+    psycopg2.errorcodes.DEADLOCK_DETECTED,  # 40P01
+}
+MAX_ATTEMPTS = 5
+
+
+class DatabaseUnavailable(TransientError):
+    """The database could not be reached or the connection broke mid-transaction."""
+
+
+class Txn:
+    """A cursor wrapper handed to transaction functions.
+
+    ``execute`` returns nothing; ``fetchall``/``fetchone`` return dict rows so that callers
+    never index columns by position.
+    """
+
+    def __init__(self, cursor: txpostgres.Cursor) -> None:
+        self._cursor = cursor
+        self.after_commit: list[Callable[[], Any]] = []
+
+    async def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> None:
+        await self._cursor.execute(sql, params)
+
+    async def fetchall(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        await self._cursor.execute(sql, params)
+        if self._cursor.description is None:
+            return []
+        names = [c.name for c in self._cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in self._cursor.fetchall()]
+
+    async def fetchone(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> dict[str, Any] | None:
+        rows = await self.fetchall(sql, params)
+        return rows[0] if rows else None
+
+    async def fetchval(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> Any:
+        row = await self.fetchone(sql, params)
+        return None if row is None else next(iter(row.values()))
+
+    @property
+    def rowcount(self) -> int:
+        return self._cursor.rowcount
+
+    async def notify(self, channel: str, payload: str) -> None:
+        """Queue a NOTIFY; PostgreSQL delivers it to listeners only if the transaction commits."""
+        await self._cursor.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+
+    def call_after(self, fn: Callable[[], Any]) -> None:
+        """Run ``fn`` once the transaction has committed (never on rollback or retry)."""
+        self.after_commit.append(fn)
+
+
+class Database:
+    """A fixed-size pool of txpostgres connections with named, retried transactions."""
+
+    def __init__(self, dsn: str, pool_size: int, reactor: Any) -> None:
+        self._dsn = dsn
+        self._reactor = reactor
+        self._size = pool_size
+        self._idle: list[txpostgres.Connection] = []
+        self._semaphore = defer.DeferredSemaphore(pool_size)
+        self._closed = False
+
+    @property
+    def dsn(self) -> str:
+        return self._dsn
+
+    async def start(self) -> None:
+        """Open the pool; fails (DatabaseUnavailable) when the server cannot be reached."""
+        for _ in range(self._size):
+            self._idle.append(await self._connect())
+
+    async def _connect(self) -> txpostgres.Connection:
+        conn = txpostgres.Connection(reactor=self._reactor)
+        try:
+            await conn.connect(self._dsn)
+        except psycopg2.Error as e:
+            raise DatabaseUnavailable(f"cannot connect to the database: {e}".strip()) from e
+        return conn
+
+    def close(self) -> None:
+        self._closed = True
+        for conn in self._idle:
+            conn.close()
+        self._idle.clear()
+
+    async def _checkout(self) -> txpostgres.Connection:
+        if self._closed:
+            raise DatabaseUnavailable("database is shut down")
+        await self._semaphore.acquire()
+        try:
+            conn = self._idle.pop() if self._idle else None
+            if conn is None or conn.closed:
+                conn = await self._connect()
+            return conn
+        except BaseException:
+            self._semaphore.release()
+            raise
+
+    def _checkin(self, conn: txpostgres.Connection, broken: bool) -> None:
+        if broken or conn.closed or self._closed:
+            try:
+                conn.close()
+            except Exception:
+                pass
+        else:
+            self._idle.append(conn)
+        self._semaphore.release()
+
+    async def run(self, desc: str, txn_fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        """Run ``txn_fn(txn, *args, **kwargs)`` in one transaction, retrying on 40001/40P01.
+
+        Raises:
+            DatabaseUnavailable: the connection failed; nothing was committed that we know of.
+        """
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            conn = await self._checkout()
+            broken = False
+            try:
+                txn_holder: list[Txn] = []
+
+                def interaction(cursor: txpostgres.Cursor) -> Deferred[T]:
+                    txn = Txn(cursor)
+                    txn_holder.append(txn)
+                    return Deferred.fromCoroutine(txn_fn(txn, *args, **kwargs))
+
+                result = await conn.runInteraction(interaction)
+            except psycopg2.Error as e:
+                code = getattr(e, "pgcode", None)
+                if code in RETRYABLE and attempt < MAX_ATTEMPTS:
+                    log.debug("retrying {desc} after {code}", desc=desc, code=code)
+                    continue
+                if isinstance(e, (psycopg2.OperationalError, psycopg2.InterfaceError)) and code is None:
+                    broken = True
+                    raise DatabaseUnavailable(f"{desc}: database connection failed") from e
+                raise
+            except txpostgres.RollbackFailed as e:
+                broken = True
+                raise DatabaseUnavailable(f"{desc}: rollback failed") from e
+            finally:
+                self._checkin(conn, broken)
+            for fn in txn_holder[-1].after_commit:
+                try:
+                    fn()
+                except Exception:
+                    log.failure("after-commit hook of {desc} failed", desc=desc)
+            return result
+        raise AssertionError("unreachable")
+
+    async def fetchall(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """A single read-only statement in its own transaction."""
+
+        async def _select_txn(txn: Txn) -> list[dict[str, Any]]:
+            return await txn.fetchall(sql, params)
+
+        return await self.run("select", _select_txn)
+
+    async def fetchone(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> dict[str, Any] | None:
+        rows = await self.fetchall(sql, params)
+        return rows[0] if rows else None
+
+    async def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> None:
+        async def _execute_txn(txn: Txn) -> None:
+            await txn.execute(sql, params)
+
+        await self.run("execute", _execute_txn)
+
+
+def quote_dsn_value(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def dsn_with_dbname(dsn: str, dbname: str) -> str:
+    """Return ``dsn`` pointing at another database (used by tests and the admin tooling)."""
+    params = psycopg2.extensions.parse_dsn(dsn)
+    params["dbname"] = dbname
+    return " ".join(f"{k}={quote_dsn_value(str(v))}" for k, v in params.items())

@@ -1,0 +1,1 @@
+"""Forward-only numbered PostgreSQL migrations, shipped inside the e2a distribution."""

@@ -1,0 +1,106 @@
+"""Test-session plumbing: one embedded PostgreSQL per session, a migrated template database,
+and a fresh database cloned from it for every test that asks for one (Synapse's pattern:
+``CREATE DATABASE … TEMPLATE`` is faster and stricter than truncating tables)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+from pathlib import Path
+
+import psycopg2
+import pytest
+import pytest_twisted
+from twisted.internet import defer
+from twisted.internet import reactor as _reactor
+
+from e2a.store.database import Database
+from e2a.store.embedded import EmbeddedPostgres, EmbeddedSettings
+
+TEMPLATE_DB = "e2a_template"
+_counter = itertools.count()
+
+
+def _admin(dsn: str):
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    return conn
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """The session's private PostgreSQL (fsync off: the tests prove logic, not disks)."""
+    base = Path(os.environ.get("E2A_TEST_PGDIR") or tempfile.mkdtemp(prefix="e2a-test-pg-"))
+    server = EmbeddedPostgres(
+        EmbeddedSettings(
+            base / "pg",
+            database="postgres",
+            options=(("fsync", "off"), ("synchronous_commit", "off"), ("full_page_writes", "off")),
+        )
+    )
+    server.thd_start()
+    yield server
+    server.thd_stop()
+
+
+@pytest.fixture(scope="session")
+def template_dsn(pg_server):
+    """A database migrated once; every per-test database is cloned from it."""
+    from e2a.store import migrate
+
+    conn = _admin(pg_server.admin_dsn())
+    with conn.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}"')
+        cur.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
+    conn.close()
+    dsn = pg_server.admin_dsn(TEMPLATE_DB)
+    pytest_twisted.blockon(defer.ensureDeferred(migrate.migrate(dsn, _reactor)))
+    return dsn
+
+
+def fresh_database(pg_server, template_dsn, name: str | None = None) -> str:
+    """Clone the template into a new database and return its DSN."""
+    name = name or f"e2a_t{os.getpid()}_{next(_counter)}"
+    conn = _admin(pg_server.admin_dsn())
+    with conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE_DB}"')
+    conn.close()
+    return pg_server.admin_dsn(name)
+
+
+def drop_database(pg_server, dsn: str) -> None:
+    name = psycopg2.extensions.parse_dsn(dsn)["dbname"]
+    conn = _admin(pg_server.admin_dsn())
+    with conn.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    conn.close()
+
+
+@pytest.fixture
+def db_dsn(pg_server, template_dsn):
+    dsn = fresh_database(pg_server, template_dsn)
+    yield dsn
+    drop_database(pg_server, dsn)
+
+
+@pytest.fixture
+def empty_db_dsn(pg_server):
+    """A database with no schema at all (migration tests)."""
+    name = f"e2a_e{os.getpid()}_{next(_counter)}"
+    conn = _admin(pg_server.admin_dsn())
+    with conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    conn.close()
+    dsn = pg_server.admin_dsn(name)
+    yield dsn
+    drop_database(pg_server, dsn)
+
+
+@pytest.fixture
+def db(db_dsn):
+    """A started :class:`Database` on a fresh clone of the migrated template."""
+    database = Database(db_dsn, pool_size=4, reactor=_reactor)
+    pytest_twisted.blockon(defer.ensureDeferred(database.start()))
+    yield database
+    database.close()
