@@ -104,3 +104,21 @@ def db(db_dsn):
     pytest_twisted.blockon(defer.ensureDeferred(database.start()))
     yield database
     database.close()
+
+
+@pytest.fixture
+def api_server_factory(db):
+    """``await api_server_factory(config=…)`` starts an API server on 127.0.0.1:0 over the test database; stopped at teardown."""
+    from tests.support.apiserver import ApiServer, test_config
+
+    servers = []
+
+    async def make(config=None, dns=None, clock=None):
+        server = ApiServer(db, config or test_config(), dns=dns, clock=clock)
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        pytest_twisted.blockon(defer.ensureDeferred(server.stop()))
