@@ -12,6 +12,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 import pytest_twisted
+
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 

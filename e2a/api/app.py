@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from klein import Klein
-from twisted.logger import Logger
-from twisted.web.server import Request, Site
 from werkzeug.exceptions import MethodNotAllowed as WzMethodNotAllowed
 from werkzeug.exceptions import NotFound as WzNotFound
+
+from twisted.logger import Logger
+from twisted.web.server import Request, Site
 
 from e2a import __version__
 from e2a.api.http import CappedRequest, write_json

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from klein import Klein
+
 from twisted.internet import defer
 from twisted.web.server import Request
 

@@ -304,6 +304,8 @@ def whsec(secret: str) -> str:
 
 _WSP = b" \t"
 _FIELD_NAME_RE = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
+# authserv-id token: ends at whitespace, a comment, ";" or a quote.
+_AUTHSERV_TOKEN_RE = re.compile(rb'[^\s();"]+')
 
 
 class HeaderField(NamedTuple):
@@ -422,7 +424,7 @@ def authserv_id_of(field: HeaderField) -> bytes | None:
             out += v[i:i + 1]
             i += 1
         return bytes(out)
-    m = re.compile(rb'[^\s();"]+').match(v, i)
+    m = _AUTHSERV_TOKEN_RE.match(v, i)
     return m.group(0) if m else None
 
 

@@ -30,6 +30,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 import idna
+
 from twisted.internet import defer
 from twisted.names import client as twclient
 from twisted.names import dns as twdns

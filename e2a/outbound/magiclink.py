@@ -124,7 +124,8 @@ def verify_token(key: bytes, token: str, action: str, now: datetime) -> TokenCla
     if tok_action != action:
         raise InvalidToken()
     exp = int(exp_s)
-    if _EPOCH + timedelta(seconds=exp) < now:
+    # Compare as durations since the epoch: a 12-digit exp is beyond datetime's year 9999.
+    if timedelta(seconds=exp) < now - _EPOCH:
         raise ExpiredToken()
     return TokenClaims(message_id=message_id, action=tok_action, exp=exp)
 

@@ -20,10 +20,11 @@ from typing import Any, TypeVar
 import psycopg2
 import psycopg2.errorcodes
 import psycopg2.extensions
+from txpostgres import txpostgres
+
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from txpostgres import txpostgres
 
 from e2a.errors import TransientError
 
@@ -150,14 +151,14 @@ class Database:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             conn = await self._checkout()
             broken = False
+            txn: Txn | None = None
+
+            def interaction(cursor: txpostgres.Cursor) -> Deferred[T]:
+                nonlocal txn
+                txn = Txn(cursor)
+                return Deferred.fromCoroutine(txn_fn(txn, *args, **kwargs))
+
             try:
-                txn_holder: list[Txn] = []
-
-                def interaction(cursor: txpostgres.Cursor) -> Deferred[T]:
-                    txn = Txn(cursor)
-                    txn_holder.append(txn)
-                    return Deferred.fromCoroutine(txn_fn(txn, *args, **kwargs))
-
                 result = await conn.runInteraction(interaction)
             except psycopg2.Error as e:
                 code = getattr(e, "pgcode", None)
@@ -173,7 +174,8 @@ class Database:
                 raise DatabaseUnavailable(f"{desc}: rollback failed") from e
             finally:
                 self._checkin(conn, broken)
-            for fn in txn_holder[-1].after_commit:
+            assert txn is not None
+            for fn in txn.after_commit:
                 try:
                     fn()
                 except Exception:

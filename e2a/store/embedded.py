@@ -217,7 +217,7 @@ def _add_traverse_bits(path: Path) -> None:
 
 
 def _add_read_bits(root: Path) -> None:
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, _dirnames, filenames in os.walk(root):
         d = Path(dirpath)
         mode = d.stat().st_mode
         wanted = mode | stat.S_IROTH | stat.S_IXOTH

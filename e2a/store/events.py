@@ -13,8 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg2
-from twisted.logger import Logger
 from txpostgres import txpostgres
+
+from twisted.logger import Logger
 
 log = Logger()
 

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import psycopg2
-from twisted.logger import Logger
 from txpostgres import txpostgres
+
+from twisted.logger import Logger
 
 from e2a.store.database import DatabaseUnavailable
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import psycopg2
 import pytest
 import pytest_twisted
+
 from twisted.internet import defer, reactor
 
 from e2a.store import migrate

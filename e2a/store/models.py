@@ -1,0 +1,46 @@
+"""Frozen dataclasses returned by the stores (Buildbot's models): one per stored aggregate.
+
+Stores hand these out instead of dict rows so callers never depend on column order or names,
+and so nothing downstream can mutate a row it was given. Other stores append their own
+classes here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+
+@dataclass(frozen=True)
+class User:
+    id: str
+    email: str
+    name: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """An API key as stored: never the plaintext, never the hash."""
+
+    id: str
+    user_id: str
+    name: str
+    key_prefix: str
+    scope: str  # "user" | "agent"
+    agent_id: str | None
+    created_at: datetime
+    last_used_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class SigningSecret:
+    """A signing secret's metadata; the value itself is only ever returned separately."""
+
+    id: str
+    user_id: str
+    name: str
+    secret_prefix: str
+    created_at: datetime
+    last_signed_at: datetime | None = None
