@@ -22,7 +22,7 @@ from typing import Any
 import idna
 
 from e2a.errors import BadRequest
-from e2a.mailauth.authheaders import format_ts_frac
+from e2a.timefmt import ts_frac as format_ts_frac
 
 __all__ = [
     "AGENT_MODES",
@@ -254,8 +254,6 @@ def _split_angle(text: str) -> tuple[str, str]:
     if in_quote:
         raise ValueError("unterminated quoted string")
     if lt < 0:
-        if ">" in text.replace('\\"', ""):
-            pass
         return "", text
     if not text.endswith(">"):
         raise ValueError("text after '>'")

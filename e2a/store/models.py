@@ -44,3 +44,43 @@ class SigningSecret:
     secret_prefix: str
     created_at: datetime
     last_signed_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Domain:
+    """A custom domain (or the shared domain: ``user_id`` None, ``is_shared``).
+
+    The DKIM private key stays encrypted in the store; only the public half travels.
+    """
+
+    domain: str
+    user_id: str | None
+    is_shared: bool
+    verified: bool
+    verification_token: str
+    claimed_at: datetime
+    created_at: datetime
+    verified_at: datetime | None
+    dkim_selector: str
+    dkim_public_key: str
+
+
+@dataclass(frozen=True)
+class Agent:
+    """An agent row plus ``domain_verified`` from its domain."""
+
+    id: str
+    user_id: str
+    domain: str
+    name: str
+    agent_mode: str  # "cloud" | "local"
+    webhook_url: str
+    webhook_status: str  # "active" | "disabled" | "none"
+    webhook_disabled_at: datetime | None
+    hitl_enabled: bool
+    hitl_ttl_seconds: int
+    hitl_expiration_action: str  # "approve" | "reject"
+    hitl_notify: bool
+    hitl_reviewers: tuple[str, ...]
+    created_at: datetime
+    domain_verified: bool

@@ -1,0 +1,228 @@
+"""accept(envelope, raw): verify → strip forged headers and sign → store → notify.
+
+The one path every inbound copy takes — SMTP mail and, later, internal agent-to-agent mail.
+All copies of one message and their delivery jobs are written in ONE transaction; the caller
+answers 250 only after it returns (mail.md §1.7). Everything that must not happen twice on a
+retried transaction (pushes to sockets) is an after-commit hook or a NOTIFY, which PostgreSQL
+only delivers on commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from twisted.logger import Logger
+
+from e2a import crypto, ids
+from e2a.mailauth import authheaders
+from e2a.messageview import MessageView
+from e2a.store import messages
+from e2a.store.database import Database, Txn
+from e2a.store.events import CHANNEL_DELIVERY, CHANNEL_INBOUND
+
+log = Logger()
+
+
+class EnvelopeLike(Protocol):
+    client_ip: str
+    helo: str
+    helo_kind: str  # "EHLO" | "HELO"
+    tls: bool
+    mail_from: str  # "" for the null reverse-path
+    recipients: Sequence[str]  # canonical agent addresses, RCPT order, deduplicated
+
+
+@dataclass(frozen=True)
+class TraceInput:
+    """What the trace headers and the signed set need from verification, per message."""
+
+    spf: str  # RFC 8601 result for Authentication-Results
+    dkim: list[tuple[str, str, str]]  # (result, d, s) per evaluated signature
+    dmarc: str
+    from_domain: str | None
+    domain_check: str  # "spf=…; dkim=…; dmarc=…"
+    verified: bool
+
+
+class Verifier(Protocol):
+    async def verify(self, raw: bytes, client_ip: str, helo: str, mail_from: str) -> Any: ...
+
+
+def signed_sender(view: MessageView, mail_from: str) -> str:
+    """mail.md §2.5: From address; if invalid, MAIL FROM; null sender and no From → ""."""
+    sender = view.single_from() or mail_from or ""
+    return sender if sender.isascii() and sender.isprintable() else ""
+
+
+def smtp_protocol(envelope: EnvelopeLike) -> str:
+    if envelope.tls:
+        return "ESMTPS"
+    return "ESMTP" if envelope.helo_kind.upper() == "EHLO" else "SMTP"
+
+
+class InboundPipeline:
+    def __init__(
+        self,
+        db: Database,
+        verifier: Verifier | None,
+        master_key: bytes,
+        smtp_domain: str,
+        authserv_id: str,
+        now: Callable[[], datetime] | None = None,
+        to_trace: Callable[[Any], TraceInput] | None = None,
+    ) -> None:
+        self.db = db
+        self.verifier = verifier
+        self.master_key = master_key
+        self.smtp_domain = smtp_domain
+        self.authserv_id = authserv_id
+        self.now = now or (lambda: datetime.now(UTC))
+        self.to_trace = to_trace or trace_from_verdict
+
+    async def accept(self, envelope: EnvelopeLike, raw: bytes) -> str:
+        """Store one copy per recipient agent; returns the first copy's ``msg_…`` id.
+
+        Raises:
+            TransientError (and subclasses): nothing was committed; the sender should retry.
+        """
+        fields, _body_offset = authheaders.split_header_section(raw)
+        view = MessageView.from_fields(fields)
+        assert self.verifier is not None
+        verdict = await self.verifier.verify(raw, envelope.client_ip, envelope.helo, envelope.mail_from)
+        trace = self.to_trace(verdict)
+        stripped = authheaders.strip_fields(raw, fields, self.authserv_id)
+        received_at = self.now()
+        return await self.db.run(
+            "accept_inbound", self._accept_txn, envelope, view, stripped, trace, received_at
+        )
+
+    async def _accept_txn(
+        self,
+        txn: Txn,
+        envelope: EnvelopeLike,
+        view: MessageView,
+        stripped: bytes,
+        trace: TraceInput,
+        received_at: datetime,
+    ) -> str:
+        first_id = ""
+        secrets_by_user: dict[str, str] = {}
+        notify_delivery = False
+        for recipient in envelope.recipients:
+            agent = await txn.fetchone(
+                "SELECT id, user_id, agent_mode, webhook_url, webhook_status FROM agents WHERE lower(id) = lower(%s)",
+                (recipient,),
+            )
+            if agent is None:
+                continue  # deleted between RCPT and end of data: nothing to deliver to
+            duplicate = await messages.find_duplicate_txn(
+                txn, agent["id"], view.message_id_token, envelope.mail_from
+            )
+            if duplicate is not None:
+                first_id = first_id or duplicate
+                continue
+            message_id = ids.new_message_id()
+            stored = (
+                authheaders.trace_headers(
+                    authserv_id=self.authserv_id,
+                    helo=envelope.helo,
+                    client_ip=envelope.client_ip,
+                    mail_from=envelope.mail_from,
+                    spf=trace.spf,
+                    dkim=trace.dkim,
+                    dmarc=trace.dmarc,
+                    from_domain=trace.from_domain,
+                    smtp_domain=self.smtp_domain,
+                    protocol=smtp_protocol(envelope),
+                    message_id=message_id,
+                    recipient=agent["id"],
+                    date=received_at,
+                )
+                + stripped
+            )
+            conversation_id = await messages.find_conversation_txn(txn, agent["id"], view.thread_candidates())
+            secret = secrets_by_user.get(agent["user_id"])
+            if secret is None:
+                secret = await newest_secret_txn(txn, agent["user_id"], self.master_key)
+                secrets_by_user[agent["user_id"]] = secret
+            fields = authheaders.build_fields(
+                verified=trace.verified,
+                sender=signed_sender(view, envelope.mail_from),
+                entity_type="human",
+                domain_check=trace.domain_check,
+                delegation="",
+                signed_at=received_at,
+                message_id=message_id,
+                stored=stored,
+            )
+            await messages.insert_inbound_txn(
+                txn,
+                {
+                    "id": message_id,
+                    "agent_id": agent["id"],
+                    "user_id": agent["user_id"],
+                    "route": "smtp",
+                    "sender": fields.sender,
+                    "display_from": view.display_sender(),
+                    "recipient": agent["id"],
+                    "envelope_from": envelope.mail_from,
+                    "client_ip": envelope.client_ip,
+                    "subject": view.subject,
+                    "to_addrs": view.to_addresses(),
+                    "cc_addrs": view.cc_addresses(),
+                    "email_message_id": view.message_id_token,
+                    "in_reply_to": view.in_reply_to,
+                    "references_ids": view.references,
+                    "conversation_id": conversation_id,
+                    "raw_message": stored,
+                    "auth_headers": authheaders.auth_headers(fields, secret),
+                    "created_at": received_at,
+                },
+            )
+            if agent["agent_mode"] == "cloud":
+                await enqueue_delivery_txn(txn, message_id, agent)
+                notify_delivery = True
+            else:
+                await txn.notify(CHANNEL_INBOUND, f"{agent['id']}\t{message_id}")
+            first_id = first_id or message_id
+        if notify_delivery:
+            await txn.notify(CHANNEL_DELIVERY, "")
+        return first_id
+
+
+async def newest_secret_txn(txn: Txn, user_id: str, master_key: bytes) -> str:
+    """The owner's newest signing secret, decrypted (mail.md §3.3: newest active signs)."""
+    row = await txn.fetchone(
+        "SELECT id, secret FROM signing_secrets WHERE user_id = %s ORDER BY created_at DESC, id DESC LIMIT 1",
+        (user_id,),
+    )
+    if row is None:
+        raise RuntimeError(f"user {user_id} has no signing secret")
+    return crypto.decrypt(master_key, row["secret"], row["id"]).decode("ascii")
+
+
+async def enqueue_delivery_txn(txn: Txn, message_id: str, agent: dict[str, Any]) -> str:
+    """A webhook delivery job: pending and due now, or paused while the webhook is disabled."""
+    delivery_id = ids.new_delivery_id()
+    paused = agent["webhook_status"] == "disabled"
+    await txn.execute(
+        "INSERT INTO deliveries (id, message_id, agent_id, webhook_url, status, next_attempt_at)"
+        " VALUES (%s, %s, %s, %s, %s, CASE WHEN %s THEN NULL ELSE now() END)",
+        (delivery_id, message_id, agent["id"], agent["webhook_url"], "paused" if paused else "pending", paused),
+    )
+    return delivery_id
+
+
+def trace_from_verdict(verdict: Any) -> TraceInput:
+    """Adapt :class:`e2a.mailauth.verdict.Verdict` to what signing and trace headers need."""
+    return TraceInput(
+        spf=verdict.spf,
+        dkim=[tuple(c) for c in verdict.dkim_clauses()],
+        dmarc=verdict.dmarc,
+        from_domain=verdict.from_domain,
+        domain_check=verdict.domain_check(),
+        verified=verdict.verified,
+    )

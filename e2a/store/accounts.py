@@ -1,0 +1,615 @@
+"""Accounts store: users, API keys and signing secrets (api.md §0.1, §10, §11, §12).
+
+Caps and floors (100 active keys, 1–5 signing secrets, at least one user-scoped key) must hold
+under concurrency, so every transaction that checks one of them first locks the user's row
+(``SELECT … FOR UPDATE``): concurrent creates/deletes of one user run one after the other while
+different users never wait for each other.
+
+Revocations are announced on :data:`~e2a.store.events.CHANNEL_REVOKE` from inside the
+transaction, so every process hears about them exactly when (and only if) they commit.
+
+Plaintext API keys are never stored (only SHA-256 and a display prefix); signing secrets are
+stored encrypted with the master key, bound to their row id (config.md §2.4).
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from e2a import crypto, ids
+from e2a.errors import BadRequest, Conflict, NotFound
+from e2a.store.database import Database, Txn
+from e2a.store.events import CHANNEL_REVOKE
+from e2a.store.models import ApiKey, SigningSecret, User
+from e2a.timefmt import ts_frac, ts_sec
+
+MAX_ACTIVE_KEYS = 100
+MAX_SIGNING_SECRETS = 5
+DEFAULT_SECRET_NAME = "default"
+EXPORT_SCHEMA_VERSION = "1"
+
+# An agent-scoped key whose agent row is gone (agent_id set NULL by the FK) is dead even if
+# nobody stamped revoked_at; it must neither authenticate nor count as active.
+_ACTIVE_KEY = "revoked_at IS NULL AND (scope = 'user' OR agent_id IS NOT NULL)"
+_KEY_COLUMNS = "id, user_id, name, key_prefix, scope, agent_id, created_at, last_used_at, revoked_at"
+_SECRET_COLUMNS = "id, user_id, name, secret_prefix, created_at, last_signed_at"
+
+
+@dataclass(frozen=True)
+class BootstrapResult:
+    """What ``e2a-admin bootstrap`` prints: the user, a new user key, the newest secret."""
+
+    user: User
+    created_user: bool
+    api_key: ApiKey
+    api_key_plaintext: str
+    signing_secret_id: str
+    signing_secret: str
+
+
+# ---------------------------------------------------------------- row → model
+
+
+def _user(row: dict[str, Any]) -> User:
+    return User(row["id"], row["email"], row["name"], row["created_at"])
+
+
+def _key(row: dict[str, Any]) -> ApiKey:
+    return ApiKey(
+        id=row["id"],
+        user_id=row["user_id"],
+        name=row["name"],
+        key_prefix=row["key_prefix"],
+        scope=row["scope"],
+        agent_id=row["agent_id"],
+        created_at=row["created_at"],
+        last_used_at=row["last_used_at"],
+        revoked_at=row["revoked_at"],
+    )
+
+
+def _secret(row: dict[str, Any]) -> SigningSecret:
+    return SigningSecret(
+        id=row["id"],
+        user_id=row["user_id"],
+        name=row["name"],
+        secret_prefix=row["secret_prefix"],
+        created_at=row["created_at"],
+        last_signed_at=row["last_signed_at"],
+    )
+
+
+# ---------------------------------------------------------------- wire shapes
+
+
+def api_key_json(key: ApiKey) -> dict[str, Any]:
+    """§11.2 list item: ts-frac times, ``last_used_at`` omitted until used."""
+    out: dict[str, Any] = {
+        "id": key.id,
+        "name": key.name,
+        "key_prefix": key.key_prefix,
+        "scope": key.scope,
+        "agent": key.agent_id if key.scope == "agent" else None,
+        "created_at": ts_frac(key.created_at),
+    }
+    if key.last_used_at is not None:
+        out["last_used_at"] = ts_frac(key.last_used_at)
+    return out
+
+
+def signing_secret_json(secret: SigningSecret) -> dict[str, Any]:
+    """§10.1 list item: ts-sec times, never the secret value."""
+    out: dict[str, Any] = {
+        "id": secret.id,
+        "name": secret.name,
+        "secret_prefix": secret.secret_prefix,
+        "created_at": ts_sec(secret.created_at),
+    }
+    if secret.last_signed_at is not None:
+        out["last_signed_at"] = ts_sec(secret.last_signed_at)
+    return out
+
+
+# ---------------------------------------------------------------- users
+
+
+async def _lock_user_txn(txn: Txn, user_id: str) -> None:
+    """Serialise cap/floor checks per user. A vanished user is a 404 of nothing in particular
+    (its key would not have authenticated a moment later anyway)."""
+    row = await txn.fetchone("SELECT id FROM users WHERE id = %s FOR UPDATE", (user_id,))
+    if row is None:
+        raise NotFound("user not found", code="not_found")
+
+
+async def _get_user_by_email_txn(txn: Txn, email: str) -> User | None:
+    row = await txn.fetchone(
+        "SELECT id, email, name, created_at FROM users WHERE lower(email) = lower(%s)", (email,)
+    )
+    return None if row is None else _user(row)
+
+
+async def _get_user_txn(txn: Txn, user_id: str) -> User | None:
+    row = await txn.fetchone("SELECT id, email, name, created_at FROM users WHERE id = %s", (user_id,))
+    return None if row is None else _user(row)
+
+
+async def _create_user_txn(
+    txn: Txn, master_key: bytes, email: str, name: str
+) -> tuple[User, SigningSecret, str]:
+    """Insert the user and its first signing secret ``default`` (every user always has one).
+
+    Raises:
+        Conflict(user_exists): the email (case-insensitively) is taken.
+    """
+    user_id = ids.new_user_id()
+    row = await txn.fetchone(
+        "INSERT INTO users (id, email, name) VALUES (%s, %s, %s)"
+        " ON CONFLICT DO NOTHING RETURNING id, email, name, created_at",
+        (user_id, email.strip().lower(), name),
+    )
+    if row is None:
+        raise Conflict("a user with this email already exists", code="user_exists")
+    secret, plaintext = await _insert_signing_secret_txn(txn, master_key, user_id, DEFAULT_SECRET_NAME)
+    return _user(row), secret, plaintext
+
+
+async def create_user(
+    db: Database, master_key: bytes, email: str, name: str = ""
+) -> tuple[User, SigningSecret, str]:
+    """Create a user (email lowercased) with its first signing secret ``default``.
+
+    Returns (user, secret metadata, secret plaintext). Raises Conflict(user_exists).
+    """
+    return await db.run("create_user", _create_user_txn, master_key, email, name)
+
+
+async def get_user_by_email(db: Database, email: str) -> User | None:
+    return await db.run("get_user_by_email", _get_user_by_email_txn, email)
+
+
+async def get_user(db: Database, user_id: str) -> User | None:
+    return await db.run("get_user", _get_user_txn, user_id)
+
+
+async def _bootstrap_txn(txn: Txn, master_key: bytes, email: str, name: str) -> BootstrapResult:
+    email = email.strip().lower()
+    user = await _get_user_by_email_txn(txn, email)
+    created = False
+    if user is None:
+        user, _secret_row, _plain = await _create_user_txn(txn, master_key, email, name)
+        created = True
+    key, plaintext = await _create_api_key_txn(txn, user.id, "bootstrap", None)
+    secrets = await _active_secrets_with_ids_txn(txn, master_key, user.id)
+    if not secrets:
+        # Defensive: the floor says this cannot happen, but a hand-edited database should
+        # not make bootstrap print nothing.
+        meta, plain = await _insert_signing_secret_txn(txn, master_key, user.id, DEFAULT_SECRET_NAME)
+        secrets = [(meta.id, plain)]
+    secret_id, secret = secrets[0]
+    return BootstrapResult(user, created, key, plaintext, secret_id, secret)
+
+
+async def bootstrap(db: Database, master_key: bytes, email: str, name: str = "bootstrap") -> BootstrapResult:
+    """config.md §5.1: get or create the user, always add a user-scoped key ``bootstrap``."""
+    return await db.run("bootstrap", _bootstrap_txn, master_key, email, name)
+
+
+# ---------------------------------------------------------------- API keys
+
+
+async def _find_agent_txn(txn: Txn, user_id: str, agent: str) -> str | None:
+    """The stored id of one of the user's agents, matched case-insensitively."""
+    row = await txn.fetchone(
+        "SELECT id FROM agents WHERE lower(id) = lower(%s) AND user_id = %s", (agent, user_id)
+    )
+    return None if row is None else row["id"]
+
+
+async def _create_api_key_txn(
+    txn: Txn, user_id: str, name: str, agent: str | None
+) -> tuple[ApiKey, str]:
+    await _lock_user_txn(txn, user_id)
+    agent_id = None
+    if agent is not None:
+        agent_id = await _find_agent_txn(txn, user_id, agent)
+        if agent_id is None:
+            raise NotFound("agent not found", code="agent_not_found")
+    active = await txn.fetchval(f"SELECT count(*) FROM api_keys WHERE user_id = %s AND {_ACTIVE_KEY}", (user_id,))
+    if active >= MAX_ACTIVE_KEYS:
+        raise BadRequest(f"at most {MAX_ACTIVE_KEYS} active API keys per user", code="too_many_keys")
+    plaintext = ids.new_api_key()
+    row = await txn.fetchone(
+        "INSERT INTO api_keys (id, user_id, agent_id, scope, name, key_hash, key_prefix, created_at)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, clock_timestamp())"
+        f" RETURNING {_KEY_COLUMNS}",
+        (
+            ids.new_key_id(),
+            user_id,
+            agent_id,
+            "agent" if agent_id else "user",
+            name,
+            crypto.hash_api_key(plaintext),
+            crypto.key_prefix(plaintext),
+        ),
+    )
+    assert row is not None
+    return _key(row), plaintext
+
+
+async def create_api_key(
+    db: Database, user_id: str, name: str = "", agent: str | None = None
+) -> tuple[ApiKey, str]:
+    """Create a key (agent-scoped when ``agent`` names one of the user's agents).
+
+    Returns (key, plaintext); the plaintext exists only in this return value.
+
+    Raises:
+        NotFound(agent_not_found): ``agent`` is unknown or another user's.
+        BadRequest(too_many_keys): the user already has 100 active keys.
+    """
+    return await db.run("create_api_key", _create_api_key_txn, user_id, name, agent)
+
+
+async def _list_api_keys_txn(txn: Txn, user_id: str) -> list[ApiKey]:
+    rows = await txn.fetchall(
+        f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE user_id = %s AND {_ACTIVE_KEY}"
+        " ORDER BY created_at DESC, id DESC",
+        (user_id,),
+    )
+    return [_key(r) for r in rows]
+
+
+async def list_api_keys(db: Database, user_id: str) -> list[ApiKey]:
+    """Active keys of the user, newest first."""
+    return await db.run("list_api_keys", _list_api_keys_txn, user_id)
+
+
+async def _revoke_api_key_txn(txn: Txn, user_id: str, key_id: str) -> ApiKey:
+    await _lock_user_txn(txn, user_id)
+    row = await txn.fetchone(
+        f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE id = %s AND user_id = %s AND {_ACTIVE_KEY}",
+        (key_id, user_id),
+    )
+    if row is None:
+        raise NotFound("API key not found", code="key_not_found")
+    if row["scope"] == "user":
+        others = await txn.fetchval(
+            "SELECT count(*) FROM api_keys WHERE user_id = %s AND scope = 'user'"
+            " AND revoked_at IS NULL AND id <> %s",
+            (user_id, key_id),
+        )
+        if others == 0:
+            raise BadRequest("cannot revoke the last active user-scoped key", code="last_user_key")
+    revoked = await txn.fetchone(
+        f"UPDATE api_keys SET revoked_at = now() WHERE id = %s RETURNING {_KEY_COLUMNS}", (key_id,)
+    )
+    assert revoked is not None
+    await txn.notify(CHANNEL_REVOKE, f"key\t{key_id}")
+    return _key(revoked)
+
+
+async def revoke_api_key(db: Database, user_id: str, key_id: str) -> ApiKey:
+    """Soft-delete a key and announce it on ``e2a_revoke`` (``key\\t<id>``) at commit.
+
+    Raises:
+        NotFound(key_not_found): missing, another user's, or already revoked.
+        BadRequest(last_user_key): it is the user's last active user-scoped key.
+    """
+    return await db.run("revoke_api_key", _revoke_api_key_txn, user_id, key_id)
+
+
+# ---------------------------------------------------------------- signing secrets
+
+
+async def _insert_signing_secret_txn(
+    txn: Txn, master_key: bytes, user_id: str, name: str
+) -> tuple[SigningSecret, str]:
+    secret_id = ids.new_secret_id()
+    plaintext = ids.new_signing_secret()
+    row = await txn.fetchone(
+        "INSERT INTO signing_secrets (id, user_id, name, secret, secret_prefix)"
+        f" VALUES (%s, %s, %s, %s, %s) RETURNING {_SECRET_COLUMNS}",
+        (
+            secret_id,
+            user_id,
+            name,
+            crypto.encrypt(master_key, plaintext.encode("ascii"), secret_id),
+            crypto.key_prefix(plaintext),
+        ),
+    )
+    assert row is not None
+    return _secret(row), plaintext
+
+
+async def _create_signing_secret_txn(
+    txn: Txn, master_key: bytes, user_id: str, name: str
+) -> tuple[SigningSecret, str]:
+    await _lock_user_txn(txn, user_id)
+    count = await txn.fetchval("SELECT count(*) FROM signing_secrets WHERE user_id = %s", (user_id,))
+    if count >= MAX_SIGNING_SECRETS:
+        raise BadRequest(f"at most {MAX_SIGNING_SECRETS} signing secrets per user", code="too_many_secrets")
+    return await _insert_signing_secret_txn(txn, master_key, user_id, name)
+
+
+async def create_signing_secret(
+    db: Database, master_key: bytes, user_id: str, name: str
+) -> tuple[SigningSecret, str]:
+    """Create a secret (``name`` already normalised by the caller). Returns (metadata, plaintext).
+
+    Raises:
+        BadRequest(too_many_secrets): 5 already exist.
+    """
+    return await db.run("create_signing_secret", _create_signing_secret_txn, master_key, user_id, name)
+
+
+async def _list_signing_secrets_txn(txn: Txn, user_id: str) -> list[SigningSecret]:
+    rows = await txn.fetchall(
+        f"SELECT {_SECRET_COLUMNS} FROM signing_secrets WHERE user_id = %s ORDER BY created_at DESC, id DESC",
+        (user_id,),
+    )
+    return [_secret(r) for r in rows]
+
+
+async def list_signing_secrets(db: Database, user_id: str) -> list[SigningSecret]:
+    """The user's secrets, newest first, without their values."""
+    return await db.run("list_signing_secrets", _list_signing_secrets_txn, user_id)
+
+
+async def _delete_signing_secret_txn(txn: Txn, user_id: str, secret_id: str) -> None:
+    await _lock_user_txn(txn, user_id)
+    row = await txn.fetchone(
+        "SELECT id FROM signing_secrets WHERE id = %s AND user_id = %s", (secret_id, user_id)
+    )
+    if row is None:
+        raise NotFound("signing secret not found", code="signing_secret_not_found")
+    count = await txn.fetchval("SELECT count(*) FROM signing_secrets WHERE user_id = %s", (user_id,))
+    if count <= 1:
+        raise BadRequest("cannot delete the only signing secret", code="last_signing_secret")
+    await txn.execute("DELETE FROM signing_secrets WHERE id = %s", (secret_id,))
+
+
+async def delete_signing_secret(db: Database, user_id: str, secret_id: str) -> None:
+    """Raises NotFound(signing_secret_not_found) first, then BadRequest(last_signing_secret)."""
+    await db.run("delete_signing_secret", _delete_signing_secret_txn, user_id, secret_id)
+
+
+async def _active_secrets_with_ids_txn(txn: Txn, master_key: bytes, user_id: str) -> list[tuple[str, str]]:
+    rows = await txn.fetchall(
+        "SELECT id, secret FROM signing_secrets WHERE user_id = %s ORDER BY created_at DESC, id DESC",
+        (user_id,),
+    )
+    return [(r["id"], crypto.decrypt(master_key, r["secret"], r["id"]).decode("ascii")) for r in rows]
+
+
+async def _active_secrets_txn(txn: Txn, master_key: bytes, user_id: str) -> list[str]:
+    return [secret for _id, secret in await _active_secrets_with_ids_txn(txn, master_key, user_id)]
+
+
+async def active_secrets(db: Database, master_key: bytes, user_id: str) -> list[str]:
+    """Decrypted secret values, newest first: the order signatures are computed in (mail.md §3.3).
+
+    Raises:
+        crypto.DecryptionError: a stored value does not open with this master key.
+    """
+    return await db.run("active_secrets", _active_secrets_txn, master_key, user_id)
+
+
+# ---------------------------------------------------------------- export (§12.1)
+
+
+def _put(out: dict[str, Any], name: str, value: Any) -> None:
+    """Set ``name`` unless the value is unset (None or ""): §12.1 omits unset values."""
+    if value is None or value == "":
+        return
+    if isinstance(value, datetime):
+        value = ts_frac(value)
+    out[name] = value
+
+
+def _export_agent(row: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": row["id"],
+        "domain": row["domain"],
+        "email": row["id"],
+        "name": row["name"],
+        "webhook_url": row["webhook_url"],
+        "agent_mode": row["agent_mode"],
+        "domain_verified": bool(row["domain_verified"]),
+        "created_at": ts_frac(row["created_at"]),
+        "hitl_enabled": row["hitl_enabled"],
+        "hitl_ttl_seconds": row["hitl_ttl_seconds"],
+        "hitl_expiration_action": row["hitl_expiration_action"],
+        "hitl_notify": row["hitl_notify"],
+        "hitl_reviewers": list(row["hitl_reviewers"] or []),
+        "webhook_status": row["webhook_status"],
+    }
+    if row["webhook_status"] == "disabled" and row["webhook_disabled_at"] is not None:
+        out["webhook_disabled_at"] = ts_frac(row["webhook_disabled_at"])
+    out["user_id"] = row["user_id"]
+    out["public"] = True
+    return out
+
+
+def _export_message(row: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in ("id", "agent_id", "direction", "sender", "recipient", "subject", "email_message_id",
+                 "provider_message_id", "method", "type"):
+        _put(out, name, row[name])
+    raw = row["raw_message"]
+    if raw is not None and row["direction"] == "inbound":
+        out["raw_message"] = base64.b64encode(bytes(raw)).decode("ascii")
+    _put(out, "auth_headers", row["auth_headers"])
+    for name in ("conversation_id", "status", "delivery_status", "created_at", "expires_at"):
+        _put(out, name, row[name])
+    _put(out, "to_recipients", row["to_addrs"])
+    _put(out, "cc", row["cc_addrs"])
+    _put(out, "bcc", row["bcc_addrs"])
+    for name in ("approval_expires_at", "reviewed_at", "rejection_reason"):
+        _put(out, name, row[name])
+    out["edited"] = bool(row["edited"])
+    for name in ("body_text", "body_html", "attachments", "smtp_message_id"):
+        _put(out, name, row[name])
+    return out
+
+
+def _export_delivery(row: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": row["id"],
+        "message_id": row["message_id"],
+        "agent_id": row["agent_id"],
+        "webhook_url": row["webhook_url"],
+        "status": row["status"],
+        "attempts": row["attempts"],
+    }
+    if row["last_status_code"] is not None:
+        out["last_status_code"] = row["last_status_code"]
+    out["last_error"] = row["last_error"]
+    out["created_at"] = ts_frac(row["created_at"])
+    for name in ("last_attempt_at", "next_attempt_at", "delivered_at"):
+        if row[name] is not None:
+            out[name] = ts_frac(row[name])
+    return out
+
+
+async def _export_user_txn(txn: Txn, user_id: str) -> dict[str, Any] | None:
+    # One snapshot for every SELECT below: the export is internally consistent.
+    await txn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    now = await txn.fetchval("SELECT clock_timestamp()")
+    user = await _get_user_txn(txn, user_id)
+    if user is None:
+        return None
+    domains = await txn.fetchall(
+        "SELECT domain, user_id, verified, verification_token, created_at, verified_at"
+        " FROM domains WHERE user_id = %s ORDER BY created_at DESC, domain",
+        (user_id,),
+    )
+    agents = await txn.fetchall(
+        "SELECT a.*, COALESCE(d.verified, FALSE) AS domain_verified"
+        " FROM agents a LEFT JOIN domains d ON d.domain = a.domain"
+        " WHERE a.user_id = %s ORDER BY a.created_at DESC, a.id",
+        (user_id,),
+    )
+    keys = await txn.fetchall(
+        f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE user_id = %s ORDER BY created_at DESC, id DESC", (user_id,)
+    )
+    secrets = await _list_signing_secrets_txn(txn, user_id)
+    messages = await txn.fetchall(
+        "SELECT * FROM messages WHERE user_id = %s ORDER BY created_at, id", (user_id,)
+    )
+    deliveries = await txn.fetchall(
+        "SELECT d.* FROM deliveries d JOIN agents a ON a.id = d.agent_id"
+        " WHERE a.user_id = %s ORDER BY d.created_at, d.id",
+        (user_id,),
+    )
+    usage = await txn.fetchall(
+        "SELECT id, agent_id, domain, direction, event_type, created_at FROM usage_events"
+        " WHERE user_id = %s ORDER BY created_at, id",
+        (user_id,),
+    )
+
+    def key_json(row: dict[str, Any]) -> dict[str, Any]:
+        key = _key(row)
+        out: dict[str, Any] = {
+            "id": key.id,
+            "name": key.name,
+            "key_prefix": key.key_prefix,
+            "created_at": ts_frac(key.created_at),
+        }
+        if key.last_used_at is not None:
+            out["last_used_at"] = ts_frac(key.last_used_at)
+        if key.revoked_at is not None:
+            out["revoked_at"] = ts_frac(key.revoked_at)
+        out["scope"] = key.scope
+        out["agent"] = key.agent_id if key.scope == "agent" else None
+        return out
+
+    def domain_json(row: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "domain": row["domain"],
+            "user_id": row["user_id"],
+            "verified": row["verified"],
+            "verification_token": row["verification_token"],
+            "created_at": ts_frac(row["created_at"]),
+        }
+        if row["verified_at"] is not None:
+            out["verified_at"] = ts_frac(row["verified_at"])
+        return out
+
+    doc: dict[str, Any] = {
+        "generated_at": ts_frac(now),
+        "schema_version": EXPORT_SCHEMA_VERSION,
+        "user": {"id": user.id, "email": user.email, "name": user.name, "created_at": ts_frac(user.created_at)},
+        "domains": [domain_json(r) for r in domains],
+        "agents": [_export_agent(r) for r in agents],
+        "api_keys": [key_json(r) for r in keys],
+        "signing_secrets": [signing_secret_json(s) for s in secrets],
+        "messages": [_export_message(r) for r in messages],
+        "deliveries": [_export_delivery(r) for r in deliveries],
+    }
+    if usage:
+        doc["usage_events"] = [
+            {
+                "id": r["id"],
+                "agent_id": r["agent_id"],
+                "domain": r["domain"],
+                "direction": r["direction"],
+                "event_type": r["event_type"],
+                "created_at": ts_frac(r["created_at"]),
+            }
+            for r in usage
+        ]
+    return doc
+
+
+async def export_user(db: Database, user_id: str) -> dict[str, Any] | None:
+    """The §12.1 document (JSON-ready), read in one repeatable-read snapshot; None if no user."""
+    return await db.run("export_user", _export_user_txn, user_id)
+
+
+# ---------------------------------------------------------------- delete (§12.2)
+
+
+async def _delete_user_txn(txn: Txn, user_id: str) -> dict[str, Any]:
+    # Serializable: a message stored or a key created concurrently either lands before the
+    # snapshot (and is deleted and counted) or makes this transaction retry.
+    await txn.execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+    await _lock_user_txn(txn, user_id)
+
+    async def delete(sql: str) -> int:
+        await txn.execute(sql, (user_id,))
+        return max(txn.rowcount, 0)
+
+    deliveries = await delete(
+        "DELETE FROM deliveries WHERE agent_id IN (SELECT id FROM agents WHERE user_id = %s)"
+    )
+    messages = await delete("DELETE FROM messages WHERE user_id = %s")
+    keys = await delete("DELETE FROM api_keys WHERE user_id = %s")
+    secrets = await delete("DELETE FROM signing_secrets WHERE user_id = %s")
+    agents = await delete("DELETE FROM agents WHERE user_id = %s")
+    domains = await delete("DELETE FROM domains WHERE user_id = %s")
+    usage = await delete("DELETE FROM usage_events WHERE user_id = %s")
+    users = await delete("DELETE FROM users WHERE id = %s")
+    await txn.notify(CHANNEL_REVOKE, f"user\t{user_id}")
+    return {
+        "usage_events_deleted": usage,
+        "usage_summaries_deleted": 0,
+        "messages_deleted": messages,
+        "agents_deleted": agents,
+        "domains_deleted": domains,
+        "api_keys_deleted": keys,
+        "sessions_deleted": 0,
+        "user_deleted": users == 1,
+        "signing_secrets_deleted": secrets,
+        "deliveries_deleted": deliveries,
+    }
+
+
+async def delete_user(db: Database, user_id: str) -> dict[str, Any]:
+    """Delete the user and everything owned in one serializable transaction (§12.2).
+
+    Returns the counts in the spec's key order; announces ``user\\t<id>`` on ``e2a_revoke``.
+    """
+    return await db.run("delete_user", _delete_user_txn, user_id)

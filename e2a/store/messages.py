@@ -1,0 +1,167 @@
+"""Messages: inbound copies, outbound records, the inbox, and conversation-id lookup.
+
+Inbound rows are written only by :mod:`e2a.inbound` inside its one transaction; this module
+holds the SQL so that the lookup rules (threading, duplicates, pagination) live in one place.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from e2a.store.database import Database, Txn
+
+# RFC 1047 duplicate suppression: a sender that lost our reply to its final dot resends the
+# same message; within this window the same Message-ID from the same MAIL FROM to the same
+# agent is answered 250 with the first copy's id and not stored twice.
+DUPLICATE_WINDOW_SECONDS = 3600
+
+
+@dataclass(frozen=True)
+class InboundRecord:
+    id: str
+    agent_id: str
+    user_id: str
+    status: str
+    sender: str
+    display_from: str
+    recipient: str
+    subject: str
+    to_addrs: list[str] | None
+    cc_addrs: list[str] | None
+    conversation_id: str
+    auth_headers: dict[str, str]
+    raw_message: bytes
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> InboundRecord:
+        raw = row.get("raw_message")
+        return cls(
+            id=row["id"],
+            agent_id=row["agent_id"],
+            user_id=row["user_id"],
+            status=row["status"],
+            sender=row["sender"],
+            display_from=row["display_from"],
+            recipient=row["recipient"],
+            subject=row["subject"],
+            to_addrs=row["to_addrs"],
+            cc_addrs=row["cc_addrs"],
+            conversation_id=row["conversation_id"],
+            auth_headers=row["auth_headers"] or {},
+            raw_message=bytes(raw) if raw is not None else b"",
+            created_at=row["created_at"],
+        )
+
+
+async def find_duplicate_txn(txn: Txn, agent_id: str, email_message_id: str, envelope_from: str) -> str | None:
+    if not email_message_id:
+        return None
+    return await txn.fetchval(
+        "SELECT id FROM messages WHERE agent_id = %s AND direction = 'inbound' AND email_message_id = %s"
+        " AND envelope_from = %s AND created_at > now() - make_interval(secs => %s)"
+        " ORDER BY created_at LIMIT 1",
+        (agent_id, email_message_id, envelope_from, DUPLICATE_WINDOW_SECONDS),
+    )
+
+
+def provider_id_bases(candidates: list[str]) -> list[str]:
+    """Relays that report a bare queue id ``<id>`` later write ``<id@their.domain>``: for each
+    candidate ``<x@y>`` the provider id it may stand for is ``<x>`` (mail.md §6)."""
+    out = []
+    for c in candidates:
+        if c.startswith("<") and c.endswith(">") and "@" in c:
+            out.append(c[: c.index("@")] + ">")
+    return out
+
+
+async def find_conversation_txn(txn: Txn, agent_id: str, candidates: list[str]) -> str:
+    """mail.md §6 item 2: newest of this agent's messages matching any candidate id."""
+    if not candidates:
+        return ""
+    value = await txn.fetchval(
+        "SELECT conversation_id FROM messages"
+        " WHERE agent_id = %(agent)s AND conversation_id <> '' AND ("
+        "   (direction = 'inbound' AND email_message_id = ANY(%(c)s))"
+        "   OR (direction = 'outbound' AND smtp_message_id = ANY(%(c)s))"
+        "   OR (direction = 'outbound' AND provider_message_id = ANY(%(c)s))"
+        "   OR (direction = 'outbound' AND provider_message_id = ANY(%(bases)s)"
+        "       AND position('@' in provider_message_id) = 0)"
+        " ) ORDER BY created_at DESC LIMIT 1",
+        {"agent": agent_id, "c": candidates, "bases": provider_id_bases(candidates)},
+    )
+    return value or ""
+
+
+async def insert_inbound_txn(txn: Txn, row: dict[str, Any]) -> None:
+    await txn.execute(
+        "INSERT INTO messages (id, agent_id, user_id, direction, status, route, sender, display_from,"
+        " recipient, envelope_from, client_ip, subject, to_addrs, cc_addrs, email_message_id, in_reply_to,"
+        " references_ids, conversation_id, raw_message, auth_headers, created_at)"
+        " VALUES (%(id)s, %(agent_id)s, %(user_id)s, 'inbound', 'unread', %(route)s, %(sender)s, %(display_from)s,"
+        " %(recipient)s, %(envelope_from)s, %(client_ip)s, %(subject)s, %(to_addrs)s, %(cc_addrs)s,"
+        " %(email_message_id)s, %(in_reply_to)s, %(references_ids)s, %(conversation_id)s, %(raw_message)s,"
+        " %(auth_headers)s, %(created_at)s)",
+        {
+            **row,
+            "to_addrs": None if row["to_addrs"] is None else json.dumps(row["to_addrs"]),
+            "cc_addrs": None if row["cc_addrs"] is None else json.dumps(row["cc_addrs"]),
+            "auth_headers": json.dumps(row["auth_headers"]),
+        },
+    )
+
+
+async def list_inbox(
+    db: Database, agent_id: str, status: str, page_size: int, after: tuple[datetime, str] | None
+) -> tuple[list[InboundRecord], bool]:
+    """Oldest first, keyset pagination on (created_at, id). Returns (rows, more)."""
+    clauses = ["agent_id = %s", "direction = 'inbound'"]
+    params: list[Any] = [agent_id]
+    if status != "all":
+        clauses.append("status = %s")
+        params.append(status)
+    if after is not None:
+        clauses.append("(created_at, id) > (%s, %s)")
+        params.extend(after)
+    params.append(page_size + 1)
+    rows = await db.fetchall(
+        "SELECT id, agent_id, user_id, status, sender, display_from, recipient, subject, to_addrs, cc_addrs,"
+        " conversation_id, auth_headers, NULL AS raw_message, created_at FROM messages"
+        f" WHERE {' AND '.join(clauses)} ORDER BY created_at, id LIMIT %s",
+        params,
+    )
+    more = len(rows) > page_size
+    return [InboundRecord.from_row(r) for r in rows[:page_size]], more
+
+
+async def _read_inbound_txn(txn: Txn, agent_id: str, message_id: str) -> InboundRecord | None:
+    row = await txn.fetchone(
+        "UPDATE messages SET status = 'read', read_at = COALESCE(read_at, now())"
+        " WHERE id = %s AND agent_id = %s AND direction = 'inbound'"
+        " RETURNING id, agent_id, user_id, status, sender, display_from, recipient, subject, to_addrs,"
+        " cc_addrs, conversation_id, auth_headers, raw_message, created_at",
+        (message_id, agent_id),
+    )
+    return None if row is None else InboundRecord.from_row(row)
+
+
+async def read_inbound(db: Database, agent_id: str, message_id: str) -> InboundRecord | None:
+    """Fetch one inbound message of the agent and mark it read (api.md §5.2)."""
+    return await db.run("read_inbound", _read_inbound_txn, agent_id, message_id)
+
+
+async def mark_read(db: Database, agent_id: str, message_id: str) -> bool:
+    """WebSocket ack / successful webhook: unread → read. True if it was unread."""
+
+    async def _mark_read_txn(txn: Txn) -> bool:
+        await txn.execute(
+            "UPDATE messages SET status = 'read', read_at = now()"
+            " WHERE id = %s AND agent_id = %s AND direction = 'inbound' AND status = 'unread'",
+            (message_id, agent_id),
+        )
+        return txn.rowcount == 1
+
+    return await db.run("mark_read", _mark_read_txn)
