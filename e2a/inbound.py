@@ -45,15 +45,16 @@ class TraceInput:
     from_domain: str | None
     domain_check: str  # "spf=…; dkim=…; dmarc=…"
     verified: bool
+    from_address: str | None  # §2.1 valid From address, None when invalid
 
 
 class Verifier(Protocol):
     async def verify(self, raw: bytes, client_ip: str, helo: str, mail_from: str) -> Any: ...
 
 
-def signed_sender(view: MessageView, mail_from: str) -> str:
+def signed_sender(from_address: str | None, mail_from: str) -> str:
     """mail.md §2.5: From address; if invalid, MAIL FROM; null sender and no From → ""."""
-    sender = view.single_from() or mail_from or ""
+    sender = from_address or mail_from or ""
     return sender if sender.isascii() and sender.isprintable() else ""
 
 
@@ -150,7 +151,7 @@ class InboundPipeline:
                 secrets_by_user[agent["user_id"]] = secret
             fields = authheaders.build_fields(
                 verified=trace.verified,
-                sender=signed_sender(view, envelope.mail_from),
+                sender=signed_sender(trace.from_address, envelope.mail_from),
                 entity_type="human",
                 domain_check=trace.domain_check,
                 delegation="",
@@ -220,9 +221,10 @@ def trace_from_verdict(verdict: Any) -> TraceInput:
     """Adapt :class:`e2a.mailauth.verdict.Verdict` to what signing and trace headers need."""
     return TraceInput(
         spf=verdict.spf,
-        dkim=[tuple(c) for c in verdict.dkim_clauses()],
+        dkim=[(s.result, s.domain, s.selector) for s in verdict.dkim_signatures],
         dmarc=verdict.dmarc,
         from_domain=verdict.from_domain,
         domain_check=verdict.domain_check(),
         verified=verdict.verified,
+        from_address=verdict.from_address,
     )

@@ -30,12 +30,15 @@ from e2a.store.events import EventListener
 
 log = Logger()
 
+SHUTDOWN_GRACE_SECONDS = 10
+
 
 class E2AService(service.Service):
     name = "e2a"
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(self, config: Config, reactor: Any, *, stop_reactor_on_failure: bool = False) -> None:
         self.config = config
+        self.stop_reactor_on_failure = stop_reactor_on_failure
         self.reactor = reactor
         self.embedded: EmbeddedPostgres | None = None
         self.db: Database | None = None
@@ -50,6 +53,8 @@ class E2AService(service.Service):
         self.smtp_factory: Any = None
         self.api: Any = None
         self.dns: Any = None
+        self.verifier: Any = None
+        self.inbound: Any = None
         self._stoppers: list[Any] = []
         self.started: defer.Deferred[None] = defer.Deferred()
 
@@ -62,7 +67,7 @@ class E2AService(service.Service):
         def failed(failure: Any) -> None:
             log.failure("e2a failed to start", failure)
             self.started.errback(failure)
-            if self.reactor.running:
+            if self.stop_reactor_on_failure and self.reactor.running:
                 self.reactor.stop()
 
         d.addCallbacks(lambda _: self.started.callback(None), failed)
@@ -143,15 +148,20 @@ class E2AService(service.Service):
         self.http_port = await endpoint.listen(self.api.site())
 
     async def _start_smtp(self) -> None:
-        try:
-            from e2a.smtp import server as smtp_server  # noqa: F401
-        except ImportError:
-            return
-        builder = getattr(self, "build_smtp_factory", None)
-        if builder is None:
-            return
-        self.smtp_factory = builder()
-        endpoint = endpoints.serverFromString(self.reactor, listen_endpoint(self.config.smtp.listen_addr))
+        from e2a.inbound import InboundPipeline
+        from e2a.mailauth.verify import MailVerifier
+        from e2a.smtp.recipients import AgentRecipients
+        from e2a.smtp.server import SmtpFactory, load_tls_options
+
+        assert self.db is not None
+        smtp = self.config.smtp
+        self.verifier = MailVerifier(self.dns, self.mailauth_pool, self.reactor)
+        self.inbound = InboundPipeline(
+            self.db, self.verifier, self.master_key, smtp.domain, smtp.effective_authserv_id
+        )
+        tls = load_tls_options(smtp.tls_cert, smtp.tls_key) if smtp.tls_enabled else None
+        self.smtp_factory = SmtpFactory(smtp, AgentRecipients(self.db), self.inbound.accept, self.reactor, tls)
+        endpoint = endpoints.serverFromString(self.reactor, listen_endpoint(smtp.listen_addr))
         self.smtp_port = await endpoint.listen(self.smtp_factory)
 
     def http_address(self) -> str:
@@ -172,8 +182,14 @@ class E2AService(service.Service):
             if port is not None:
                 await port.stopListening()
         self.smtp_port = self.http_port = None
-        if self.smtp_factory is not None and hasattr(self.smtp_factory, "shutdown"):
-            self.smtp_factory.shutdown()
+        if self.smtp_factory is not None:
+            # 421 4.3.2 to open sessions; a client that stops reading is not waited for forever.
+            d = self.smtp_factory.shutdown()
+            d.addTimeout(SHUTDOWN_GRACE_SECONDS, self.reactor)
+            try:
+                await d
+            except defer.TimeoutError:
+                log.warn("SMTP sessions still open after {s} s; closing anyway", s=SHUTDOWN_GRACE_SECONDS)
         while self._stoppers:
             stop = self._stoppers.pop()
             try:
@@ -192,10 +208,14 @@ def _address(port: Any) -> str:
     return f"{host.host}:{host.port}"
 
 
-def build_service(config: Config, reactor: Any | None = None) -> E2AService:
-    """Build the root service. Only this module (and the twistd entry points) touch the reactor."""
+def build_service(config: Config, reactor: Any | None = None, *, standalone: bool = True) -> E2AService:
+    """Build the root service. Only this module (and the twistd entry points) touch the reactor.
+
+    ``standalone`` (twistd): a failed start stops the reactor so the process exits instead of
+    idling half-started. Tests embedding the service pass False and await ``service.started``.
+    """
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
-    return E2AService(config, reactor)
+    return E2AService(config, reactor, stop_reactor_on_failure=standalone)

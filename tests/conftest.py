@@ -123,3 +123,45 @@ def api_server_factory(db):
     yield make
     for server in servers:
         pytest_twisted.blockon(defer.ensureDeferred(server.stop()))
+
+
+@pytest.fixture
+def e2a_service_factory(db_dsn, tmp_path):
+    """``await e2a_service_factory(**config_overrides)``: a whole E2AService (HTTP + SMTP on
+    127.0.0.1:0) on the test database, as twistd would run it. Several may share the database
+    (that is how the cross-process tests get two "processes" in one test run)."""
+    import dataclasses
+
+    from e2a.config import Config, DatabaseConfig, HttpConfig, SmtpConfig
+    from e2a.service import build_service
+
+    services = []
+
+    async def make(**overrides):
+        n = len(services)
+        base = Config(
+            data_dir=str(tmp_path / f"data{n}"),
+            shared_domain="agents.test",
+            database=DatabaseConfig(url=db_dsn, pool_size=4),
+            http=HttpConfig(listen_addr="127.0.0.1:0"),
+            smtp=SmtpConfig(listen_addr="127.0.0.1:0", domain="mx.e2a.test"),
+        )
+        if n:
+            # every "process" of one deployment shares the master key
+            (tmp_path / f"data{n}").mkdir(parents=True, exist_ok=True)
+            (tmp_path / f"data{n}" / "master.key").write_text((tmp_path / "data0" / "master.key").read_text())
+        config = dataclasses.replace(base, **overrides)
+        service = build_service(config, _reactor, standalone=False)
+        service.startService()
+        services.append(service)
+        await service.started
+        return service
+
+    yield make
+    for service in reversed(services):
+        pytest_twisted.blockon(defer.ensureDeferred(_stop(service)))
+
+
+async def _stop(service):
+    if service.running:
+        await service.stopService()

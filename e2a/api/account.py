@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from klein import Klein
+
 from twisted.web.server import Request
 
 from e2a.api.auth import Principal, authenticate

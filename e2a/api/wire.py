@@ -112,7 +112,7 @@ def check_agent_name(value: str) -> str:
 
 def slug_error(slug: str) -> str | None:
     """Why ``slug`` breaks the slug rules of api.md §4.2, or ``None`` when it is valid."""
-    if not SLUG_RE.match(slug):
+    if not SLUG_RE.fullmatch(slug):
         return "slug must be 2-40 characters of a-z, 0-9 and '-', not starting or ending with '-'"
     if slug in RESERVED_SLUGS:
         return f"slug {slug!r} is reserved"
@@ -155,7 +155,7 @@ def _domain_problem(raw: str) -> tuple[str | None, str]:
                 idna.decode(alabel)  # a broken punycode label is not a name
         except (idna.IDNAError, UnicodeError) as exc:
             return None, f"domain label is not valid IDNA ({exc})"
-        if not _LDH_LABEL_RE.match(alabel):
+        if not _LDH_LABEL_RE.fullmatch(alabel):
             return None, "domain labels are 1-63 of a-z, 0-9 and '-', not starting or ending with '-'"
         out.append(alabel)
     name = ".".join(out)
@@ -205,7 +205,7 @@ def normalise_agent_address(raw: str) -> tuple[str, str]:
     local, _, domain_raw = raw.partition("@")
     if not local:
         raise bad("empty local part")
-    if not local.isascii() or not _DOT_ATOM_RE.match(local):
+    if not local.isascii() or not _DOT_ATOM_RE.fullmatch(local):
         raise bad("local part must be a dot-atom of ASCII letters, digits and !#$%&'*+-/=?^_`{|}~")
     if len(local) > MAX_LOCAL_OCTETS:
         raise bad(f"local part longer than {MAX_LOCAL_OCTETS} octets")
@@ -318,7 +318,7 @@ def parse_recipient(raw: str, field: str = "address") -> str | None:
         raise bad(str(exc)) from None
     if not local:
         raise bad("empty local part")
-    if not (_DOT_ATOM_RE.match(local) or _QUOTED_LOCAL_RE.match(local)):
+    if not (_DOT_ATOM_RE.fullmatch(local) or _QUOTED_LOCAL_RE.fullmatch(local)):
         raise bad("local part is not a dot-atom or quoted string")
     if len(local) > MAX_LOCAL_OCTETS:
         raise bad(f"local part longer than {MAX_LOCAL_OCTETS} octets")
@@ -446,7 +446,7 @@ def decode_cursor(token: str, filter_value: str, agent_id: str) -> tuple[datetim
         raise _invalid_cursor()
     if s != filter_value or a.lower() != agent_id.lower():
         raise _invalid_cursor()
-    m = re.fullmatch(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})\.(\d{6})Z", c)
+    m = re.fullmatch(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})\.([0-9]{6})Z", c)
     if m is None:
         raise _invalid_cursor()
     try:

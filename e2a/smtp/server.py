@@ -42,6 +42,7 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 
 from e2a.config import SmtpConfig
+from e2a.errors import TransientError
 from e2a.smtp.dataparser import DataLimits, DataScanner, DataVerdict
 from e2a.smtp.envelope import (
     Envelope,
@@ -221,6 +222,16 @@ def load_tls_options(cert_path: str, key_path: str) -> CertificateOptions:
         extraCertChain=[crypto.X509.from_cryptography(c) for c in certs[1:]],
         raiseMinimumTo=TLSVersion.TLSv1_2,
     )
+
+
+def _log_failure(what: str, failure: Failure, **fields: Any) -> None:
+    """Expected failures (transient, timeouts, explicit rejections) get one line, bugs a traceback."""
+    if failure.check(MessageRejected):
+        return
+    if failure.check(TransientError, defer.TimeoutError, defer.CancelledError):
+        log.warn(what + " failed: {error}", error=str(failure.value), **fields)
+    else:
+        log.failure(what + " failed", failure, **fields)
 
 
 def _call_async(fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
@@ -605,8 +616,7 @@ class SmtpSession(smtp.ESMTP):
 
         def looked_up(result: Any) -> None:
             if isinstance(result, Failure):
-                if not result.check(MessageRejected):
-                    log.failure("recipient lookup failed for {address}", result, address=address)
+                _log_failure("recipient lookup for {address}", result, address=address)
                 self._reply(failure_reply(result))
             elif result is None:
                 self._reply(R_NO_RCPT)
@@ -743,8 +753,7 @@ class SmtpSession(smtp.ESMTP):
 
         def stored(result: Any) -> None:
             if isinstance(result, Failure):
-                if not result.check(MessageRejected):
-                    log.failure("accept failed for message from {ip}", result, ip=self._client_ip)
+                _log_failure("accepting a message from {ip}", result, ip=self._client_ip)
                 self._reply(failure_reply(result))
                 return
             try:

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from twisted.internet import ssl, task
+from twisted.internet import reactor, ssl, task
 
 from e2a.errors import TransientError
 from e2a.smtp.server import load_tls_options
@@ -214,7 +214,7 @@ async def test_store_timeout_answers_451(env):
     client = await open_transaction(env, port)
     client.send(GOOD + b".\r\nNOOP\r\n")
     while not env.pending_accepts:
-        await task.deferLater(__import__("twisted.internet.reactor", fromlist=["x"]), 0, lambda: None)
+        await task.deferLater(reactor, 0, lambda: None)
     clock.advance(30)
     assert str(await client.reply()).startswith("451 4.3.0")
     assert env.pending_accepts[0][2].called  # cancelled → the store rolls back
@@ -415,7 +415,7 @@ async def test_per_ip_connection_limit_421(env):
     await first.wait_closed()
     # A slot was freed: a new connection is admitted again (after the server saw the close).
     while sum(f._per_ip["127.0.0.1"] for f in env.factories) > 1:
-        await task.deferLater(__import__("twisted.internet.reactor", fromlist=["x"]), 0, lambda: None)
+        await task.deferLater(reactor, 0, lambda: None)
     fourth = await env.connect(port)
     assert (await fourth.command("NOOP")).code == 250
 

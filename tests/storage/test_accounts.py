@@ -6,6 +6,7 @@ import hashlib
 
 import pytest
 import pytest_twisted
+
 from twisted.internet import defer
 
 from e2a import crypto

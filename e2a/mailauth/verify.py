@@ -1,0 +1,303 @@
+"""SPF + DKIM + DMARC for one inbound message → :class:`~e2a.mailauth.verdict.Verdict` (mail.md §2).
+
+pyspf and dkimpy block on DNS, so :meth:`MailVerifier.verify` runs :meth:`MailVerifier.thd_verify`
+on the bounded ``ThreadPool`` its owner starts and stops; nothing here touches the reactor
+from a thread. Every DNS query goes through the injected :class:`~e2a.mailauth.dns.DnsClient`
+(dkimpy per call through ``dnsfunc``, pyspf through its module-global hook), so
+``dns.nameservers`` is the only resolver ever asked.
+
+The libraries report less than §2.3 needs (dkimpy folds a missing key, a revoked key, a
+malformed key record and a DNS timeout into one ``False``), so this module inspects the
+signature tags and fetches the key record itself, then lets dkimpy do the cryptography
+against that very record. The decisions from the raw results onward live in ``verdict.py``.
+"""
+
+from __future__ import annotations
+
+import binascii
+import re
+import threading
+from typing import Any
+
+import dkim
+import spf
+from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
+from dkim.util import InvalidTagValueList, parse_tag_value
+
+from twisted.internet import threads
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from e2a.mailauth.dns import (
+    DkimDnsTemporaryError,
+    DnsClient,
+    DnsTemporaryError,
+    install_spf_lookup,
+    restore_spf_lookup,
+)
+from e2a.mailauth.verdict import (
+    DMARC_NONE,
+    DMARC_TEMPERROR,
+    SPF_RESULTS,
+    DkimResult,
+    DmarcLookup,
+    Verdict,
+    build_verdict,
+    from_address_of,
+    organizational_domain,
+    select_dmarc_record,
+)
+
+__all__ = ["MAX_DKIM_SIGNATURES", "MailVerifier"]
+
+log = Logger()
+
+#: §2.3: at most this many DKIM-Signature fields are verified per message.
+MAX_DKIM_SIGNATURES = 10
+#: RFC 8301: RSA keys below this size never verify.
+MIN_RSA_BITS = 1024
+
+_spf_hook_lock = threading.Lock()
+
+
+class MailVerifier:
+    """Authenticates inbound messages on a bounded thread pool.
+
+    Args:
+        dns: the resolver seam; the only DNS any check uses.
+        pool: a started, bounded ``ThreadPool`` owned by a service (never the reactor's).
+        reactor: for ``deferToThreadPool`` and the default ``now``.
+        spf_timeout: seconds for one whole SPF evaluation (§2.2: 20 s → ``temperror``).
+
+    Constructing a verifier points pyspf's process-wide DNS hook at ``dns``
+    (``install_spf_lookup``); :meth:`close` puts the previous hook back.
+    """
+
+    def __init__(
+        self, dns: DnsClient, pool: ThreadPool, reactor: Any, spf_timeout: float = 20.0
+    ) -> None:
+        self._dns = dns
+        self._pool = pool
+        self._reactor = reactor
+        self._spf_timeout = float(spf_timeout)
+        with _spf_hook_lock:
+            self._previous_spf_lookup = install_spf_lookup(dns)
+
+    def close(self) -> None:
+        """Restore pyspf's DNS hook as it was before this verifier (service stop, tests)."""
+        with _spf_hook_lock:
+            if spf.DNSLookup == self._dns.thd_spf_lookup:
+                restore_spf_lookup(self._previous_spf_lookup)
+
+    async def verify(
+        self,
+        raw: bytes,
+        client_ip: str,
+        helo: str,
+        mail_from: str,
+        now: float | None = None,
+    ) -> Verdict:
+        """Authenticate ``raw`` (the received bytes, CRLF) on the thread pool.
+
+        ``mail_from`` is the reverse-path without brackets, ``""`` for the null sender.
+        ``now`` (POSIX seconds, for DKIM ``x=``) defaults to the reactor's clock. DNS
+        trouble never raises: it becomes ``temperror`` results in the verdict.
+        """
+        when = self._reactor.seconds() if now is None else now
+        return await threads.deferToThreadPool(
+            self._reactor, self._pool, self.thd_verify, raw, client_ip, helo, mail_from, when
+        )
+
+    # ------------------------------------------------------------------ thread side
+
+    def thd_verify(
+        self, raw: bytes, client_ip: str, helo: str, mail_from: str, now: float
+    ) -> Verdict:
+        """Blocking: SPF, every DKIM signature, the DMARC record, then the verdict."""
+        from_address = from_address_of(raw)
+        spf_result = self.thd_spf(client_ip, helo, mail_from)
+        dkim_results = self.thd_dkim(raw, now)
+        if from_address is None:
+            lookup = DmarcLookup(DMARC_NONE)  # unused: no From → dmarc=permerror
+        else:
+            lookup = self.thd_dmarc_lookup(from_address.rpartition("@")[2])
+        return build_verdict(
+            spf=spf_result,
+            dkim_signatures=dkim_results,
+            from_address=from_address,
+            mail_from=mail_from,
+            helo=helo,
+            dmarc_lookup=lookup,
+        )
+
+    def thd_spf(self, client_ip: str, helo: str, mail_from: str) -> str:
+        """RFC 7208 result of ``client_ip`` for MAIL FROM (null → ``postmaster@<HELO>``).
+
+        pyspf's own limits are §2.2's (10 DNS mechanisms, 2 void lookups, 10 names per
+        mx/ptr); ``querytime`` bounds the whole check.
+        """
+        with _spf_hook_lock:
+            # pyspf's hook is process-wide: if anything replaced it, put ours back rather
+            # than let pyspf fall back to the system resolvers.
+            if spf.DNSLookup != self._dns.thd_spf_lookup:
+                install_spf_lookup(self._dns)
+        sender = mail_from or f"postmaster@{helo}"
+        try:
+            result, _code, _explanation = spf.query(
+                i=client_ip,
+                s=sender,
+                h=helo,
+                timeout=self._spf_timeout,
+                querytime=self._spf_timeout,
+            ).check()
+        except Exception:
+            # pyspf turns DNS and record problems into results itself; anything escaping
+            # is a crash on odd input (IDN, garbage HELO). Say "could not evaluate".
+            log.failure("SPF evaluation crashed", client_ip=client_ip, helo=helo)
+            return "temperror"
+        return result if result in SPF_RESULTS else "permerror"
+
+    def thd_dkim(self, raw: bytes, now: float) -> tuple[DkimResult, ...]:
+        """One :class:`DkimResult` per ``DKIM-Signature`` field (the first 10), §2.3."""
+        try:
+            verifier = dkim.DKIM(raw, minkey=MIN_RSA_BITS, timeout=self._dns.timeout)
+        except dkim.MessageFormatError:
+            # The SMTP layer refuses such headers (§1.5); if one gets here, a signature
+            # we cannot even locate is a permanent error, not an unsigned message.
+            if re.search(rb"(?im)^dkim-signature[ \t]*:", raw):
+                return (DkimResult("permerror"),)
+            return ()
+        fields = [v for k, v in verifier.headers if k.lower() == b"dkim-signature"]
+        keys: dict[bytes, bytes | None | Exception] = {}
+        return tuple(
+            self._thd_one_signature(verifier, idx, value, now, keys)
+            for idx, value in enumerate(fields[:MAX_DKIM_SIGNATURES])
+        )
+
+    def _thd_one_signature(
+        self,
+        verifier: dkim.DKIM,
+        idx: int,
+        value: bytes,
+        now: float,
+        keys: dict[bytes, bytes | None | Exception],
+    ) -> DkimResult:
+        try:
+            tags = parse_tag_value(value)
+        except InvalidTagValueList:
+            return DkimResult("permerror")
+        d = _ascii(tags.get(b"d", b"")).lower()
+        s = _ascii(tags.get(b"s", b""))
+        early = precheck_signature(tags, now)
+        if early is not None:
+            return DkimResult(early, d, s)
+
+        name = tags[b"s"] + b"._domainkey." + tags[b"d"] + b"."
+        if name not in keys:  # several signatures may share a key: one query per message
+            try:
+                keys[name] = self._dns.thd_dkim_dnsfunc(name, timeout=self._dns.timeout)
+            except (DkimDnsTemporaryError, DnsTemporaryError) as exc:
+                keys[name] = exc
+        record = keys[name]
+        if isinstance(record, Exception):
+            return DkimResult("temperror", d, s)
+        key_result = check_key_record(record, tags[b"a"])
+        if key_result is not None:
+            return DkimResult(key_result, d, s)
+
+        def dnsfunc(_name: bytes, timeout: float = 5) -> bytes | None:
+            return record  # the record inspected above, never a second query
+
+        try:
+            ok = verifier.verify(idx=idx, dnsfunc=dnsfunc)
+        except (dkim.ValidationError, dkim.KeyFormatError):
+            return DkimResult("fail", d, s)  # body hash mismatch, digest/key mismatch
+        except Exception:
+            return DkimResult("permerror", d, s)
+        if not ok:
+            return DkimResult("fail", d, s)
+        if b"l" in tags:
+            c = tags.get(b"c", b"simple/simple")
+            body = CanonicalizationPolicy.from_c_value(c).canonicalize_body(verifier.body)
+            length = int(tags[b"l"])
+            if length > len(body):
+                return DkimResult("fail", d, s)
+            if length < len(body):
+                return DkimResult("policy", d, s)
+        return DkimResult("pass", d, s)
+
+    def thd_dmarc_lookup(self, from_domain: str) -> DmarcLookup:
+        """§2.4 item 3: ``_dmarc.<From domain>``, else ``_dmarc.<organisational domain>``."""
+        org = organizational_domain(from_domain)
+        try:
+            found = select_dmarc_record(self._dns.thd_txt(f"_dmarc.{from_domain}"))
+            if found is None and org != from_domain:
+                found = select_dmarc_record(self._dns.thd_txt(f"_dmarc.{org}"))
+        except DnsTemporaryError:
+            return DmarcLookup(DMARC_TEMPERROR)
+        return found if found is not None else DmarcLookup(DMARC_NONE)
+
+
+# ---------------------------------------------------------------- per-signature rules (no DNS)
+
+
+def _ascii(value: bytes) -> str:
+    return value.decode("ascii", "replace")
+
+
+def precheck_signature(tags: dict[bytes, bytes], now: float) -> str | None:
+    """The §2.3 verdicts that need no key: ``permerror``/``fail``, or None to go on.
+
+    Order: malformed (missing or bad tags, bad ``c=``, bad ``x=``/``t=``/``l=``) → permerror;
+    ``h=`` without ``from`` → permerror; ``rsa-sha1`` → fail (RFC 8301); ``x=`` before
+    ``now`` → fail. dkimpy's own field check reads the wall clock for ``t=``/``x=``, so
+    those two are judged here against ``now`` and left out of its check.
+    """
+    try:
+        dkim.validate_signature_fields({k: v for k, v in tags.items() if k not in (b"t", b"x")})
+        CanonicalizationPolicy.from_c_value(tags.get(b"c", b"simple/simple"))
+    except (dkim.ValidationError, InvalidCanonicalizationPolicyError, KeyError):
+        return "permerror"
+    for tag in (b"t", b"x", b"l"):
+        if tag in tags and re.fullmatch(rb"\d{1,12}", tags[tag]) is None:
+            return "permerror"
+    if b"t" in tags and b"x" in tags and int(tags[b"x"]) < int(tags[b"t"]):
+        return "permerror"
+    signed = [h.strip().lower() for h in re.split(rb"\s*:\s*", tags[b"h"])]
+    if b"from" not in signed:
+        return "permerror"
+    if tags[b"a"].lower() == b"rsa-sha1":
+        return "fail"
+    if b"x" in tags and int(tags[b"x"]) < now:
+        return "fail"
+    return None
+
+
+def check_key_record(record: bytes | None, algorithm: bytes) -> str | None:
+    """The §2.3 verdicts decided by the key record, or None when the key is usable.
+
+    Missing → fail; ``p=`` empty (revoked) → fail; ``t=y`` (testing) → ``none``, treated
+    as unsigned; unparseable record or key → permerror; RSA under 1024 bits → fail.
+    """
+    if record is None:
+        return "fail"
+    try:
+        key_tags = parse_tag_value(record)
+    except InvalidTagValueList:
+        return "permerror"
+    if b"p" not in key_tags:
+        return "permerror"
+    if not re.sub(rb"\s+", b"", key_tags[b"p"]):
+        return "fail"
+    flags = [f.strip().lower() for f in key_tags.get(b"t", b"").split(b":")]
+    if b"y" in flags:
+        return "none"
+    try:
+        _pk, keysize, ktag, _tlsrpt = dkim.evaluate_pk(b"", record)
+    except (dkim.KeyFormatError, dkim.NaClNotFoundError, binascii.Error, ValueError, TypeError):
+        return "permerror"
+    if ktag == b"rsa" and keysize < MIN_RSA_BITS:
+        return "fail"
+    if algorithm.lower().startswith(b"ed25519") != (ktag == b"ed25519"):
+        return "fail"  # key type does not match a=: the signature cannot verify
+    return None
