@@ -459,7 +459,7 @@ def _react(coro_fn: Any) -> NoReturn:
             code = e.code
         except SystemExit:
             raise
-        except Exception as e:  # noqa: BLE001 - operators get one line, not a traceback
+        except Exception as e:  # operators get one line, not a traceback
             sys.stderr.write(f"e2a-admin: {type(e).__name__}: {e}\n")
             code = EXIT_RUNTIME
         sys.stdout.flush()

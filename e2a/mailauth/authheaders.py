@@ -18,6 +18,8 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
+from e2a.timefmt import ts_frac, ts_sec
+
 # ---------------------------------------------------------------- signed header set (§3)
 
 H_VERIFIED = "X-E2A-Auth-Verified"
@@ -254,16 +256,9 @@ def _utc(dt: datetime) -> datetime:
     return dt.astimezone(UTC)
 
 
-def format_ts_sec(dt: datetime) -> str:
-    """``ts-sec``: ``YYYY-MM-DDTHH:MM:SSZ`` in UTC; sub-second part truncated."""
-    d = _utc(dt)
-    return f"{d.year:04d}-{d.month:02d}-{d.day:02d}T{d.hour:02d}:{d.minute:02d}:{d.second:02d}Z"
-
-
-def format_ts_frac(dt: datetime) -> str:
-    """``ts-frac``: RFC 3339 UTC with exactly 6 fractional digits and ``Z``."""
-    d = _utc(dt)
-    return format_ts_sec(d)[:-1] + f".{d.microsecond:06d}Z"
+# The wire time formats live in e2a.timefmt; re-exported here under the names signing uses.
+format_ts_sec = ts_sec
+format_ts_frac = ts_frac
 
 
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")

@@ -37,6 +37,7 @@ __all__ = [
     "dmarc_result",
     "from_address_of",
     "is_dmarc_record",
+    "is_domain_name",
     "mail_from_domain",
     "organizational_domain",
     "parse_dmarc_record",

@@ -44,6 +44,8 @@ from e2a.mailauth.verdict import (
     Verdict,
     build_verdict,
     from_address_of,
+    is_domain_name,
+    mail_from_domain,
     organizational_domain,
     select_dmarc_record,
 )
@@ -134,8 +136,13 @@ class MailVerifier:
         """RFC 7208 result of ``client_ip`` for MAIL FROM (null → ``postmaster@<HELO>``).
 
         pyspf's own limits are §2.2's (10 DNS mechanisms, 2 void lookups, 10 names per
-        mx/ptr); ``querytime`` bounds the whole check.
+        mx/ptr); ``querytime`` bounds the whole check. A domain that is malformed or not
+        multi-label (an address-literal HELO, garbage) is ``none`` without any query
+        (RFC 7208 §4.3).
         """
+        domain = mail_from_domain(mail_from, helo)
+        if not is_domain_name(domain) or "." not in domain:
+            return "none"
         with _spf_hook_lock:
             # pyspf's hook is process-wide: if anything replaced it, put ours back rather
             # than let pyspf fall back to the system resolvers.

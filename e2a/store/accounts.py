@@ -179,8 +179,14 @@ async def _bootstrap_txn(txn: Txn, master_key: bytes, email: str, name: str) -> 
     user = await _get_user_by_email_txn(txn, email)
     created = False
     if user is None:
-        user, _secret_row, _plain = await _create_user_txn(txn, master_key, email, name)
-        created = True
+        try:
+            user, _secret_row, _plain = await _create_user_txn(txn, master_key, email, name)
+            created = True
+        except Conflict:
+            # A concurrent bootstrap created it first; READ COMMITTED lets us see it now.
+            user = await _get_user_by_email_txn(txn, email)
+            if user is None:
+                raise
     key, plaintext = await _create_api_key_txn(txn, user.id, "bootstrap", None)
     secrets = await _active_secrets_with_ids_txn(txn, master_key, user.id)
     if not secrets:

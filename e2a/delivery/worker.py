@@ -1,0 +1,302 @@
+"""DeliveryService: drains the webhook queue (mail.md §4).
+
+Wakes up on NOTIFY ``e2a_delivery`` (new jobs, redeliveries), on a LoopingCall on the injected
+clock (retries coming due, leases of crashed processes running out, NOTIFYs missed while the
+LISTEN connection was down) and once right away at start. Each wake-up claims due jobs in one
+statement (SKIP LOCKED + lease) and starts one attempt per job without waiting for it, so a
+slow receiver never holds up the claim loop. Concurrency is bounded per process
+(``max_in_flight``) and per agent (``webhooks.max_concurrency_per_agent``, counted by the
+claim query from the leases in the database).
+
+Correctness never depends on process memory: the attempt count, the next due time and the
+lease live in the row; a process that dies mid-attempt leaves a lease that expires after
+``timeout + 30 s``, and the job is retried (at-least-once, same ``webhook-id``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from e2a.config import WebhooksConfig
+from e2a.delivery import backoff
+from e2a.delivery.webhook import AttemptResult, WebhookClient, WebhookMessage, build_request
+from e2a.store import deliveries
+from e2a.store.database import Database
+from e2a.store.deliveries import AttemptContext, ClaimedJob
+from e2a.store.events import CHANNEL_DELIVERY
+
+__all__ = ["LEASE_MARGIN", "DeliveryService"]
+
+log = Logger()
+
+#: Lease = webhooks.timeout (headers) + timeout (body read) + this margin; the spec's
+#: "timeout + 30 s" with room for the bounded body read.
+LEASE_MARGIN = 30.0
+
+
+class DeliveryService:
+    """The webhook worker of one e2a process.
+
+    Args:
+        db: the database (queue and messages).
+        events: the :class:`~e2a.store.events.EventListener` (``subscribe``/``on_reconnect``),
+            or None (poll only).
+        dns: the :class:`~e2a.mailauth.dns.DnsClient` webhook hosts are resolved with.
+        config: the ``webhooks`` section.
+        production: https only.
+        master_key: opens the stored signing secrets.
+        reactor: owns the HTTP connection pool and connects.
+        clock: schedules polls, timeouts and retries (default ``reactor``).
+        poll_interval: seconds between safety-net polls.
+        max_in_flight: attempts in flight in this process.
+        rng: uniform [0, 1) source for the retry jitter.
+        client: a ready :class:`WebhookClient` (tests); by default one is built and owned.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        events: Any,
+        dns: Any,
+        config: WebhooksConfig,
+        production: bool,
+        master_key: bytes,
+        reactor: Any,
+        clock: Any = None,
+        *,
+        poll_interval: float = 1.0,
+        max_in_flight: int = 64,
+        rng: Callable[[], float] = random.random,
+        client: WebhookClient | None = None,
+    ) -> None:
+        self._db = db
+        self._events = events
+        self._config = config
+        self._master_key = master_key
+        self._clock = clock or reactor
+        self._poll_interval = poll_interval
+        self._max_in_flight = max_in_flight
+        self._rng = rng
+        self._own_client = client is None
+        self.client = client or WebhookClient(
+            reactor,
+            dns,
+            timeout=config.timeout,
+            production=production,
+            allow_private=config.allow_private,
+            clock=self._clock,
+            max_per_host=config.max_concurrency_per_agent,
+        )
+        self._lease_seconds = 2 * float(config.timeout) + LEASE_MARGIN
+        self._loop: task.LoopingCall | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+        self._running = False
+        self._polling = False
+        self._poll_again = False
+        self._in_flight: dict[str, defer.Deferred[None]] = {}
+        self._per_agent: dict[str, int] = {}
+        self._poll_done: defer.Deferred[None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Subscribe to NOTIFY, start the poll loop and poll once right away."""
+        self._running = True
+        if self._events is not None:
+            self._unsubscribe = self._events.subscribe(CHANNEL_DELIVERY, lambda _payload: self.wake())
+            self._events.on_reconnect(self.wake)
+        self._loop = task.LoopingCall(self.wake)
+        self._loop.clock = self._clock
+        # wake() never raises (it catches and logs), so the loop cannot die on an error.
+        self._loop.start(self._poll_interval, now=True)
+
+    async def stop(self) -> None:
+        """Stop claiming, then wait for in-flight attempts.
+
+        Attempts are bounded by ``webhooks.timeout`` (request) plus the same for the body
+        read; whatever is still running after that is cancelled and abandoned to its lease
+        (another process, or this one after a restart, retries it).
+        """
+        self._running = False
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        if self._poll_done is not None:
+            await self._poll_done
+        pending = list(self._in_flight.values())
+        if pending:
+            deadline = self._clock.callLater(
+                2 * float(self._config.timeout) + 1, lambda: [d.cancel() for d in pending]
+            )
+            await defer.DeferredList(pending, consumeErrors=True)
+            if deadline.active():
+                deadline.cancel()
+        if self._own_client:
+            await self.client.close()
+
+    # ------------------------------------------------------------------ polling
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self._clock.seconds(), UTC)
+
+    def wake(self) -> None:
+        """Claim and start due jobs soon; coalesces while a poll is running. Never raises."""
+        if not self._running:
+            return
+        if self._polling:
+            self._poll_again = True
+            return
+        self._poll_done = defer.Deferred.fromCoroutine(self._poll_loop())
+
+    async def _poll_loop(self) -> None:
+        self._polling = True
+        try:
+            while self._running:
+                self._poll_again = False
+                try:
+                    claimed, limit = await self._claim_and_start()
+                except Exception:
+                    log.failure("webhook delivery poll failed")
+                    return
+                # A full batch means more may be due; a NOTIFY during the poll asks again.
+                if not (self._poll_again or (limit > 0 and claimed == limit)):
+                    return
+        finally:
+            self._polling = False
+
+    async def _claim_and_start(self) -> tuple[int, int]:
+        limit = self._max_in_flight - len(self._in_flight)
+        if limit <= 0:
+            return 0, 0
+        jobs = await deliveries.claim_due(
+            self._db, self._now(), limit, self._lease_seconds, self._config.max_concurrency_per_agent
+        )
+        for job in jobs:
+            self._start_attempt(job)
+        return len(jobs), limit
+
+    def _start_attempt(self, job: ClaimedJob) -> defer.Deferred[None]:
+        self._per_agent[job.agent_id] = self._per_agent.get(job.agent_id, 0) + 1
+        d = defer.Deferred.fromCoroutine(self._attempt(job))
+        self._in_flight[job.id] = d
+
+        def finished(_: Any) -> None:
+            self._in_flight.pop(job.id, None)
+            count = self._per_agent.get(job.agent_id, 1)
+            if count <= 1:
+                self._per_agent.pop(job.agent_id, None)
+            else:
+                self._per_agent[job.agent_id] = count - 1
+            # A slot freed: jobs held back by a concurrency limit may be claimable now.
+            if count >= self._config.max_concurrency_per_agent or len(self._in_flight) + 1 >= self._max_in_flight:
+                self.wake()
+
+        d.addBoth(finished)
+        return d
+
+    async def run_once(self) -> int:
+        """Claim due jobs once and wait for their attempts to finish; returns how many ran.
+
+        For tests and tools: the service itself never waits on attempts while claiming.
+        """
+        limit = self._max_in_flight - len(self._in_flight)
+        jobs = await deliveries.claim_due(
+            self._db, self._now(), limit, self._lease_seconds, self._config.max_concurrency_per_agent
+        )
+        started = [self._start_attempt(job) for job in jobs]
+        if started:
+            await defer.DeferredList(started, consumeErrors=True)
+        return len(jobs)
+
+    # ------------------------------------------------------------------ one attempt
+
+    async def _attempt(self, job: ClaimedJob) -> None:
+        try:
+            await self._attempt_unguarded(job)
+        except defer.CancelledError:
+            log.info("webhook attempt {delivery_id} abandoned at shutdown", delivery_id=job.id)
+        except Exception:
+            # The lease expires and the job is retried; nothing else to do here.
+            log.failure("webhook attempt {delivery_id} failed unexpectedly", delivery_id=job.id)
+
+    async def _attempt_unguarded(self, job: ClaimedJob) -> None:
+        ctx = await deliveries.load_attempt(self._db, job, self._master_key)
+        if ctx is None:
+            await deliveries.record_failed(self._db, job, None, "message or agent gone", self._now(), attempted=False)
+            return
+        if ctx.agent_mode != "cloud":
+            await deliveries.record_failed(self._db, job, None, "agent is in local mode", self._now(), attempted=False)
+            return
+        if ctx.webhook_status == "disabled":
+            await deliveries.record_paused(self._db, job)
+            return
+        if not ctx.webhook_url:
+            await deliveries.record_failed(self._db, job, None, "no webhook URL", self._now(), attempted=False)
+            return
+        if not ctx.secrets:
+            await deliveries.record_failed(self._db, job, None, "no signing secret", self._now(), attempted=False)
+            return
+
+        signed_at = self._now()
+        request = build_request(
+            _webhook_message(ctx), delivery_id=job.id, attempt=job.attempt, secrets=ctx.secrets, now=signed_at
+        )
+        result = await self.client.post(ctx.webhook_url, request.body, request.headers)
+        await self._record(job, ctx.webhook_url, result)
+
+    async def _record(self, job: ClaimedJob, url: str, result: AttemptResult) -> None:
+        now = self._now()
+        if result.status is not None:
+            outcome = backoff.classify_status(result.status)
+            if outcome == backoff.DELIVERED:
+                await deliveries.record_delivered(self._db, job, result.status, url, now)
+                log.info("webhook {message_id} delivered ({delivery_id}, attempt {attempt})",
+                         message_id=job.message_id, delivery_id=job.id, attempt=job.attempt)
+                return
+            if outcome == backoff.GONE:
+                await deliveries.record_gone(self._db, job, url, now)
+                log.warn("webhook of {agent_id} answered 410: disabled", agent_id=job.agent_id)
+                return
+        delay = backoff.next_delay(
+            job.attempt,
+            self._config.retry_schedule,
+            self._config.jitter,
+            self._rng(),
+            status=result.status,
+            retry_after=result.retry_after,
+            retry_after_cap=self._config.retry_after_cap,
+            now=now,
+        )
+        if delay is None:
+            await deliveries.record_failed(self._db, job, result.status, result.error, now, attempted=True, url=url)
+            log.warn("webhook {message_id} failed after {attempt} attempts ({error})",
+                     message_id=job.message_id, attempt=job.attempt, error=result.error)
+            return
+        await deliveries.record_retry(
+            self._db, job, result.status, result.error, url, now, now + timedelta(seconds=delay)
+        )
+        log.info("webhook {message_id} attempt {attempt} failed ({error}); retry in {delay:.1f} s",
+                 message_id=job.message_id, attempt=job.attempt, error=result.error, delay=delay)
+
+
+def _webhook_message(ctx: AttemptContext) -> WebhookMessage:
+    return WebhookMessage(
+        message_id=ctx.message_id,
+        conversation_id=ctx.conversation_id,
+        display_from=ctx.display_from,
+        to=ctx.to_addrs,
+        cc=ctx.cc_addrs,
+        recipient=ctx.recipient,
+        raw=ctx.raw_message,
+        auth_headers=ctx.auth_headers,
+        received_at=ctx.received_at,
+    )

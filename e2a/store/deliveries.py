@@ -1,0 +1,434 @@
+"""Webhook deliveries: the durable job queue of mail.md §4 and the API's view of it (api.md §2.7).
+
+Queue rules:
+
+* Jobs are claimed by ONE statement, ``UPDATE … FROM (SELECT … FOR UPDATE SKIP LOCKED LIMIT n)
+  … RETURNING``, which sets a lease (``leased_until``). Two processes never claim the same row;
+  a crashed process's job becomes claimable again when its lease runs out.
+* The claim counts the agent's in-flight leases, so at most ``max_concurrency_per_agent``
+  attempts per agent run at once (exact within a process; across processes two claims that
+  run at the same instant may briefly exceed it, since neither sees the other's uncommitted
+  lease — duplicates are impossible either way, the rows are locked).
+* Every finishing write is guarded by ``attempts = <attempts at claim>``: a worker whose lease
+  was lost (and whose job was retried elsewhere) cannot overwrite the newer state.
+* Times are passed in (``now``) rather than taken from ``now()``, so the worker's injected clock
+  drives the schedule (tests advance a ``task.Clock``; production passes the reactor's time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from e2a import ids
+from e2a.errors import Conflict, NotFound
+from e2a.store.accounts import _active_secrets_txn
+from e2a.store.database import Database, Txn
+from e2a.store.events import CHANNEL_DELIVERY
+from e2a.timefmt import ts_frac
+
+__all__ = [
+    "DELIVERY_STATUSES",
+    "AttemptContext",
+    "ClaimedJob",
+    "Delivery",
+    "claim_due",
+    "delivery_json",
+    "list_deliveries",
+    "load_attempt",
+    "record_delivered",
+    "record_failed",
+    "record_gone",
+    "record_paused",
+    "record_retry",
+    "redeliver",
+]
+
+DELIVERY_STATUSES = ("pending", "delivered", "failed", "paused")
+
+_COLUMNS = (
+    "id, message_id, agent_id, webhook_url, status, attempts, last_status_code, last_error,"
+    " created_at, last_attempt_at, next_attempt_at, delivered_at"
+)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: str
+    message_id: str
+    agent_id: str
+    webhook_url: str
+    status: str
+    attempts: int
+    last_status_code: int | None
+    last_error: str
+    created_at: datetime
+    last_attempt_at: datetime | None
+    next_attempt_at: datetime | None
+    delivered_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Delivery:
+        return cls(**{name: row[name] for name in cls.__dataclass_fields__})
+
+
+def delivery_json(d: Delivery) -> dict[str, Any]:
+    """The Delivery object of api.md §2.7 (unset times and a missing status code omitted)."""
+    out: dict[str, Any] = {
+        "id": d.id,
+        "message_id": d.message_id,
+        "agent_id": d.agent_id,
+        "webhook_url": d.webhook_url,
+        "status": d.status,
+        "attempts": d.attempts,
+    }
+    if d.last_status_code is not None:
+        out["last_status_code"] = d.last_status_code
+    out["last_error"] = d.last_error
+    out["created_at"] = ts_frac(d.created_at)
+    if d.last_attempt_at is not None:
+        out["last_attempt_at"] = ts_frac(d.last_attempt_at)
+    if d.next_attempt_at is not None and d.status == "pending":
+        out["next_attempt_at"] = ts_frac(d.next_attempt_at)
+    if d.delivered_at is not None:
+        out["delivered_at"] = ts_frac(d.delivered_at)
+    return out
+
+
+# ------------------------------------------------------------------------------ the queue
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A leased delivery. ``attempts`` = attempts made before this one (this is ``attempts + 1``)."""
+
+    id: str
+    message_id: str
+    agent_id: str
+    attempts: int
+
+    @property
+    def attempt(self) -> int:
+        return self.attempts + 1
+
+
+_CLAIM_SQL = """
+WITH candidates AS (
+    SELECT c.id, c.agent_id, c.next_attempt_at
+    FROM deliveries c
+    WHERE c.status = 'pending'
+      AND c.next_attempt_at <= %(now)s
+      AND (c.leased_until IS NULL OR c.leased_until <= %(now)s)
+      AND (SELECT count(*) FROM deliveries f
+           WHERE f.agent_id = c.agent_id AND f.status = 'pending' AND f.leased_until > %(now)s)
+          < %(per_agent)s
+    ORDER BY c.next_attempt_at, c.id
+    LIMIT %(scan)s
+    FOR UPDATE SKIP LOCKED
+), ranked AS (
+    SELECT r.id, r.next_attempt_at,
+           row_number() OVER (PARTITION BY r.agent_id ORDER BY r.next_attempt_at, r.id) AS rank_in_agent,
+           (SELECT count(*) FROM deliveries f
+            WHERE f.agent_id = r.agent_id AND f.status = 'pending' AND f.leased_until > %(now)s) AS in_flight
+    FROM candidates r
+), chosen AS (
+    SELECT id FROM ranked
+    WHERE rank_in_agent + in_flight <= %(per_agent)s
+    ORDER BY next_attempt_at, id
+    LIMIT %(limit)s
+)
+UPDATE deliveries d SET leased_until = %(lease_until)s
+FROM chosen
+WHERE d.id = chosen.id
+RETURNING d.id, d.message_id, d.agent_id, d.attempts
+"""
+
+
+async def _claim_due_txn(
+    txn: Txn, now: datetime, limit: int, lease_seconds: float, max_per_agent: int
+) -> list[ClaimedJob]:
+    rows = await txn.fetchall(
+        _CLAIM_SQL,
+        {
+            "now": now,
+            "per_agent": max_per_agent,
+            "scan": max(limit * 4, limit),
+            "limit": limit,
+            "lease_until": now + timedelta(seconds=lease_seconds),
+        },
+    )
+    return [ClaimedJob(r["id"], r["message_id"], r["agent_id"], r["attempts"]) for r in rows]
+
+
+async def claim_due(
+    db: Database, now: datetime, limit: int, lease_seconds: float, max_per_agent: int
+) -> list[ClaimedJob]:
+    """Lease up to ``limit`` due pending deliveries (oldest due first), at most
+    ``max_per_agent`` in flight per agent, for ``lease_seconds`` from ``now``."""
+    if limit <= 0:
+        return []
+    return await db.run("claim_deliveries", _claim_due_txn, now, limit, lease_seconds, max_per_agent)
+
+
+@dataclass(frozen=True)
+class AttemptContext:
+    """Everything an attempt needs, read at attempt time (the URL too: mail.md §4.1)."""
+
+    message_id: str
+    conversation_id: str
+    display_from: str
+    to_addrs: list[str] | None
+    cc_addrs: list[str] | None
+    recipient: str
+    raw_message: bytes
+    auth_headers: dict[str, str]
+    received_at: datetime
+    agent_id: str
+    agent_mode: str
+    webhook_url: str
+    webhook_status: str
+    secrets: list[str]  # decrypted, newest first
+
+
+async def _load_attempt_txn(txn: Txn, job: ClaimedJob, master_key: bytes) -> AttemptContext | None:
+    row = await txn.fetchone(
+        "SELECT m.id, m.conversation_id, m.display_from, m.to_addrs, m.cc_addrs, m.recipient,"
+        " m.raw_message, m.auth_headers, m.created_at, a.id AS agent_id, a.user_id, a.agent_mode,"
+        " a.webhook_url, a.webhook_status"
+        " FROM messages m JOIN agents a ON a.id = m.agent_id"
+        " WHERE m.id = %s AND a.id = %s AND m.direction = 'inbound'",
+        (job.message_id, job.agent_id),
+    )
+    if row is None or row["raw_message"] is None or not row["auth_headers"]:
+        return None
+    secrets = await _active_secrets_txn(txn, master_key, row["user_id"])
+    return AttemptContext(
+        message_id=row["id"],
+        conversation_id=row["conversation_id"],
+        display_from=row["display_from"],
+        to_addrs=row["to_addrs"],
+        cc_addrs=row["cc_addrs"],
+        recipient=row["recipient"],
+        raw_message=bytes(row["raw_message"]),
+        auth_headers=row["auth_headers"],
+        received_at=row["created_at"],
+        agent_id=row["agent_id"],
+        agent_mode=row["agent_mode"],
+        webhook_url=row["webhook_url"],
+        webhook_status=row["webhook_status"],
+        secrets=secrets[:5],
+    )
+
+
+async def load_attempt(db: Database, job: ClaimedJob, master_key: bytes) -> AttemptContext | None:
+    """The message, agent and secrets of a claimed job; None when the message or agent is gone."""
+    return await db.run("load_delivery_attempt", _load_attempt_txn, job, master_key)
+
+
+async def _finish_txn(txn: Txn, sql: str, params: dict[str, Any]) -> bool:
+    await txn.execute(sql, params)
+    return txn.rowcount == 1
+
+
+async def record_delivered(db: Database, job: ClaimedJob, status_code: int, url: str, now: datetime) -> bool:
+    """2xx: ``delivered``, and the inbound message becomes ``read`` (api.md §5.1).
+
+    A delivery paused by a concurrent 410 while this attempt was in flight is still marked
+    delivered: the receiver did get it.
+    """
+
+    async def _delivered_txn(txn: Txn) -> bool:
+        await txn.execute(
+            "UPDATE deliveries SET status = 'delivered', attempts = attempts + 1, last_status_code = %(code)s,"
+            " last_error = '', last_attempt_at = %(now)s, delivered_at = %(now)s, next_attempt_at = NULL,"
+            " leased_until = NULL, webhook_url = %(url)s"
+            " WHERE id = %(id)s AND attempts = %(attempts)s AND status IN ('pending', 'paused')",
+            {"code": status_code, "now": now, "url": url, "id": job.id, "attempts": job.attempts},
+        )
+        if txn.rowcount != 1:
+            return False
+        await txn.execute(
+            "UPDATE messages SET status = 'read', read_at = COALESCE(read_at, %s)"
+            " WHERE id = %s AND direction = 'inbound' AND status = 'unread'",
+            (now, job.message_id),
+        )
+        return True
+
+    return await db.run("delivery_delivered", _delivered_txn)
+
+
+async def record_retry(
+    db: Database,
+    job: ClaimedJob,
+    status_code: int | None,
+    error: str,
+    url: str,
+    now: datetime,
+    next_attempt_at: datetime,
+) -> bool:
+    """A failed attempt with attempts left: stays ``pending``, due at ``next_attempt_at``."""
+    return await db.run(
+        "delivery_retry",
+        _finish_txn,
+        "UPDATE deliveries SET attempts = attempts + 1, last_status_code = %(code)s, last_error = %(error)s,"
+        " last_attempt_at = %(now)s, next_attempt_at = %(next)s, leased_until = NULL, webhook_url = %(url)s"
+        " WHERE id = %(id)s AND attempts = %(attempts)s AND status = 'pending'",
+        {
+            "code": status_code, "error": error, "now": now, "next": next_attempt_at, "url": url,
+            "id": job.id, "attempts": job.attempts,
+        },
+    )
+
+
+async def record_failed(
+    db: Database,
+    job: ClaimedJob,
+    status_code: int | None,
+    error: str,
+    now: datetime,
+    *,
+    attempted: bool,
+    url: str | None = None,
+) -> bool:
+    """Terminal ``failed``: schedule exhausted (``attempted``) or message/agent gone / local mode
+    (no attempt made: attempts and last_attempt_at unchanged)."""
+    if attempted:
+        sql = (
+            "UPDATE deliveries SET status = 'failed', attempts = attempts + 1, last_status_code = %(code)s,"
+            " last_error = %(error)s, last_attempt_at = %(now)s, next_attempt_at = NULL, leased_until = NULL,"
+            " webhook_url = COALESCE(%(url)s, webhook_url)"
+            " WHERE id = %(id)s AND attempts = %(attempts)s AND status = 'pending'"
+        )
+    else:
+        sql = (
+            "UPDATE deliveries SET status = 'failed', last_error = %(error)s, next_attempt_at = NULL,"
+            " leased_until = NULL WHERE id = %(id)s AND attempts = %(attempts)s AND status = 'pending'"
+        )
+    return await db.run(
+        "delivery_failed",
+        _finish_txn,
+        sql,
+        {"code": status_code, "error": error, "now": now, "url": url, "id": job.id, "attempts": job.attempts},
+    )
+
+
+async def record_paused(db: Database, job: ClaimedJob) -> bool:
+    """The agent's webhook is disabled: no attempt, ``paused`` until a PUT re-enables it."""
+    return await db.run(
+        "delivery_paused",
+        _finish_txn,
+        "UPDATE deliveries SET status = 'paused', next_attempt_at = NULL, leased_until = NULL"
+        " WHERE id = %(id)s AND attempts = %(attempts)s AND status = 'pending'",
+        {"id": job.id, "attempts": job.attempts},
+    )
+
+
+async def record_gone(db: Database, job: ClaimedJob, url: str, now: datetime) -> bool:
+    """410 (mail.md §4.5): this delivery ``failed``; the agent's webhook ``disabled``; its other
+    ``pending`` deliveries ``paused``. The agent row is locked first so concurrent 410s of one
+    agent serialise instead of deadlocking on each other's delivery rows."""
+
+    async def _gone_txn(txn: Txn) -> bool:
+        await txn.execute("SELECT id FROM agents WHERE id = %s FOR UPDATE", (job.agent_id,))
+        await txn.execute(
+            "UPDATE deliveries SET status = 'failed', attempts = attempts + 1, last_status_code = 410,"
+            " last_error = 'HTTP 410 (webhook disabled)', last_attempt_at = %(now)s, next_attempt_at = NULL,"
+            " leased_until = NULL, webhook_url = %(url)s"
+            " WHERE id = %(id)s AND attempts = %(attempts)s AND status = 'pending'",
+            {"now": now, "url": url, "id": job.id, "attempts": job.attempts},
+        )
+        if txn.rowcount != 1:
+            return False
+        await txn.execute(
+            "UPDATE agents SET webhook_status = 'disabled', webhook_disabled_at = %s"
+            " WHERE id = %s AND agent_mode = 'cloud' AND webhook_status <> 'disabled'",
+            (now, job.agent_id),
+        )
+        await txn.execute(
+            "UPDATE deliveries SET status = 'paused', next_attempt_at = NULL"
+            " WHERE agent_id = %s AND status = 'pending' AND id <> %s",
+            (job.agent_id, job.id),
+        )
+        return True
+
+    return await db.run("delivery_gone", _gone_txn)
+
+
+# ------------------------------------------------------------------------------ API side
+
+
+async def _redeliver_txn(txn: Txn, agent_id: str, message_id: str) -> str:
+    agent = await txn.fetchone(
+        "SELECT id, agent_mode, webhook_url, webhook_status FROM agents WHERE id = %s FOR UPDATE", (agent_id,)
+    )
+    if agent is None:
+        raise NotFound("agent not found", code="agent_not_found")
+    message = await txn.fetchone(
+        "SELECT id FROM messages WHERE id = %s AND agent_id = %s AND direction = 'inbound'",
+        (message_id, agent_id),
+    )
+    if message is None:
+        raise NotFound("message not found", code="message_not_found")
+    if agent["agent_mode"] != "cloud":
+        raise Conflict("agent is not in cloud mode", code="agent_not_cloud")
+    if agent["webhook_status"] == "disabled":
+        raise Conflict("the agent's webhook is disabled; re-enable it with PUT first", code="webhook_disabled")
+    existing = await txn.fetchone(
+        "UPDATE deliveries SET next_attempt_at = now()"
+        " WHERE id = (SELECT id FROM deliveries WHERE message_id = %s AND status = 'pending'"
+        "             ORDER BY created_at DESC, id DESC LIMIT 1)"
+        " RETURNING id",
+        (message_id,),
+    )
+    if existing is not None:
+        delivery_id = existing["id"]
+    else:
+        delivery_id = ids.new_delivery_id()
+        await txn.execute(
+            "INSERT INTO deliveries (id, message_id, agent_id, webhook_url, status, next_attempt_at)"
+            " VALUES (%s, %s, %s, %s, 'pending', now())",
+            (delivery_id, message_id, agent_id, agent["webhook_url"]),
+        )
+    await txn.notify(CHANNEL_DELIVERY, "")
+    return delivery_id
+
+
+async def redeliver(db: Database, agent_id: str, message_id: str) -> str:
+    """api.md §5.4: a new pending delivery due now, or the existing pending one rescheduled to
+    now; returns its ``dlv_…`` id and wakes the workers at commit.
+
+    Raises:
+        NotFound: ``agent_not_found`` / ``message_not_found`` (not an inbound message of the agent).
+        Conflict: ``agent_not_cloud``; ``webhook_disabled``.
+    """
+    return await db.run("redeliver", _redeliver_txn, agent_id, message_id)
+
+
+async def list_deliveries(
+    db: Database,
+    agent_id: str,
+    status: str,
+    message_id: str | None,
+    page_size: int,
+    before: tuple[datetime, str] | None,
+) -> tuple[list[Delivery], bool]:
+    """Newest first, keyset on (created_at, id). ``status`` ``all`` = no filter. Returns (rows, more)."""
+    clauses = ["agent_id = %s"]
+    params: list[Any] = [agent_id]
+    if status != "all":
+        clauses.append("status = %s")
+        params.append(status)
+    if message_id:
+        clauses.append("message_id = %s")
+        params.append(message_id)
+    if before is not None:
+        clauses.append("(created_at, id) < (%s, %s)")
+        params.extend(before)
+    params.append(page_size + 1)
+    rows = await db.fetchall(
+        f"SELECT {_COLUMNS} FROM deliveries WHERE {' AND '.join(clauses)}"
+        " ORDER BY created_at DESC, id DESC LIMIT %s",
+        params,
+    )
+    return [Delivery.from_row(r) for r in rows[:page_size]], len(rows) > page_size
