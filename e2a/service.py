@@ -156,6 +156,7 @@ class E2AService(service.Service):
         assert self.db is not None
         smtp = self.config.smtp
         self.verifier = MailVerifier(self.dns, self.mailauth_pool, self.reactor)
+        self._stoppers.append(self.verifier.close)
         self.inbound = InboundPipeline(
             self.db, self.verifier, self.master_key, smtp.domain, smtp.effective_authserv_id
         )
