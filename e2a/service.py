@@ -125,17 +125,11 @@ class E2AService(service.Service):
 
     async def _ensure_deployment_rows(self) -> None:
         """Upsert the shared domain as a system-owned verified domain (config.md §4)."""
-        shared = self.config.shared_domain
-        if not shared:
-            return
+        from e2a.store.domains import ensure_shared_domain
+
         assert self.db is not None
-        await self.db.execute(
-            "INSERT INTO domains (domain, user_id, is_shared, verified, verified_at)"
-            " VALUES (%s, NULL, TRUE, TRUE, now())"
-            " ON CONFLICT (domain) DO UPDATE SET user_id = NULL, is_shared = TRUE, verified = TRUE,"
-            " verified_at = COALESCE(domains.verified_at, now())",
-            (shared,),
-        )
+        if self.config.shared_domain:
+            await ensure_shared_domain(self.db, self.config.shared_domain)
 
     async def _start_http(self) -> None:
         from e2a.api.app import ApiApp, ApiDeps
@@ -143,6 +137,9 @@ class E2AService(service.Service):
         assert self.db is not None
         deps = ApiDeps(config=self.config, db=self.db, clock=self.reactor, dns=self.dns, master_key=self.master_key)
         deps.extras["service"] = self
+        from e2a.mailauth import dkimkeys
+
+        deps.extras["dkim_keygen"] = lambda: dkimkeys.generate_key(self.reactor, self.blocking_pool)
         self.api = ApiApp(deps)
         endpoint = endpoints.serverFromString(self.reactor, listen_endpoint(self.config.http.listen_addr))
         self.http_port = await endpoint.listen(self.api.site())
