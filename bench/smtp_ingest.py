@@ -711,7 +711,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--round-timeout", type=float, default=120.0, help="wall-clock cap per round, seconds")
     parser.add_argument("--max-minutes", type=float, default=45.0, help="wall-clock cap for all rounds")
     parser.add_argument("--profile", metavar="DIR", default=None,
-                        help="py-spy record e2a during its 100 KB rounds at the highest selected concurrency <= 8")
+                        help="py-spy record e2a (raw collapsed stacks into DIR) during its rounds at the highest"
+                        " selected concurrency <= 8; pick the size with --sizes")
     parser.add_argument("--output", default=None, help="JSON path (default bench/results/smtp_ingest-<time>.json)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, database) for inspection")
     args = parser.parse_args(argv)
@@ -777,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
                                 log("--max-minutes reached: stopping early")
                                 return
                             port, pid = receivers[name]
-                            profiling = profiler is not None and name == "e2a" and s == "100k" and conc == profile_conc
+                            profiling = profiler is not None and name == "e2a" and conc == profile_conc
                             if profiling:
                                 profiler.start(f"e2a-{s}-c{conc}-run{run}", int(args.round_timeout) + 30)
                             cpu0, pg0, me0, l0 = proc_cpu(pid), postgres_cpu(stack.postmaster_pid), \
@@ -840,6 +841,8 @@ def main(argv: list[str] | None = None) -> int:
         "targets": verdicts,
         "verification_sample": sample,
         "rounds": [asdict(r) for r in rounds],
+        "client_cpu_ms_per_msg": {f"{r.receiver}/{r.size}/c{r.concurrency}/run{r.run}": round(1000 * r.cpu_client_s / max(r.ok, 1), 2)
+                                  for r in rounds},
         "profile": profile_summary,
     }
     out = Path(args.output) if args.output else RESULTS / f"smtp_ingest-{started_at.strftime('%Y%m%dT%H%M%SZ')}.json"

@@ -228,3 +228,90 @@ def trace_from_verdict(verdict: Any) -> TraceInput:
         verified=verdict.verified,
         from_address=verdict.from_address,
     )
+
+
+INTERNAL_DOMAIN_CHECK = "spf=none; dkim=none; dmarc=none"
+
+
+async def accept_internal_txn(
+    txn: Txn,
+    *,
+    composed: bytes,
+    sender: str,
+    delegation: str,
+    recipient: str,
+    conversation_id: str,
+    master_key: bytes,
+    smtp_domain: str,
+    authserv_id: str,
+    received_at: datetime,
+) -> str | None:
+    """Store one internal-route copy (mail.md §7.3) inside the sender's transaction.
+
+    The copy goes through the same strip → trace → sign → store steps as SMTP mail, with the
+    internal values of §2.5: verified, entity type ``agent``, the delegation header (absent for
+    the test email) and the sender's own conversation id. Returns the new ``msg_…`` id, or None
+    when the recipient agent no longer exists.
+    """
+    agent = await txn.fetchone(
+        "SELECT id, user_id, agent_mode, webhook_url, webhook_status FROM agents WHERE lower(id) = lower(%s)",
+        (recipient,),
+    )
+    if agent is None:
+        return None
+    fields, _ = authheaders.split_header_section(composed)
+    view = MessageView.from_fields(fields)
+    stripped = authheaders.strip_fields(composed, fields, authserv_id)
+    message_id = ids.new_message_id()
+    stored = (
+        authheaders.internal_trace_headers(
+            authserv_id=authserv_id,
+            sender=sender,
+            smtp_domain=smtp_domain,
+            message_id=message_id,
+            recipient=agent["id"],
+            date=received_at,
+        )
+        + stripped
+    )
+    secret = await newest_secret_txn(txn, agent["user_id"], master_key)
+    signed = authheaders.build_fields(
+        verified=True,
+        sender=sender,
+        entity_type="agent",
+        domain_check=INTERNAL_DOMAIN_CHECK,
+        delegation=delegation,
+        signed_at=received_at,
+        message_id=message_id,
+        stored=stored,
+    )
+    await messages.insert_inbound_txn(
+        txn,
+        {
+            "id": message_id,
+            "agent_id": agent["id"],
+            "user_id": agent["user_id"],
+            "route": "internal",
+            "sender": sender,
+            "display_from": view.display_sender() or sender,
+            "recipient": agent["id"],
+            "envelope_from": sender,
+            "client_ip": "",
+            "subject": view.subject,
+            "to_addrs": view.to_addresses(),
+            "cc_addrs": view.cc_addresses(),
+            "email_message_id": view.message_id_token,
+            "in_reply_to": view.in_reply_to,
+            "references_ids": view.references,
+            "conversation_id": conversation_id,
+            "raw_message": stored,
+            "auth_headers": authheaders.auth_headers(signed, secret),
+            "created_at": received_at,
+        },
+    )
+    if agent["agent_mode"] == "cloud":
+        await enqueue_delivery_txn(txn, message_id, agent)
+        await txn.notify(CHANNEL_DELIVERY, "")
+    else:
+        await txn.notify(CHANNEL_INBOUND, f"{agent['id']}\t{message_id}")
+    return message_id

@@ -54,6 +54,7 @@ class E2AService(service.Service):
         self.api: Any = None
         self.dns: Any = None
         self.verifier: Any = None
+        self.delivery: Any = None
         self.inbound: Any = None
         self._stoppers: list[Any] = []
         self.started: defer.Deferred[None] = defer.Deferred()
@@ -114,6 +115,7 @@ class E2AService(service.Service):
         await self._ensure_deployment_rows()
         await self._start_http()
         await self._start_smtp()
+        await self._start_workers()
         log.info("e2a started: http on {http}, smtp on {smtp}", http=self.http_address(), smtp=self.smtp_address())
 
     def _build_dns(self) -> Any:
@@ -161,6 +163,17 @@ class E2AService(service.Service):
         self.smtp_factory = SmtpFactory(smtp, AgentRecipients(self.db), self.inbound.accept, self.reactor, tls)
         endpoint = endpoints.serverFromString(self.reactor, listen_endpoint(smtp.listen_addr))
         self.smtp_port = await endpoint.listen(self.smtp_factory)
+
+    async def _start_workers(self) -> None:
+        from e2a.delivery.worker import DeliveryService
+
+        assert self.db is not None and self.events is not None
+        config = self.config
+        self.delivery = DeliveryService(
+            self.db, self.events, self.dns, config.webhooks, config.production, self.master_key, self.reactor
+        )
+        await self.delivery.start()
+        self._stoppers.append(self.delivery.stop)
 
     def http_address(self) -> str:
         return _address(self.http_port)

@@ -296,7 +296,7 @@ class AgentSocketProtocol(WebSocketServerProtocol):
     # ---- properties -------------------------------------------------------------------
 
     @property
-    def is_open(self) -> bool:
+    def is_live(self) -> bool:
         return self.state == WebSocketProtocol.STATE_OPEN
 
     @property
@@ -385,7 +385,7 @@ class AgentSocketProtocol(WebSocketServerProtocol):
 
     def resumeProducing(self) -> None:  # noqa: N802 - Twisted API
         self._paused = False
-        while self._queue and not self._paused and self.is_open:
+        while self._queue and not self._paused and self.is_live:
             data = self._queue.popleft()
             self._queued -= len(data)
             self.sendMessage(data, isBinary=False)
@@ -416,7 +416,7 @@ class AgentSocketProtocol(WebSocketServerProtocol):
     # ---- sending ----------------------------------------------------------------------
 
     def _send_json(self, frame: dict[str, Any]) -> None:
-        if not self.is_open:
+        if not self.is_live:
             return
         data = encode_frame(frame)
         if self._paused or self._queue:
@@ -435,7 +435,7 @@ class AgentSocketProtocol(WebSocketServerProtocol):
 
     def _send_note(self, note: Notification) -> bool:
         """Send one notification unless this connection already sent that message id."""
-        if note.message_id in self._sent or not self.is_open:
+        if note.message_id in self._sent or not self.is_live:
             return False
         self._sent.add(note.message_id)
         self._send_json(notification_frame(note))
@@ -451,7 +451,7 @@ class AgentSocketProtocol(WebSocketServerProtocol):
     async def _writable(self) -> None:
         """Wait until the transport has room; the drain reads the next page only then, so a
         large backlog never counts against the slow-consumer limit by itself."""
-        if not (self._paused or self._queue) or not self.is_open:
+        if not (self._paused or self._queue) or not self.is_live:
             return
         d: Deferred[None] = Deferred()
         self._writable_waiters.append(d)
@@ -491,7 +491,7 @@ class AgentSocketProtocol(WebSocketServerProtocol):
 
     def request_redrain(self) -> None:
         """Re-read unread mail (after the LISTEN connection was lost, pushes may be missing)."""
-        if not self.is_open:
+        if not self.is_live:
             return
         if self.draining:
             self._redrain = True
@@ -508,7 +508,7 @@ class AgentSocketProtocol(WebSocketServerProtocol):
             count = 0
             while True:
                 page = await service.unread_page(self.grant.agent_id, after, page_size)
-                if not self.is_open:
+                if not self.is_live:
                     return
                 for note in page:
                     if self._send_note(note):
@@ -517,7 +517,7 @@ class AgentSocketProtocol(WebSocketServerProtocol):
                     break
                 after = (page[-1].received_at, page[-1].message_id)
                 await self._writable()
-                if not self.is_open:
+                if not self.is_live:
                     return
             if not self._redrain:
                 break
@@ -550,7 +550,7 @@ class AgentSocketProtocol(WebSocketServerProtocol):
     def _ping(self) -> None:
         assert self.grant is not None
         self._ping_call = None
-        if not self.is_open:
+        if not self.is_live:
             return
         self.sendPing(os.urandom(8))
         if self._pong_deadline is None:

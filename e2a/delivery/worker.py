@@ -246,10 +246,16 @@ class DeliveryService:
             await deliveries.record_failed(self._db, job, None, "no signing secret", self._now(), attempted=False)
             return
 
-        signed_at = self._now()
-        request = build_request(
-            _webhook_message(ctx), delivery_id=job.id, attempt=job.attempt, secrets=ctx.secrets, now=signed_at
-        )
+        try:
+            request = build_request(
+                _webhook_message(ctx), delivery_id=job.id, attempt=job.attempt, secrets=ctx.secrets, now=self._now()
+            )
+        except ValueError:
+            # A stored header set that cannot be re-signed will never become signable.
+            await deliveries.record_failed(
+                self._db, job, None, "stored auth headers cannot be signed", self._now(), attempted=False
+            )
+            return
         result = await self.client.post(ctx.webhook_url, request.body, request.headers)
         await self._record(job, ctx.webhook_url, result)
 
