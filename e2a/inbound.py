@@ -16,10 +16,11 @@ from typing import Any, Protocol
 
 from twisted.logger import Logger
 
-from e2a import crypto, ids
+from e2a import ids
 from e2a.mailauth import authheaders
 from e2a.messageview import MessageView
 from e2a.store import messages
+from e2a.store.accounts import newest_secret_txn
 from e2a.store.database import Database, Txn
 from e2a.store.events import CHANNEL_DELIVERY, CHANNEL_INBOUND
 
@@ -147,7 +148,7 @@ class InboundPipeline:
             conversation_id = await messages.find_conversation_txn(txn, agent["id"], view.thread_candidates())
             secret = secrets_by_user.get(agent["user_id"])
             if secret is None:
-                secret = await newest_secret_txn(txn, agent["user_id"], self.master_key)
+                secret = await newest_secret_txn(txn, self.master_key, agent["user_id"])
                 secrets_by_user[agent["user_id"]] = secret
             fields = authheaders.build_fields(
                 verified=trace.verified,
@@ -192,17 +193,6 @@ class InboundPipeline:
         if notify_delivery:
             await txn.notify(CHANNEL_DELIVERY, "")
         return first_id
-
-
-async def newest_secret_txn(txn: Txn, user_id: str, master_key: bytes) -> str:
-    """The owner's newest signing secret, decrypted (mail.md §3.3: newest active signs)."""
-    row = await txn.fetchone(
-        "SELECT id, secret FROM signing_secrets WHERE user_id = %s ORDER BY created_at DESC, id DESC LIMIT 1",
-        (user_id,),
-    )
-    if row is None:
-        raise RuntimeError(f"user {user_id} has no signing secret")
-    return crypto.decrypt(master_key, row["secret"], row["id"]).decode("ascii")
 
 
 async def enqueue_delivery_txn(txn: Txn, message_id: str, agent: dict[str, Any]) -> str:
@@ -274,7 +264,7 @@ async def accept_internal_txn(
         )
         + stripped
     )
-    secret = await newest_secret_txn(txn, agent["user_id"], master_key)
+    secret = await newest_secret_txn(txn, master_key, agent["user_id"])
     signed = authheaders.build_fields(
         verified=True,
         sender=sender,

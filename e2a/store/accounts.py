@@ -390,8 +390,20 @@ async def _active_secrets_with_ids_txn(txn: Txn, master_key: bytes, user_id: str
     return [(r["id"], crypto.decrypt(master_key, r["secret"], r["id"]).decode("ascii")) for r in rows]
 
 
-async def _active_secrets_txn(txn: Txn, master_key: bytes, user_id: str) -> list[str]:
+async def active_secrets_txn(txn: Txn, master_key: bytes, user_id: str) -> list[str]:
+    """Inside a transaction: decrypted secrets, newest first."""
     return [secret for _id, secret in await _active_secrets_with_ids_txn(txn, master_key, user_id)]
+
+
+async def newest_secret_txn(txn: Txn, master_key: bytes, user_id: str) -> str:
+    """The secret that signs (mail.md §3.3: the newest active one), decrypted."""
+    row = await txn.fetchone(
+        "SELECT id, secret FROM signing_secrets WHERE user_id = %s ORDER BY created_at DESC, id DESC LIMIT 1",
+        (user_id,),
+    )
+    if row is None:
+        raise RuntimeError(f"user {user_id} has no signing secret")
+    return crypto.decrypt(master_key, row["secret"], row["id"]).decode("ascii")
 
 
 async def active_secrets(db: Database, master_key: bytes, user_id: str) -> list[str]:
@@ -400,7 +412,7 @@ async def active_secrets(db: Database, master_key: bytes, user_id: str) -> list[
     Raises:
         crypto.DecryptionError: a stored value does not open with this master key.
     """
-    return await db.run("active_secrets", _active_secrets_txn, master_key, user_id)
+    return await db.run("active_secrets", active_secrets_txn, master_key, user_id)
 
 
 # ---------------------------------------------------------------- export (§12.1)

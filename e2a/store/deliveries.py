@@ -23,7 +23,7 @@ from typing import Any
 
 from e2a import ids
 from e2a.errors import Conflict, NotFound
-from e2a.store.accounts import _active_secrets_txn
+from e2a.store.accounts import active_secrets_txn
 from e2a.store.database import Database, Txn
 from e2a.store.events import CHANNEL_DELIVERY
 from e2a.timefmt import ts_frac
@@ -202,7 +202,7 @@ async def _load_attempt_txn(txn: Txn, job: ClaimedJob, master_key: bytes) -> Att
     )
     if row is None or row["raw_message"] is None or not row["auth_headers"]:
         return None
-    secrets = await _active_secrets_txn(txn, master_key, row["user_id"])
+    secrets = await active_secrets_txn(txn, master_key, row["user_id"])
     return AttemptContext(
         message_id=row["id"],
         conversation_id=row["conversation_id"],

@@ -7,6 +7,7 @@ Inbound mail is inserted the way e2a/inbound.py commits a local-mode copy: the r
 from __future__ import annotations
 
 import hashlib
+import io
 import secrets
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -501,3 +502,17 @@ async def test_live_push_and_revocation_reach_sockets_on_another_process(db, sta
     assert await within(on_a.closed) == (1008, "key revoked")
     assert await within(on_b.closed) == (1008, "key revoked")
     assert key  # the user key is untouched
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_log_redacts_token(db, stacks):
+    """The key in ?token= is written to the access log as ***."""
+    stack = await stacks()
+    _user_id, key = await owner(db)
+    assert stack.api is not None
+    site = stack.api.port.factory
+    site.logFile = io.StringIO()
+    resp = await handshake(stack, token=key)
+    assert resp.code == 426
+    line = site.logFile.getvalue()
+    assert "token=***" in line and key not in line
