@@ -572,8 +572,30 @@ class Profiler:
         self.proc = None
 
 
+def _frame_name(frame: str) -> str:
+    """``func (path/to/file.py:123)`` → ``func (file.py)``: lines merged, paths shortened."""
+    func, sep, where = frame.partition(" (")
+    if not sep:
+        return frame
+    return f"{func} ({where.rsplit(':', 1)[0].rsplit('/', 1)[-1]})"
+
+
+def _thread_name(frame: str) -> str:
+    if "MainThread" in frame:
+        return "reactor"
+    return frame.split(": ", 1)[-1].rsplit("-", 1)[0] if ": " in frame else "other"
+
+
+_INTERESTING = ("e2a/", "dkim/", "spf.py", "txpostgres", "psycopg2", "dns/", "hashlib")
+
+
 def summarize_profile(files: list[Path], top: int = 25) -> dict[str, Any]:
-    """Inclusive and self sample shares per function from py-spy's collapsed stacks."""
+    """Inclusive and self sample shares per function from py-spy's collapsed stacks.
+
+    py-spy counts a thread blocked inside a C call that released the GIL (epoll_wait, a
+    psycopg2 send, a lock) as busy in that frame, so "self" shares of such frames measure
+    time waiting (for I/O or to get the GIL back), not CPU.
+    """
     inclusive: collections.Counter[str] = collections.Counter()
     self_: collections.Counter[str] = collections.Counter()
     threads: collections.Counter[str] = collections.Counter()
@@ -588,23 +610,19 @@ def summarize_profile(files: list[Path], top: int = 25) -> dict[str, Any]:
             count = int(n)
             frames = stack.split(";")
             total += count
-            thread = frames[0]
-            threads[thread.split(" ")[0] + " " + ("reactor" if "e2a-" not in thread else thread.split('"')[1]
-                                                    if '"' in thread else thread)] += count
-            seen = set()
-            for frame in frames[1:]:
-                name = frame.split(" (")[0] + " (" + frame.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1] + ")" \
-                    if " (" in frame else frame
-                if name not in seen:
-                    inclusive[name] += count
-                    seen.add(name)
-            leaf = frames[-1]
-            self_[leaf.split(" (")[0] + " (" + leaf.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1] + ")"
-                  if " (" in leaf else leaf] += count
-    share = (lambda c: round(100.0 * c / total, 1)) if total else (lambda c: 0.0)
+            thread = _thread_name(frames[0])
+            threads[thread] += count
+            for name in {_frame_name(f) for f in frames[1:] if any(k in f for k in _INTERESTING)}:
+                inclusive[f"{thread}: {name}"] += count
+            self_[f"{thread}: {_frame_name(frames[-1])}"] += count
+
+    def share(c: int) -> float:
+        return round(100.0 * c / total, 1) if total else 0.0
+
     return {
         "samples": total,
-        "threads": {k: share(v) for k, v in threads.most_common(12)},
+        "files": [str(f) for f in files],
+        "threads_pct": {k: share(v) for k, v in threads.most_common()},
         "inclusive_pct": {k: share(v) for k, v in inclusive.most_common(top)},
         "self_pct": {k: share(v) for k, v in self_.most_common(top)},
     }
@@ -751,6 +769,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"e2a pid {stack.e2a.pid} smtp {stack.e2a_smtp}; reference pid {stack.ref.pid} smtp {stack.ref_smtp}; "
             f"dns {stack.dns_port}; load {loadavg():.2f}")
         profiler = Profiler(Path(args.profile), stack.e2a.pid) if args.profile else None
+        if profiler is not None and not Path(profiler.exe).exists():
+            raise SystemExit("--profile needs py-spy: /tmp/venv/bin/pip install py-spy")
         profile_conc = max([c for c in concs if c <= 8] or concs)
         id_base = uuid.uuid4().hex[:10]
 

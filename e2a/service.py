@@ -55,6 +55,7 @@ class E2AService(service.Service):
         self.dns: Any = None
         self.verifier: Any = None
         self.delivery: Any = None
+        self.websocket: Any = None
         self.inbound: Any = None
         self._stoppers: list[Any] = []
         self.started: defer.Deferred[None] = defer.Deferred()
@@ -110,6 +111,13 @@ class E2AService(service.Service):
         self.events = EventListener(self.dsn, self.reactor)
         await self.events.start()
         self._stoppers.append(self.events.stop)
+        from e2a.delivery.websocket import WebSocketService
+
+        self.websocket = WebSocketService(
+            self.db, self.events, config.websocket, config.http.public_url, self.reactor
+        )
+        self.websocket.start()
+        self._stoppers.append(self.websocket.stop)
 
         self.dns = self._build_dns()
         await self._ensure_deployment_rows()
@@ -139,6 +147,7 @@ class E2AService(service.Service):
         assert self.db is not None
         deps = ApiDeps(config=self.config, db=self.db, clock=self.reactor, dns=self.dns, master_key=self.master_key)
         deps.extras["service"] = self
+        deps.extras["websocket"] = self.websocket
         from e2a.mailauth import dkimkeys
 
         deps.extras["dkim_keygen"] = lambda: dkimkeys.generate_key(self.reactor, self.blocking_pool)

@@ -87,11 +87,26 @@ class ApiApp:
         return self.router.resource()
 
     def site(self) -> Site:
-        site = Site(self.resource())
+        site = Site(self.resource(), logFormatter=redacting_log_formatter)
         site.requestFactory = CappedRequest
         site.displayTracebacks = False
         site.noisy = False
         return site
+
+
+def redacting_log_formatter(timestamp: str, request: Any) -> str:
+    """The combined access-log line with ``token=`` query values written as ``***``, for every
+    route (a wrong-method request to the WebSocket path never reaches its handler)."""
+    from twisted.web.http import combinedLogFormatter
+
+    from e2a.delivery.websocket import redact_token
+
+    original = request.uri
+    request.uri = redact_token(original)
+    try:
+        return combinedLogFormatter(timestamp, request)
+    finally:
+        request.uri = original
 
 
 def version_string() -> str:

@@ -60,7 +60,7 @@ def install(router: Klein, deps: Any) -> None:
         # between the count and the reservation, so concurrent handshakes cannot overshoot).
         if not service.has_capacity(agent["id"]):
             raise E2AError("too many connections for this agent", code="too_many_connections", status=429)
-        upgradable = request.channel is not None and request.channel.transport is not None
+        upgradable = getattr(request.channel, "transport", None) is not None  # None over HTTP/2
         if not upgradable or not is_upgrade_request(request.method, request.getHeader):
             raise UpgradeRequired(headers=UPGRADE_HEADERS)
         return service.upgrade_resource(principal, agent["id"])

@@ -339,7 +339,7 @@ class AgentSocketProtocol(WebSocketServerProtocol):
             key_id=self.grant.principal.key_id,
             v2=self.v2,
         )
-        self._run(self._open_txn_checks_then_drain())
+        self.run_guarded(self._open_txn_checks_then_drain())
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802,N803 - Autobahn API
         if isBinary:
@@ -353,8 +353,12 @@ class AgentSocketProtocol(WebSocketServerProtocol):
             else:
                 self._send_error("bad_frame", value)
 
+        def next_frame(_: Any) -> Deferred[None]:
+            assert self.grant is not None
+            return self.grant.service.track(Deferred.fromCoroutine(handle()))
+
         # Client frames are handled strictly in order, one at a time.
-        self._client_frames.addCallback(lambda _: Deferred.fromCoroutine(handle()))
+        self._client_frames.addCallback(next_frame)
         self._client_frames.addErrback(lambda f: log.failure("client frame failed", f))
 
     def onPong(self, payload: bytes) -> None:  # noqa: N802 - Autobahn API
@@ -464,12 +468,16 @@ class AgentSocketProtocol(WebSocketServerProtocol):
 
     # ---- drain ------------------------------------------------------------------------
 
-    def _run(self, coro: Any) -> None:
+    def run_guarded(self, coro: Any) -> Deferred[None]:
+        """Run connection work; an unexpected failure closes 1011 (the mail stays unread)."""
+
         def failed(failure: Any) -> None:
             log.failure("websocket connection failed", failure)
             self.close_with(CLOSE_INTERNAL, REASON_INTERNAL)
 
-        Deferred.fromCoroutine(coro).addErrback(failed)
+        d = Deferred.fromCoroutine(coro).addErrback(failed)
+        assert self.grant is not None
+        return self.grant.service.track(d)
 
     async def _open_txn_checks_then_drain(self) -> None:
         # Subscribed already; now make sure nothing was revoked between the handshake's
@@ -497,7 +505,7 @@ class AgentSocketProtocol(WebSocketServerProtocol):
             self._redrain = True
             return
         self.draining = True
-        self._run(self._drain(announce=False))
+        self.run_guarded(self._drain(announce=False))
 
     async def _drain(self, announce: bool) -> None:
         assert self.grant is not None
@@ -703,6 +711,7 @@ class WebSocketService:
         self._unsubscribe: list[Callable[[], None]] = []
         self._live: dict[str, deque[str]] = {}
         self._reconnect_hooked = False
+        self._tasks: set[Deferred[Any]] = set()
 
     # ---- lifecycle --------------------------------------------------------------------
 
@@ -735,7 +744,22 @@ class WebSocketService:
             conn.close_with(CLOSE_GOING_AWAY, REASON_SHUTDOWN)
         if conns:
             await defer.DeferredList([c.closed for c in conns], consumeErrors=True)
+        # Drains, acks and lookups still in flight end quickly once their socket is gone;
+        # wait for them so nothing touches the database after the service stopped.
+        while self._tasks:
+            await defer.DeferredList(list(self._tasks), consumeErrors=True)
         self.factory.stopFactory()
+
+    def track(self, d: Deferred[Any]) -> Deferred[Any]:
+        """Remember in-flight work until it finishes (see :meth:`stop`)."""
+        self._tasks.add(d)
+
+        def done(result: Any) -> Any:
+            self._tasks.discard(d)
+            return result
+
+        d.addBoth(done)
+        return d
 
     # ---- handshake support (used by e2a.api.ws) ---------------------------------------
 
@@ -779,7 +803,7 @@ class WebSocketService:
             queue = self._live[key] = deque()
         queue.append(message_id)
         if len(queue) == 1:
-            Deferred.fromCoroutine(self._pump(key, queue))
+            self.track(Deferred.fromCoroutine(self._pump(key, queue)))
 
     async def _pump(self, key: str, queue: deque[str]) -> None:
         """Fetch and fan out one agent's live events strictly in NOTIFY (= commit) order."""
@@ -814,7 +838,7 @@ class WebSocketService:
         elif kind == "agentmode":
             # Fires on any mode change; re-read the row (it may have gone back to local).
             for conn in self.registry.connections(ident):
-                conn._run(conn.revalidate())
+                conn.run_guarded(conn.revalidate())
 
     def _close_where(self, predicate: Callable[[AgentSocketProtocol], bool], reason: str) -> None:
         for conn in self.registry.all():
@@ -831,4 +855,4 @@ class WebSocketService:
                 conn.request_redrain()
 
         for conn in self.registry.all():
-            conn._run(catch_up(conn))
+            conn.run_guarded(catch_up(conn))
