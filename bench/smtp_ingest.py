@@ -541,8 +541,9 @@ async def run_round(
 class Profiler:
     """py-spy ``record`` against the twistd pid for selected rounds (raw collapsed stacks)."""
 
-    def __init__(self, out_dir: Path, pid: int) -> None:
+    def __init__(self, out_dir: Path, pid: int, gil_only: bool = False) -> None:
         self.out_dir = out_dir
+        self.gil_only = gil_only
         self.pid = pid
         self.exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         self.proc: subprocess.Popen[bytes] | None = None
@@ -554,7 +555,8 @@ class Profiler:
         self.files.append(out)
         self.proc = subprocess.Popen(
             [self.exe, "record", "--pid", str(self.pid), "--rate", "250", "--format", "raw", "--threads",
-             "--nonblocking", "--duration", str(max_seconds), "--output", str(out)],
+             "--nonblocking", "--duration", str(max_seconds), "--output", str(out),
+             *(["--gil"] if self.gil_only else [])],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         time.sleep(0.5)  # let it attach before traffic starts
@@ -731,6 +733,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", metavar="DIR", default=None,
                         help="py-spy record e2a (raw collapsed stacks into DIR) during its rounds at the highest"
                         " selected concurrency <= 8; pick the size with --sizes")
+    parser.add_argument("--profile-gil", action="store_true",
+                        help="with --profile: sample only the thread holding the GIL (where Python CPU goes)")
     parser.add_argument("--output", default=None, help="JSON path (default bench/results/smtp_ingest-<time>.json)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, database) for inspection")
     args = parser.parse_args(argv)
@@ -768,7 +772,7 @@ def main(argv: list[str] | None = None) -> int:
         stack.start(txt, log)
         log(f"e2a pid {stack.e2a.pid} smtp {stack.e2a_smtp}; reference pid {stack.ref.pid} smtp {stack.ref_smtp}; "
             f"dns {stack.dns_port}; load {loadavg():.2f}")
-        profiler = Profiler(Path(args.profile), stack.e2a.pid) if args.profile else None
+        profiler = Profiler(Path(args.profile), stack.e2a.pid, args.profile_gil) if args.profile else None
         if profiler is not None and not Path(profiler.exe).exists():
             raise SystemExit("--profile needs py-spy: /tmp/venv/bin/pip install py-spy")
         profile_conc = max([c for c in concs if c <= 8] or concs)

@@ -148,6 +148,11 @@ class E2AService(service.Service):
         deps = ApiDeps(config=self.config, db=self.db, clock=self.reactor, dns=self.dns, master_key=self.master_key)
         deps.extras["service"] = self
         deps.extras["websocket"] = self.websocket
+        from e2a.outbound.send import SendService
+
+        deps.extras["send"] = SendService(
+            self.db, self.config, self.master_key, self.reactor, self.reactor, self.blocking_pool
+        )
         from e2a.mailauth import dkimkeys
 
         deps.extras["dkim_keygen"] = lambda: dkimkeys.generate_key(self.reactor, self.blocking_pool)

@@ -47,9 +47,9 @@ class ApiApp:
         self.deps = deps
         self.router = Klein()
         self._install_error_handlers()
-        from e2a.api import account, agents, deliveries, domains, feedback, messages, service_routes, ws
+        from e2a.api import account, agents, deliveries, domains, feedback, messages, send, service_routes, ws
 
-        for module in (service_routes, agents, domains, account, messages, feedback, deliveries, ws):
+        for module in (service_routes, agents, domains, account, messages, feedback, deliveries, ws, send):
             module.install(self.router, deps)
 
     def _install_error_handlers(self) -> None:

@@ -1,0 +1,321 @@
+"""SendService: send, reply and test mail from an agent (api.md §4.6, §5.3, §6; mail.md §7).
+
+The request is validated and routed completely before anything is stored (changed in the spec:
+held mail used to be validated only at approval). Then, in ONE transaction: the outbound
+record, one ``outbound_recipients`` row per envelope recipient, and — for recipients that are
+agents on this deployment — their inbound copies through the inbound pipeline. 200 therefore
+means "durably queued"; the relay worker sends SMTP recipients afterwards.
+
+HITL: when the agent has ``hitl_enabled`` the validated request is stored as a
+``pending_approval`` hold instead (202). Release of a hold re-enters :meth:`SendService._release`
+with the stored content, which is why composition happens at release, never at hold time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from twisted.internet.threads import deferToThread, deferToThreadPool
+from twisted.logger import Logger
+
+from e2a import ids
+from e2a.api import wire
+from e2a.config import Config
+from e2a.errors import BadRequest, E2AError, Forbidden, NotFound
+from e2a.inbound import accept_internal_txn
+from e2a.mailauth import dkimkeys
+from e2a.outbound import compose, dkimsign
+from e2a.store import agents as agents_store
+from e2a.store import ratelimits
+from e2a.store.database import Database, Txn
+from e2a.store.events import CHANNEL_OUTBOUND
+from e2a.store.models import Agent
+from e2a.timefmt import ts_frac
+
+log = Logger()
+
+
+class OutboundNotConfigured(E2AError):
+    status = 503
+    code = "outbound_not_configured"
+    default_message = "a recipient needs SMTP delivery but no upstream relay or direct MX is configured"
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A validated, routed outbound message, ready to hold or release."""
+
+    agent: Agent
+    type: str  # send | reply | test
+    recipients: compose.Recipients
+    routes: dict[str, str]  # address → internal | smtp
+    content: compose.Content
+    in_reply_to: str = ""
+    references: str = ""
+    replied_message_id: str = ""  # email_message_id of the replied-to message
+
+    @property
+    def method(self) -> str:
+        return "internal" if all(r == "internal" for r in self.routes.values()) else "smtp"
+
+
+class SendService:
+    def __init__(self, db: Database, config: Config, master_key: bytes, clock: Any, reactor: Any, pool: Any) -> None:
+        self.db = db
+        self.config = config
+        self.master_key = master_key
+        self.clock = clock
+        self.reactor = reactor
+        self.pool = pool
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock.seconds(), UTC)
+
+    # ---- entry points (called by the routes after authentication) -------------------------
+
+    async def resolve_sender(self, principal: Any, from_value: str | None) -> Agent:
+        """§6.1 #5: ``from`` must be an agent of the user (and the agent key's agent)."""
+        if from_value:
+            agent = await agents_store.get_agent(self.db, principal.user_id, wire.path_agent_key(from_value))
+            if agent is None or not principal.may_see_agent(agent.id):
+                raise BadRequest("from is not an agent this key may send as", code="invalid_from")
+            return agent
+        if not principal.is_user_scoped:
+            agent = await agents_store.get_agent(self.db, principal.user_id, principal.agent_id or "")
+            if agent is None:
+                raise BadRequest("from is not an agent this key may send as", code="invalid_from")
+            return agent
+        agents = await agents_store.list_agents(self.db, principal.user_id)
+        if len(agents) != 1:
+            raise BadRequest("from is required: the user does not have exactly one agent", code="ambiguous_sender")
+        return agents[0]
+
+    async def check_send_allowed(self, agent: Agent) -> None:
+        """Send limit (per agent, all processes), then the agent's domain must be verified."""
+        await ratelimits.hit(
+            self.db, f"send:{agent.id.lower()}", self.config.rate_limits.send_per_minute, 60, self.clock.seconds()
+        )
+        if not agent.domain_verified:
+            raise Forbidden("the agent's domain is not verified", code="domain_not_verified")
+
+    async def route(self, recipients: Sequence[str]) -> dict[str, str]:
+        """mail.md §7.3: agents on this deployment are internal; everything else needs SMTP."""
+        routes: dict[str, str] = {}
+        if recipients:
+            rows = await self.db.fetchall(
+                "SELECT lower(id) AS key FROM agents WHERE lower(id) = ANY(%s)", ([r.lower() for r in recipients],)
+            )
+            internal = {r["key"] for r in rows}
+        else:
+            internal = set()
+        for address in recipients:
+            routes[address] = "internal" if address.lower() in internal else "smtp"
+        if "smtp" in routes.values() and not (self.config.outbound_smtp.host or self.config.outbound.direct_mx):
+            raise OutboundNotConfigured()
+        return routes
+
+    async def submit(self, draft: Draft) -> tuple[int, dict[str, Any]]:
+        """Hold (HITL, 202) or release (200) a validated draft."""
+        if draft.agent.hitl_enabled:
+            return 202, await self._hold(draft)
+        return 200, await self._release(draft)
+
+    # ---- hold ------------------------------------------------------------------------------
+
+    async def _hold(self, draft: Draft) -> dict[str, Any]:
+        now = self.now()
+        expires = now + timedelta(seconds=draft.agent.hitl_ttl_seconds)
+        message_id = ids.new_message_id()
+        c = draft.content
+
+        async def _hold_txn(txn: Txn) -> None:
+            await _insert_outbound_txn(
+                txn,
+                draft,
+                message_id=message_id,
+                status="pending_approval",
+                smtp_message_id="",
+                composed=None,
+                created_at=now,
+                extra={
+                    "body_text": c.body_text,
+                    "body_html": c.body_html,
+                    "attachments": json.dumps(
+                        [
+                            {"filename": a.filename, "content_type": a.content_type, "data": _b64(a.data)}
+                            for a in c.attachments
+                        ]
+                    ),
+                    "approval_expires_at": expires,
+                    "method": "",
+                    "delivery_status": "",
+                },
+            )
+            await txn.execute(
+                "INSERT INTO approvals (message_id, action, actor) VALUES (%s, 'hold', 'api')", (message_id,)
+            )
+
+        await self.db.run("hold_outbound", _hold_txn)
+        return {"status": "pending_approval", "message_id": message_id, "approval_expires_at": ts_frac(expires)}
+
+    # ---- release ---------------------------------------------------------------------------
+
+    async def _release(self, draft: Draft) -> dict[str, Any]:
+        now = self.now()
+        message_id = ids.new_message_id()
+        mail_domain = self.config.mail_domain
+        smtp_message_id = ids.smtp_message_id(message_id, mail_domain)
+        c = draft.content
+        composed = compose.compose_message(
+            message_id=message_id,
+            mail_domain=mail_domain,
+            agent_address=draft.agent.id,
+            agent_name=draft.agent.name,
+            to=draft.recipients.to,
+            cc=draft.recipients.cc,
+            subject=c.subject,
+            body_text=c.body_text,
+            body_html=c.body_html,
+            attachments=c.attachments,
+            conversation_id=c.conversation_id,
+            in_reply_to=draft.in_reply_to,
+            references=draft.references,
+            date=now,
+            test_email=draft.type == "test",
+        )
+        smtp_bytes = None
+        if draft.method == "smtp":
+            smtp_bytes = await self._dkim_sign(composed, draft, now)
+        internal = [a for a, r in draft.routes.items() if r == "internal"]
+        if draft.type == "test":
+            sender, delegation = f"noreply@{mail_domain}", ""
+        else:
+            sender, delegation = draft.agent.id, f"agent={draft.agent.id};human={draft.agent.user_id}"
+
+        async def _release_txn(txn: Txn) -> None:
+            await _insert_outbound_txn(
+                txn,
+                draft,
+                message_id=message_id,
+                status="sent",
+                smtp_message_id=smtp_message_id,
+                composed=smtp_bytes,
+                created_at=now,
+                extra={"method": draft.method, "delivery_status": "queued" if smtp_bytes else "sent"},
+            )
+            for kind, addresses in (("to", draft.recipients.to), ("cc", draft.recipients.cc), ("bcc", draft.recipients.bcc)):
+                for address in addresses:
+                    route = draft.routes[address]
+                    await txn.execute(
+                        "INSERT INTO outbound_recipients (message_id, address, kind, route, status, queued_at,"
+                        " updated_at, next_attempt_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                        (message_id, address, kind, route, "sent" if route == "internal" else "queued", now, now,
+                         None if route == "internal" else now),
+                    )
+            for address in internal:
+                await accept_internal_txn(
+                    txn,
+                    composed=composed,
+                    sender=sender,
+                    delegation=delegation,
+                    recipient=address,
+                    conversation_id=c.conversation_id,
+                    master_key=self.master_key,
+                    smtp_domain=self.config.smtp.domain,
+                    authserv_id=self.config.smtp.effective_authserv_id,
+                    received_at=now,
+                )
+            if smtp_bytes:
+                await txn.notify(CHANNEL_OUTBOUND, message_id)
+
+        await self.db.run("release_outbound", _release_txn)
+        return {
+            "status": "sent",
+            "message_id": message_id,
+            "smtp_message_id": smtp_message_id,
+            "method": draft.method,
+            "delivery_status": "queued" if smtp_bytes else "sent",
+        }
+
+    async def _dkim_sign(self, composed: bytes, draft: Draft, now: datetime) -> bytes:
+        """mail.md §7.5: sign with the From domain's key; no key → unsigned, with a warning."""
+        domain = draft.agent.domain
+        row = await self.db.fetchone(
+            "SELECT is_shared, dkim_selector, dkim_private_key FROM domains WHERE domain = %s", (domain,)
+        )
+        config = self.config
+
+        def thd_sign() -> bytes | None:
+            if row is not None and not row["is_shared"] and row["dkim_private_key"]:
+                selector = row["dkim_selector"]
+                pem = dkimkeys.open_private_key(self.master_key, row["dkim_private_key"], domain)
+            elif domain in (config.shared_domain, config.mail_domain):
+                selector, pem = dkimsign.thd_load_deployment_key(
+                    config.data_dir, domain, config.dkim.keys, config.dkim.selector
+                )
+            else:
+                return None
+            return dkimsign.thd_dkim_sign(composed, domain, selector, pem, int(now.timestamp()))
+
+        if self.pool is None:
+            signed = await deferToThread(thd_sign)
+        else:
+            signed = await deferToThreadPool(self.reactor, self.pool, thd_sign)
+        if signed is None:
+            log.warn("no DKIM key for {domain}: sending unsigned", domain=domain)
+            return composed
+        return signed
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode("ascii")
+
+
+async def _insert_outbound_txn(
+    txn: Txn,
+    draft: Draft,
+    *,
+    message_id: str,
+    status: str,
+    smtp_message_id: str,
+    composed: bytes | None,
+    created_at: datetime,
+    extra: dict[str, Any],
+) -> None:
+    row = {
+        "id": message_id,
+        "agent_id": draft.agent.id,
+        "user_id": draft.agent.user_id,
+        "type": draft.type,
+        "status": status,
+        "sender": draft.agent.id,
+        "subject": draft.content.subject,
+        "to_addrs": json.dumps(list(draft.recipients.to)),
+        "cc_addrs": json.dumps(list(draft.recipients.cc)),
+        "bcc_addrs": json.dumps(list(draft.recipients.bcc)),
+        "email_message_id": draft.replied_message_id,
+        "in_reply_to": draft.in_reply_to,
+        "references_ids": draft.references,
+        "smtp_message_id": smtp_message_id,
+        "conversation_id": draft.content.conversation_id,
+        "composed": composed,
+        "created_at": created_at,
+        "body_text": None,
+        "body_html": None,
+        "attachments": None,
+        "approval_expires_at": None,
+        **extra,
+    }
+    columns = ", ".join(row)
+    values = ", ".join(f"%({k})s" for k in row)
+    await txn.execute(f"INSERT INTO messages (direction, {columns}) VALUES ('outbound', {values})", row)
+
+
+def not_found_message() -> NotFound:
+    return NotFound("message not found", code="message_not_found")

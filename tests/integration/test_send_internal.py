@@ -1,0 +1,123 @@
+"""Outbound API on the whole service: agent → agent internal route, threading, test email,
+and the refusals that happen before anything is stored."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime
+
+import pytest_twisted
+import treq
+
+from e2a.mailauth import authheaders
+from e2a.store import accounts
+from tests.support.apiserver import Response
+
+
+class Client:
+    def __init__(self, service, key: str) -> None:
+        self.base = f"http://127.0.0.1:{service.http_port.getHost().port}"
+        self.key = key
+
+    async def call(self, method: str, path: str, body=None) -> Response:
+        data = None if body is None else json.dumps(body).encode()
+        resp = await treq.request(
+            method, self.base + path, data=data, headers={"Authorization": f"Bearer {self.key}"}, persistent=False
+        )
+        return Response(resp.code, resp.headers, await treq.content(resp))
+
+
+async def _two_agents(e2a_service_factory):
+    service = await e2a_service_factory()
+    boot = await accounts.bootstrap(service.db, service.master_key, "owner@example.com")
+    api = Client(service, boot.api_key_plaintext)
+    for slug in ("alpha", "beta"):
+        r = await api.call("POST", "/api/v1/agents", {"slug": slug, "agent_mode": "local", "name": slug.title()})
+        assert r.code == 201, r.body
+    return service, boot, api
+
+
+def _verify_detail(detail: dict, secret: str) -> bytes:
+    raw = base64.b64decode(detail["raw_message"])
+    headers = detail["auth_headers"]
+    signed_at = datetime.strptime(headers["X-E2A-Auth-Timestamp"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    authheaders.verify(headers, raw, [secret], signed_at)
+    return raw
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_to_agent_is_internal_signed_and_threads_back(e2a_service_factory):
+    """A → B with a conversation id arrives internally as entity agent with the delegation
+    header and verified=true; B's reply threads back to A with the same conversation id."""
+    service, boot, api = await _two_agents(e2a_service_factory)
+    sent = await api.call(
+        "POST",
+        "/api/v1/send",
+        {"from": "alpha@agents.test", "to": ["Beta <BETA@agents.test>"], "subject": "Plan",
+         "body": "Shall we?", "conversation_id": "conv-42"},
+    )
+    assert sent.code == 200, sent.body
+    out = sent.json()
+    assert out["status"] == "sent" and out["method"] == "internal" and out["delivery_status"] == "sent"
+    assert out["message_id"].startswith("msg_") and out["smtp_message_id"] == f"<{out['message_id']}@mx.e2a.test>"
+
+    inbox = (await api.call("GET", "/api/v1/agents/beta@agents.test/messages")).json()["messages"]
+    assert len(inbox) == 1 and inbox[0]["conversation_id"] == "conv-42" and inbox[0]["from"] == "alpha@agents.test"
+    detail = (await api.call("GET", f"/api/v1/agents/beta@agents.test/messages/{inbox[0]['message_id']}")).json()
+    h = detail["auth_headers"]
+    assert h["X-E2A-Auth-Entity-Type"] == "agent" and h["X-E2A-Auth-Verified"] == "true"
+    assert h["X-E2A-Auth-Delegation"] == f"agent=alpha@agents.test;human={boot.user.id}"
+    assert h["X-E2A-Auth-Domain-Check"] == "spf=none; dkim=none; dmarc=none"
+    raw = _verify_detail(detail, boot.signing_secret)
+    assert raw.startswith(b"Authentication-Results: mx.e2a.test; auth=pass smtp.auth=alpha@agents.test\r\n")
+    assert b"X-E2A-Conversation-Id" not in raw  # stripped like any incoming X-E2A-* field
+
+    reply = await api.call(
+        "POST", f"/api/v1/agents/beta@agents.test/messages/{inbox[0]['message_id']}/reply", {"body": "Yes."}
+    )
+    assert reply.code == 200, reply.body
+    back = (await api.call("GET", "/api/v1/agents/alpha@agents.test/messages")).json()["messages"]
+    assert len(back) == 1 and back[0]["subject"] == "Re: Plan" and back[0]["conversation_id"] == "conv-42"
+
+    record = (await api.call("GET", f"/api/v1/messages/{reply.json()['message_id']}")).json()
+    assert record["type"] == "reply" and record["method"] == "internal" and record["delivery_status"] == "sent"
+    assert record["recipients"][0]["address"] == "alpha@agents.test"
+    assert record["recipients"][0]["route"] == "internal" and record["recipients"][0]["status"] == "sent"
+
+
+@pytest_twisted.ensureDeferred
+async def test_test_email_reaches_the_agent_itself(e2a_service_factory):
+    """POST …/test records an outbound `test` message delivered internally to the agent."""
+    service, boot, api = await _two_agents(e2a_service_factory)
+    r = await api.call("POST", "/api/v1/agents/alpha@agents.test/test")
+    assert r.code == 200, r.body
+    body = r.json()
+    assert body["method"] == "internal" and body["delivery_status"] == "sent"
+    [msg] = (await api.call("GET", "/api/v1/agents/alpha@agents.test/messages")).json()["messages"]
+    assert msg["subject"] == "Test email from e2a" and msg["from"] == "noreply@mx.e2a.test"
+    detail = (await api.call("GET", f"/api/v1/agents/alpha@agents.test/messages/{msg['message_id']}")).json()
+    assert "X-E2A-Auth-Delegation" not in detail["auth_headers"]
+    assert detail["auth_headers"]["X-E2A-Auth-Sender"] == "noreply@mx.e2a.test"
+    _verify_detail(detail, boot.signing_secret)
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_refusals_store_nothing(e2a_service_factory):
+    """Missing fields, injection, ambiguity and no outbound route are refused before storage."""
+    service, boot, api = await _two_agents(e2a_service_factory)
+    cases = [
+        ({"from": "alpha@agents.test", "to": ["x@example.com"], "body": "b"}, 400, "missing_field"),
+        ({"from": "alpha@agents.test", "subject": "s", "body": "b"}, 400, "no_recipients"),
+        ({"to": ["beta@agents.test"], "subject": "s", "body": "b"}, 400, "ambiguous_sender"),
+        ({"from": "nobody@agents.test", "to": ["beta@agents.test"], "subject": "s", "body": "b"}, 400, "invalid_from"),
+        ({"from": "alpha@agents.test", "to": ["beta@agents.test"], "subject": "s\r\nBcc: x@evil.example", "body": "b"},
+         400, "invalid_header_value"),
+        ({"from": "alpha@agents.test", "to": ["human@example.com"], "subject": "s", "body": "b"},
+         503, "outbound_not_configured"),
+    ]
+    for body, status, code in cases:
+        r = await api.call("POST", "/api/v1/send", body)
+        assert (r.code, r.json()["error"]["code"]) == (status, code), body
+    rows = await service.db.fetchall("SELECT id FROM messages")
+    assert rows == []
