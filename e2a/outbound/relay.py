@@ -32,6 +32,7 @@ from OpenSSL import SSL
 from zope.interface import implementer
 
 from twisted.internet import defer, endpoints
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import CertificateOptions, optionsForClientTLS
 from twisted.logger import Logger
@@ -92,6 +93,9 @@ class RecipientOutcome:
     status: RecipientStatus
     reply: str
     provider_message_id: str = ""
+    #: The message data was (at least partly) written but no final reply was read: the far
+    #: end may have the message, so a retry can be a duplicate.
+    in_doubt: bool = False
 
 
 def _clip(text: str) -> str:
@@ -550,7 +554,7 @@ class Relay:
             return _all(recipients, "failed", f"556 5.1.10 {domain} does not accept mail (null MX)")
         hosts = order_mx(records, self._rand) if records else [domain]
         port = self.config.outbound.mx_port
-        tried_any = False
+        tried_any = had_address = dns_trouble = False
         errors: list[str] = []
         all_greeting_5xx = True
         for host in hosts:
@@ -558,11 +562,9 @@ class Relay:
                 addresses = await self._resolve(host)
             except DnsTemporaryError as exc:
                 errors.append(f"{host}: {exc}")
-                all_greeting_5xx = False
+                dns_trouble = True
                 continue
-            if not addresses:
-                errors.append(f"{host}: no address")
-                continue
+            had_address = had_address or bool(addresses)
             if self.config.production:
                 public = [a for a in addresses if is_public_address(a)]
                 if len(public) < len(addresses):
@@ -586,15 +588,15 @@ class Relay:
                 errors.append(f"{host} [{address}]: {result.error}")
                 if not 500 <= result.greeting_code <= 599:
                     all_greeting_5xx = False
-        if not tried_any:
-            if not records and not errors:
-                return _all(recipients, "failed", f"550 5.1.2 {domain} has no MX and no address")
-            if errors and all(e.endswith("no address") for e in errors) and not self.config.production:
-                return _all(recipients, "failed", f"550 5.1.2 no address for the MX hosts of {domain}")
-            reason = "no public MX address" if self.config.production else "no usable MX address"
-            return _all(recipients, "deferred", f"{reason} for {domain}")
-        status: RecipientStatus = "failed" if all_greeting_5xx else "deferred"
-        return _all(recipients, status, errors[-1] if errors else "MX unreachable")
+        if tried_any:
+            status: RecipientStatus = "failed" if all_greeting_5xx else "deferred"
+            return _all(recipients, status, errors[-1] if errors else "MX unreachable")
+        if dns_trouble:
+            return _all(recipients, "deferred", errors[-1])
+        if not had_address:
+            # NXDOMAIN / no data for every mail host: permanent (RFC 5321 §5.1).
+            return _all(recipients, "failed", f"550 5.1.2 no mail host address for {domain}")
+        return _all(recipients, "deferred", f"no public MX address for {domain}")
 
     # -------------------------------------------------------------------- shared
 
@@ -636,7 +638,8 @@ class Relay:
         try:
             proto = await self._connect(plan)
         except Exception as exc:  # refused, unreachable, timed out (cancelled)
-            error = "connect timeout" if isinstance(exc, defer.CancelledError) else f"connect failed: {exc}"
+            timed_out = isinstance(exc, (defer.CancelledError, ConnectingCancelledError))
+            error = "connect timeout" if timed_out else f"connect failed: {exc}"
             return _SessionResult(False, _all(recipients, "deferred", error), error=error)
         try:
             return await _Session(proto, plan, self.config.helo_name, upstream).run(
@@ -682,7 +685,8 @@ class _Session:
             error = f"{what} at {self.step}" + (f" ({exc})" if str(exc) else "")
             if isinstance(exc, _SessionTimeout):
                 self.proto.abort()
-            outcomes.update(_all(pending, "deferred", error))
+            doubt = self.step == "end of data"
+            outcomes.update({r: RecipientOutcome("deferred", _clip(error), in_doubt=doubt) for r in pending})
             return _SessionResult(self.greeted, outcomes, error=error)
 
     async def _expect_2xx(self, reply: SmtpReply, pending: list[str], outcomes: dict[str, RecipientOutcome]) -> bool:

@@ -266,14 +266,15 @@ class OutboundService:
         for row in rows:
             outcome = outcomes.get(row.address) or RecipientOutcome("deferred", "no outcome")
             if outcome.status == "deferred":
+                reply = store.IN_DOUBT_PREFIX + outcome.reply if outcome.in_doubt else outcome.reply
                 when = relay_mod.next_attempt_at(
                     row.attempt, row.queued_at, now, self.retry.schedule, self.retry.jitter,
                     self._rng(), self.retry.max_queue_age,
                 )
                 if when is None:
-                    results.append(RecipientResult(row, "failed", outcome.reply))
+                    results.append(RecipientResult(row, "failed", reply))
                 else:
-                    results.append(RecipientResult(row, "deferred", outcome.reply, when))
+                    results.append(RecipientResult(row, "deferred", reply, when))
             else:
                 results.append(RecipientResult(row, outcome.status, outcome.reply))
                 provider_id = provider_id or outcome.provider_message_id

@@ -51,6 +51,7 @@ class SmtpSink:
     auth: dict[str, str] | None = None
     auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
     extensions: tuple[str, ...] = ("8BITMIME", "PIPELINING")
+    broken_starttls: bool = False  # answer 220 to STARTTLS, then hang up instead of a handshake
     script: dict[str, list[str | None]] = field(default_factory=dict)
     messages: list[ReceivedMessage] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
@@ -59,12 +60,20 @@ class SmtpSink:
     port: int = 0
     _listener: Any = None
     _protocols: list[Any] = field(default_factory=list)
+    _waiters: dict[str, list[defer.Deferred[None]]] = field(default_factory=dict)
+
+    def wait_for(self, step: str) -> defer.Deferred[None]:
+        """Fires when the sink next handles ``step`` (after choosing its reply)."""
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiters.setdefault(step, []).append(d)
+        return d
 
     def reply_for(self, step: str, default: str | None) -> str | None:
         queue = self.script.get(step)
-        if queue:
-            return queue.pop(0)
-        return default
+        reply = queue.pop(0) if queue else default
+        for d in self._waiters.pop(step, []):
+            d.callback(None)
+        return reply
 
     async def stop(self) -> None:
         for proto in list(self._protocols):
@@ -179,6 +188,9 @@ class _SinkProtocol(protocol.Protocol):
                 self.send("502 5.5.1 no")
                 return
             self.send("220 2.0.0 go ahead")
+            if self.sink.broken_starttls:
+                self.transport.loseConnection()
+                return
             self.transport.startTLS(self.sink.tls_options)
             self.tls = True
             self.reset()
@@ -259,17 +271,29 @@ class _SinkProtocol(protocol.Protocol):
 
 
 class _SinkFactory(protocol.ServerFactory):
+    implicit = False
+
     def __init__(self, sink: SmtpSink) -> None:
         self.sink = sink
 
     def buildProtocol(self, addr: Any) -> _SinkProtocol:
-        return _SinkProtocol(self.sink)
+        proto = _SinkProtocol(self.sink)
+        proto.tls = self.implicit
+        return proto
 
 
-async def start_smtp_sink(reactor: Any, **settings: Any) -> SmtpSink:
-    """Listen on 127.0.0.1 on a random port; ``settings`` are :class:`SmtpSink` fields."""
+async def start_smtp_sink(reactor: Any, *, implicit_tls: Any = None, **settings: Any) -> SmtpSink:
+    """Listen on 127.0.0.1 on a random port; ``settings`` are :class:`SmtpSink` fields.
+
+    ``implicit_tls``: server TLS options to speak TLS from the first byte (port-465 style).
+    """
     sink = SmtpSink(**settings)
-    sink._listener = reactor.listenTCP(0, _SinkFactory(sink), interface="127.0.0.1")
+    factory = _SinkFactory(sink)
+    if implicit_tls is not None:
+        factory.implicit = True
+        sink._listener = reactor.listenSSL(0, factory, implicit_tls, interface="127.0.0.1")
+    else:
+        sink._listener = reactor.listenTCP(0, factory, interface="127.0.0.1")
     sink.port = sink._listener.getHost().port
     return sink
 
