@@ -56,6 +56,7 @@ class E2AService(service.Service):
         self.verifier: Any = None
         self.delivery: Any = None
         self.websocket: Any = None
+        self.outbound: Any = None
         self.inbound: Any = None
         self._stoppers: list[Any] = []
         self.started: defer.Deferred[None] = defer.Deferred()
@@ -188,6 +189,20 @@ class E2AService(service.Service):
         )
         await self.delivery.start()
         self._stoppers.append(self.delivery.stop)
+
+        from e2a.outbound.relay import RouteConfig
+        from e2a.outbound.worker import OutboundService, RetryConfig
+
+        self.outbound = OutboundService(
+            self.db,
+            self.events,
+            self.dns,
+            RouteConfig.from_config(config),
+            RetryConfig.from_sections(config.webhooks, config.outbound),
+            self.reactor,
+        )
+        await self.outbound.start()
+        self._stoppers.append(self.outbound.stop)
 
     def http_address(self) -> str:
         return _address(self.http_port)
