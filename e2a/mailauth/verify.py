@@ -8,20 +8,38 @@ from a thread. Every DNS query goes through the injected :class:`~e2a.mailauth.d
 
 The libraries report less than §2.3 needs (dkimpy folds a missing key, a revoked key, a
 malformed key record and a DNS timeout into one ``False``), so this module inspects the
-signature tags and fetches the key record itself, then lets dkimpy do the cryptography
-against that very record. The decisions from the raw results onward live in ``verdict.py``.
+signature tags and fetches the key record itself, then verifies against that very record.
+The decisions from the raw results onward live in ``verdict.py``.
+
+Why DKIM verification is not a plain ``dkim.DKIM(raw).verify()``: on the ingest path that call
+was most of e2a's CPU per message (docs/performance.md). dkimpy re-splits the whole message
+with a regex, canonicalises the body in Python and verifies RSA with pure-Python big-int and
+ASN.1 code, re-parsing the key record every time. :class:`DkimMessage` follows dkimpy's
+``verify`` step by step (same helpers for tag validation, header selection and header
+canonicalisation, same exception → result mapping) but lets dkimpy parse only the header
+section, hashes the body with C-speed bytes operations, and checks RSA signatures with
+``cryptography`` (OpenSSL) against a public key parsed once per key record. A signature that
+OpenSSL does not accept is re-checked with dkimpy's own RSA code, so the verdict is dkimpy's
+whenever the two could differ (malleable or odd-length signatures); OpenSSL accepting implies
+dkimpy accepting (both demand the exact EMSA-PKCS1-v1_5 encoding).
 """
 
 from __future__ import annotations
 
+import base64
 import binascii
+import hashlib
 import re
 import threading
 from typing import Any
 
 import dkim
 import spf
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
+from dkim.crypto import DigestTooLargeError, RSASSA_PKCS1_v1_5_verify
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from twisted.internet import threads
@@ -50,7 +68,7 @@ from e2a.mailauth.verdict import (
     select_dmarc_record,
 )
 
-__all__ = ["MAX_DKIM_SIGNATURES", "MailVerifier"]
+__all__ = ["MAX_DKIM_SIGNATURES", "DkimMessage", "MailVerifier"]
 
 log = Logger()
 
@@ -167,23 +185,23 @@ class MailVerifier:
     def thd_dkim(self, raw: bytes, now: float) -> tuple[DkimResult, ...]:
         """One :class:`DkimResult` per ``DKIM-Signature`` field (the first 10), §2.3."""
         try:
-            verifier = dkim.DKIM(raw, minkey=MIN_RSA_BITS, timeout=self._dns.timeout)
+            message = DkimMessage(raw)
         except dkim.MessageFormatError:
             # The SMTP layer refuses such headers (§1.5); if one gets here, a signature
             # we cannot even locate is a permanent error, not an unsigned message.
             if re.search(rb"(?im)^dkim-signature[ \t]*:", raw):
                 return (DkimResult("permerror"),)
             return ()
-        fields = [v for k, v in verifier.headers if k.lower() == b"dkim-signature"]
+        fields = message.signature_fields()
         keys: dict[bytes, bytes | None | Exception] = {}
         return tuple(
-            self._thd_one_signature(verifier, idx, value, now, keys)
+            self._thd_one_signature(message, idx, value, now, keys)
             for idx, value in enumerate(fields[:MAX_DKIM_SIGNATURES])
         )
 
     def _thd_one_signature(
         self,
-        verifier: dkim.DKIM,
+        message: DkimMessage,
         idx: int,
         value: bytes,
         now: float,
@@ -212,11 +230,8 @@ class MailVerifier:
         if key_result is not None:
             return DkimResult(key_result, d, s)
 
-        def dnsfunc(_name: bytes, timeout: float = 5) -> bytes | None:
-            return record  # the record inspected above, never a second query
-
         try:
-            ok = verifier.verify(idx=idx, dnsfunc=dnsfunc)
+            ok = message.verify(idx, record)
         except (dkim.ValidationError, dkim.KeyFormatError):
             return DkimResult("fail", d, s)  # body hash mismatch, digest/key mismatch
         except Exception:
@@ -224,8 +239,7 @@ class MailVerifier:
         if not ok:
             return DkimResult("fail", d, s)
         if b"l" in tags:
-            c = tags.get(b"c", b"simple/simple")
-            body = CanonicalizationPolicy.from_c_value(c).canonicalize_body(verifier.body)
+            body = message.canonical_body(CanonicalizationPolicy.from_c_value(tags.get(b"c", b"simple/simple")))
             length = int(tags[b"l"])
             if length > len(body):
                 return DkimResult("fail", d, s)
@@ -300,7 +314,7 @@ def check_key_record(record: bytes | None, algorithm: bytes) -> str | None:
     if b"y" in flags:
         return "none"
     try:
-        _pk, keysize, ktag, _tlsrpt = dkim.evaluate_pk(b"", record)
+        _pk, keysize, ktag, _tlsrpt, _fast = parsed_key(record)
     except (dkim.KeyFormatError, dkim.NaClNotFoundError, binascii.Error, ValueError, TypeError):
         return "permerror"
     if ktag == b"rsa" and keysize < MIN_RSA_BITS:

@@ -13,12 +13,12 @@ import pytest
 import pytest_twisted
 
 from twisted.internet import defer, reactor
-from twisted.internet.task import deferLater
 from twisted.web import resource, server
 
 from e2a.store import accounts
 from tests.integration.test_twistd import REPO, TWISTD, _clean_env, _Collect, free_port
 from tests.support.mail import make_message, send_mail
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 MASTER_KEY_HEX = "11" * 32
@@ -45,15 +45,6 @@ async def _start_twistd(env: dict[str, str], workdir: Path) -> tuple[_Collect, o
     )
     await proto.started_line.addTimeout(120, reactor)
     return proto, transport
-
-
-async def _wait_for(predicate, timeout: float = 30.0) -> None:
-    """Poll the database through the reactor until ``predicate()`` is true (bounded)."""
-    for _ in range(int(timeout / 0.05)):
-        if await predicate():
-            return
-        await deferLater(reactor, 0.05, lambda: None)
-    raise AssertionError("condition not reached in time")
 
 
 @pytest_twisted.ensureDeferred
@@ -97,7 +88,7 @@ async def test_sigkill_after_250_then_restart_delivers(db, db_dsn):
         row = await db.fetchone("SELECT attempts FROM deliveries WHERE message_id = %s", (msg_id,))
         return row is not None and row["attempts"] >= 1
 
-    await _wait_for(attempted)  # the sink is not up yet: the first attempt failed
+    await wait_for(attempted)  # the sink is not up yet: the first attempt failed
     transport.signalProcess(signal.SIGKILL)
     await proto.ended.addTimeout(30, reactor)
 
@@ -112,7 +103,7 @@ async def test_sigkill_after_250_then_restart_delivers(db, db_dsn):
             row = await db.fetchone("SELECT status FROM deliveries WHERE message_id = %s", (msg_id,))
             return row["status"] == "delivered"
 
-        await _wait_for(delivered)
+        await wait_for(delivered)
         transport2.signalProcess(signal.SIGTERM)
         await proto2.ended.addTimeout(60, reactor)
         assert "Traceback" not in proto2.output.decode(errors="replace")
