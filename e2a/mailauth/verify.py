@@ -26,20 +26,14 @@ dkimpy accepting (both demand the exact EMSA-PKCS1-v1_5 encoding).
 
 from __future__ import annotations
 
-import base64
 import binascii
-import hashlib
 import re
 import threading
 from typing import Any
 
 import dkim
 import spf
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
-from dkim.crypto import DigestTooLargeError, RSASSA_PKCS1_v1_5_verify
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from twisted.internet import threads

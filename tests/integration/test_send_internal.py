@@ -121,3 +121,103 @@ async def test_send_refusals_store_nothing(e2a_service_factory):
         assert (r.code, r.json()["error"]["code"]) == (status, code), body
     rows = await service.db.fetchall("SELECT id FROM messages")
     assert rows == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_key_sends_only_as_its_agent(e2a_service_factory):
+    """An agent-scoped key may omit from (its agent) but never send as another agent."""
+    service, boot, api = await _two_agents(e2a_service_factory)
+    created = await api.call("POST", "/api/v1/keys", {"name": "alpha", "agent": "alpha@agents.test"})
+    agent_api = Client(service, created.json()["key"])
+    ok = await agent_api.call("POST", "/api/v1/send", {"to": ["beta@agents.test"], "subject": "s", "body": "b"})
+    assert ok.code == 200, ok.body
+    record = (await api.call("GET", f"/api/v1/messages/{ok.json()['message_id']}")).json()
+    assert record["agent_id"] == "alpha@agents.test"
+    other = await agent_api.call(
+        "POST", "/api/v1/send", {"from": "beta@agents.test", "to": ["alpha@agents.test"], "subject": "s", "body": "b"}
+    )
+    assert (other.code, other.json()["error"]["code"]) == (400, "invalid_from")
+    # and it cannot see beta's outbound record either
+    beta_sent = await api.call(
+        "POST", "/api/v1/send", {"from": "beta@agents.test", "to": ["alpha@agents.test"], "subject": "s", "body": "b"}
+    )
+    hidden = await agent_api.call("GET", f"/api/v1/messages/{beta_sent.json()['message_id']}")
+    assert (hidden.code, hidden.json()["error"]["code"]) == (404, "message_not_found")
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_limit_answers_429_with_retry_after(e2a_service_factory):
+    """rate_limits.send_per_minute counts per agent in PostgreSQL; the next send is 429."""
+    from e2a.config import RateLimitConfig
+
+    service = await e2a_service_factory(rate_limits=RateLimitConfig(send_per_minute=2))
+    boot = await accounts.bootstrap(service.db, service.master_key, "owner@example.com")
+    api = Client(service, boot.api_key_plaintext)
+    for slug in ("alpha", "beta"):
+        assert (await api.call("POST", "/api/v1/agents", {"slug": slug, "agent_mode": "local"})).code == 201
+    body = {"from": "alpha@agents.test", "to": ["beta@agents.test"], "subject": "s", "body": "b"}
+    assert [(await api.call("POST", "/api/v1/send", body)).code for _ in range(2)] == [200, 200]
+    limited = await api.call("POST", "/api/v1/send", body)
+    assert (limited.code, limited.json()["error"]["code"]) == (429, "rate_limited")
+    assert 1 <= int(limited.header("Retry-After")) <= 60
+
+
+@pytest_twisted.ensureDeferred
+async def test_attachments_are_validated_and_delivered(e2a_service_factory):
+    """Valid base64 attachments arrive as MIME parts; invalid base64 is 400 invalid_attachment."""
+    import email
+    from email import policy
+
+    service, boot, api = await _two_agents(e2a_service_factory)
+    good = {"filename": "notes.txt", "content_type": "text/plain", "data": base64.b64encode(b"hello").decode()}
+    r = await api.call(
+        "POST", "/api/v1/send",
+        {"from": "alpha@agents.test", "to": ["beta@agents.test"], "subject": "files", "body": "see attached",
+         "html_body": "<p>see attached</p>", "attachments": [good]},
+    )
+    assert r.code == 200, r.body
+    [msg] = (await api.call("GET", "/api/v1/agents/beta@agents.test/messages")).json()["messages"]
+    detail = (await api.call("GET", f"/api/v1/agents/beta@agents.test/messages/{msg['message_id']}")).json()
+    parsed = email.message_from_bytes(base64.b64decode(detail["raw_message"]), policy=policy.default)
+    assert parsed.get_content_type() == "multipart/mixed"
+    [attachment] = list(parsed.iter_attachments())
+    assert attachment.get_filename() == "notes.txt" and attachment.get_content() == "hello"
+    bad = await api.call(
+        "POST", "/api/v1/send",
+        {"from": "alpha@agents.test", "to": ["beta@agents.test"], "subject": "s", "body": "b",
+         "attachments": [{**good, "data": "not base64!"}]},
+    )
+    assert (bad.code, bad.json()["error"]["code"]) == (400, "invalid_attachment")
+
+
+@pytest_twisted.ensureDeferred
+async def test_hitl_agent_holds_mail_with_202(e2a_service_factory):
+    """With hitl_enabled the validated send is held (202 pending_approval) and listed."""
+    service, boot, api = await _two_agents(e2a_service_factory)
+    assert (await api.call("PUT", "/api/v1/agents/alpha@agents.test", {"hitl_enabled": True})).code == 200
+    r = await api.call(
+        "POST", "/api/v1/send", {"from": "alpha@agents.test", "to": ["beta@agents.test"], "subject": "s", "body": "b"}
+    )
+    assert r.code == 202, r.body
+    held = r.json()
+    assert held["status"] == "pending_approval" and held["approval_expires_at"].endswith("Z")
+    listing = (await api.call("GET", "/api/v1/messages?status=pending_approval")).json()["messages"]
+    assert [m["id"] for m in listing] == [held["message_id"]]
+    detail = (await api.call("GET", f"/api/v1/messages/{held['message_id']}")).json()
+    assert detail["body_text"] == "b" and "delivery_status" not in detail
+    # nothing reached beta
+    assert (await api.call("GET", "/api/v1/agents/beta@agents.test/messages")).json()["messages"] == []
+    bad_filter = await api.call("GET", "/api/v1/messages?status=sent")
+    assert (bad_filter.code, bad_filter.json()["error"]["code"]) == (400, "invalid_field")
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_body_over_25_mib_is_refused(e2a_service_factory):
+    """The send cap is 25 MiB; beyond it the body is not buffered and the answer is 400."""
+    service, boot, api = await _two_agents(e2a_service_factory)
+    resp = await treq.request(
+        "POST", api.base + "/api/v1/send", data=b"x" * (25 * 1024 * 1024 + 10),
+        headers={"Authorization": f"Bearer {api.key}"}, persistent=False,
+    )
+    body = json.loads(await treq.content(resp))
+    assert (resp.code, body["error"]["code"]) == (400, "body_too_large")
