@@ -110,12 +110,12 @@ def db(db_dsn):
 @pytest.fixture
 def api_server_factory(db):
     """``await api_server_factory(config=…)`` starts an API server on 127.0.0.1:0 over the test database; stopped at teardown."""
-    from tests.support.apiserver import ApiServer, test_config
+    from tests.support.apiserver import ApiServer, make_test_config
 
     servers = []
 
     async def make(config=None, dns=None, clock=None):
-        server = ApiServer(db, config or test_config(), dns=dns, clock=clock)
+        server = ApiServer(db, config or make_test_config(), dns=dns, clock=clock)
         await server.start()
         servers.append(server)
         return server

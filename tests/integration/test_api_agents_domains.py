@@ -18,7 +18,7 @@ from e2a.config import DomainsConfig, HttpConfig, RateLimitConfig, WebhooksConfi
 from e2a.mailauth.dkimkeys import DkimKeyPair
 from e2a.mailauth.dns import DnsClient
 from e2a.store.events import CHANNEL_REVOKE, EventListener
-from tests.support.apiserver import insert_user_with_key, test_config
+from tests.support.apiserver import insert_user_with_key, make_test_config
 from tests.support.dnsserver import start_dns_server
 
 PUBLIC_HOOK = "https://hook.example.net/inbox"  # resolves to a public-looking address; never contacted
@@ -50,7 +50,7 @@ def make_api(api_server_factory, zone):
     async def make(fast_keys: bool = True, **overrides):
         overrides.setdefault("rate_limits", RateLimitConfig(register_per_hour=1000, feedback_per_hour=1000))
         dns = DnsClient(zone.nameservers, timeout=2, reactor=reactor)
-        api = await api_server_factory(config=test_config(**overrides), dns=dns)
+        api = await api_server_factory(config=make_test_config(**overrides), dns=dns)
         if fast_keys:
             api.deps.extras["dkim_keygen"] = fake_keygen
         return api

@@ -26,7 +26,7 @@ from e2a.store import accounts
 from e2a.store import agents as agent_store
 from e2a.store.database import Database
 from e2a.store.events import CHANNEL_INBOUND, CHANNEL_REVOKE, EventListener
-from tests.support.apiserver import ApiServer, insert_user_with_key, test_config
+from tests.support.apiserver import ApiServer, insert_user_with_key, make_test_config
 from tests.support.wsclient import RecordingClient, connect, within, ws_path
 
 PUBLIC_URL = "https://e2a.test"
@@ -56,7 +56,7 @@ class Stack:
         await self.events.start()
         self.service = WebSocketService(self.db, self.events, self.ws, PUBLIC_URL, reactor, clock=self.clock)
         self.service.start()
-        config = test_config(websocket=self.ws, http=HttpConfig(public_url=PUBLIC_URL))
+        config = make_test_config(websocket=self.ws, http=HttpConfig(public_url=PUBLIC_URL))
         self.api = ApiServer(self.db, config)
         self.api.deps.extras["websocket"] = self.service
         await self.api.start()

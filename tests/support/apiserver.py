@@ -22,7 +22,7 @@ from e2a.store.database import Database
 TEST_MASTER_KEY = bytes(range(32))
 
 
-def test_config(**overrides: Any) -> Config:
+def make_test_config(**overrides: Any) -> Config:
     """A development config for tests; keyword overrides replace whole sections or top keys."""
     config = Config(shared_domain="agents.test", data_dir="/nonexistent-e2a-test")
     return dataclasses.replace(config, **overrides)
@@ -103,4 +103,4 @@ async def insert_user_with_key(db: Database, email: str = "owner@example.com") -
     return user_id, key
 
 
-__all__ = ["ApiServer", "DnsConfig", "Response", "insert_user_with_key", "test_config"]
+__all__ = ["ApiServer", "DnsConfig", "Response", "insert_user_with_key", "make_test_config"]
