@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import os
 import re
 import secrets
@@ -388,7 +389,9 @@ def _read_section(
     kwargs: dict[str, Any] = {}
     known = {f.name for f in fields(cls)}
     for key in yaml_values:
-        if key not in known or (cls is Config and key in SECTIONS and not isinstance(yaml_values[key], dict)):
+        if key not in known or (
+            cls is Config and key in SECTIONS and not isinstance(yaml_values[key], dict | None)
+        ):
             if key in SECTIONS and cls is Config:
                 problems.append(f"{key}: must be a mapping")
             else:
@@ -458,7 +461,15 @@ def load_config(
         if not isinstance(values, dict):
             values = {}
         sections[name] = _read_section(cls, name + ".", values, environ, problems)
-    config = Config(env=top.env, data_dir=top.data_dir, shared_domain=top.shared_domain.lower().rstrip("."), **sections)
+    shared = top.shared_domain.strip().rstrip(".")
+    if shared and not shared.isascii():
+        try:
+            import idna
+
+            shared = idna.encode(shared, uts46=True).decode("ascii")
+        except idna.IDNAError:
+            problems.append("shared_domain: not a valid domain name")
+    config = Config(env=top.env, data_dir=top.data_dir, shared_domain=shared.lower(), **sections)
     problems.extend(validate(config))
     if problems:
         raise ConfigError(problems)
@@ -506,6 +517,26 @@ def validate(config: Config) -> list[str]:
     for key, value in (("outbound_smtp.port", config.outbound_smtp.port), ("outbound.mx_port", config.outbound.mx_port)):
         if not 0 < value <= 65535:
             problems.append(f"{key}: must be a TCP port (1-65535)")
+    for cidr in config.http.trusted_proxies:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            problems.append(f"http.trusted_proxies: {cidr!r} is not an IP network")
+    if config.outbound_smtp.tls == "none" and config.outbound_smtp.host and not _is_loopback_host(config.outbound_smtp.host):
+        problems.append("outbound_smtp.tls: 'none' is only allowed for a loopback host")
+    for key, value in (
+        ("webhooks.max_concurrency_per_agent", config.webhooks.max_concurrency_per_agent),
+        ("webhooks.retry_after_cap", config.webhooks.retry_after_cap),
+        ("hitl.sweep_interval", config.hitl.sweep_interval),
+        ("retention.sweep_interval", config.retention.sweep_interval),
+        ("websocket.ping_interval", config.websocket.ping_interval),
+        ("websocket.ping_timeout", config.websocket.ping_timeout),
+        ("outbound.max_queue_age", config.outbound.max_queue_age),
+    ):
+        if value <= 0:
+            problems.append(f"{key}: must be a positive integer")
+    if config.hitl.token_grace < 0:
+        problems.append("hitl.token_grace: must not be negative")
     if not 0 <= config.webhooks.jitter < 1:
         problems.append("webhooks.jitter: must be in [0, 1)")
     if not config.webhooks.retry_schedule or any(s < 0 for s in config.webhooks.retry_schedule):
@@ -534,6 +565,15 @@ def validate(config: Config) -> list[str]:
         if config.smtp.domain == DEFAULT_SMTP_DOMAIN:
             problems.append("smtp.domain: must be set to a real host name in production")
     return problems
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _decode_master_key(text: str) -> bytes | None:

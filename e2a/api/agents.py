@@ -22,6 +22,7 @@ from e2a.api.http import (
     get_int,
     get_str,
     get_str_list,
+    header_str,
     json_body,
     write_json,
 )
@@ -52,7 +53,7 @@ def request_client_ip(request: Request, deps: Any) -> str:
     """api.md §0.9 client IP of ``request``."""
     peer = request.getClientAddress()
     host = getattr(peer, "host", "") or ""
-    forwarded = request.getHeader("x-forwarded-for")
+    forwarded = header_str(request, "x-forwarded-for")
     return client_ip(host, forwarded, deps.trusted_proxies)
 
 

@@ -20,7 +20,7 @@ from twisted.web.server import Request, Site
 from e2a import __version__
 from e2a.api.http import CappedRequest, write_json
 from e2a.config import Config
-from e2a.errors import E2AError
+from e2a.errors import E2AError, TransientError, Unavailable
 from e2a.store.database import Database
 
 log = Logger()
@@ -37,9 +37,11 @@ class ApiDeps:
     master_key: bytes = b""
     extras: dict[str, Any] = field(default_factory=dict)  # later services (send, websocket, …)
 
-    @property
-    def trusted_proxies(self) -> list[ipaddress._BaseNetwork]:
-        return [ipaddress.ip_network(p, strict=False) for p in self.config.http.trusted_proxies]
+    def __post_init__(self) -> None:
+        # validated by config.validate(); parsed once here rather than per request
+        self.trusted_proxies: list[ipaddress._BaseNetwork] = [
+            ipaddress.ip_network(p, strict=False) for p in self.config.http.trusted_proxies
+        ]
 
 
 class ApiApp:
@@ -75,6 +77,13 @@ class ApiApp:
                 request, 405, {"error": {"code": "method_not_allowed", "message": "method not allowed"}}
             )
 
+        @router.handle_errors(TransientError)
+        def unavailable(request: Request, failure: Any) -> bytes:
+            log.warn("{method} {path}: {why}", method=request.method, path=request.path, why=failure.getErrorMessage())
+            err = Unavailable()
+            request.setHeader(b"Retry-After", b"5")
+            return write_json(request, err.status, err.to_json())
+
         @router.handle_errors(Exception)
         def internal(request: Request, failure: Any) -> bytes:
             log.failure("unhandled error in {method} {path}", failure, method=request.method, path=request.path)
@@ -99,14 +108,31 @@ def redacting_log_formatter(timestamp: str, request: Any) -> str:
     route (a wrong-method request to the WebSocket path never reaches its handler)."""
     from twisted.web.http import combinedLogFormatter
 
-    from e2a.delivery.websocket import redact_token
-
     original = request.uri
-    request.uri = redact_token(original)
+    request.uri = redact_query(original)
     try:
         return combinedLogFormatter(timestamp, request)
     finally:
         request.uri = original
+
+
+_SECRET_PARAMS = {"token", "t"}
+
+
+def redact_query(uri: bytes) -> bytes:
+    """The URI with the values of ``token`` and ``t`` (API keys, magic-link tokens) as ``***``,
+    matching parameter names after percent-decoding so ``%74oken=`` is caught too."""
+    from urllib.parse import unquote_to_bytes
+
+    path, sep, query = uri.partition(b"?")
+    if not sep:
+        return uri
+    parts = []
+    for item in query.split(b"&"):
+        name, eq, _value = item.partition(b"=")
+        decoded = unquote_to_bytes(name.replace(b"+", b" ")).decode("utf-8", "replace")
+        parts.append(name + b"=***" if decoded in _SECRET_PARAMS and eq else item)
+    return path + b"?" + b"&".join(parts)
 
 
 def version_string() -> str:

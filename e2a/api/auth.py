@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.web.server import Request
 
+from e2a.api.http import header_str
 from e2a.errors import Forbidden, Unauthorized
 from e2a.ids import API_KEY_RE
 from e2a.store.database import Database, Txn
@@ -87,7 +88,7 @@ async def authenticate_key(db: Database, key: str | None) -> Principal:
 
 
 async def authenticate(request: Request, db: Database) -> Principal:
-    header = request.getHeader("authorization")
+    header = header_str(request, "authorization")
     return await authenticate_key(db, extract_key(header))
 
 

@@ -15,7 +15,7 @@ from twisted.web.server import Request
 
 from e2a.api.agents import request_client_ip
 from e2a.api.auth import optional_principal
-from e2a.api.http import JSON_CAP, get_str, json_body, write_json
+from e2a.api.http import JSON_CAP, get_str, header_str, json_body, write_json
 from e2a.errors import BadRequest
 from e2a.ids import new_feedback_id
 from e2a.store import ratelimits
@@ -83,7 +83,7 @@ def install(router: Klein, deps: Any) -> None:
         body = json_body(request, JSON_CAP)
         email, category, message = parse_feedback(body)
         principal = None
-        if request.getHeader("authorization") is not None:
+        if header_str(request, "authorization") is not None:
             principal = await optional_principal(request, db)
         if not email and principal is not None:
             email = principal.user_email

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from typing import Any
 
 from twisted.web.server import Request
@@ -22,12 +23,26 @@ FORM_CAP = 16 * KIB
 MAX_BUFFERED_BODY = SEND_CAP
 
 
+# Paths whose JSON bodies may be large (api.md §0.6); every other JSON body is capped at 64 KiB.
+_LARGE_BODY_PATH = re.compile(rb"^/api/v1/(send|agents/[^?]*/messages/[^/?]+/reply|messages/[^/?]+/approve)(\?|$)")
+_FORM_PATH = re.compile(rb"^/api/v1/(approve|reject)(\?|$)")
+
+
+def body_cap_for_path(path: bytes) -> int:
+    if _LARGE_BODY_PATH.match(path):
+        return SEND_CAP
+    if _FORM_PATH.match(path):
+        return FORM_CAP
+    return JSON_CAP
+
+
 class CappedRequest(Request):
-    """A Request that stops buffering the body once it passes :data:`MAX_BUFFERED_BODY`.
+    """A Request that stops reading the body at its route's cap (api.md §0.6).
 
     twisted.web buffers the whole body before routing; without this a client could make the
-    server hold an arbitrarily large upload in memory. Routes then apply their own, smaller cap
-    to ``body_length``.
+    server spool an arbitrarily large upload (to a temporary file, with blocking writes) or
+    stream forever. Past the cap — declared by Content-Length or reached while reading — the
+    answer is 400 ``body_too_large`` and the connection is closed without reading further.
     """
 
     body_length = 0
@@ -37,13 +52,41 @@ class CappedRequest(Request):
         super().gotLength(length)
         self.body_length = 0
         self.body_truncated = False
+        self._cap = body_cap_for_path(getattr(self.channel, "_path", b"") or b"")
+        if length is not None and length > self._cap:
+            self._refuse_oversize()
 
     def handleContentChunk(self, data: bytes) -> None:  # noqa: N802 - Twisted API
+        if self.body_truncated:
+            return
         self.body_length += len(data)
-        if self.body_length > MAX_BUFFERED_BODY:
-            self.body_truncated = True
+        if self.body_length > self._cap:
+            self._refuse_oversize()
             return
         super().handleContentChunk(data)
+
+    def _refuse_oversize(self) -> None:
+        self.body_truncated = True
+        body = json.dumps(
+            {"error": {"code": "body_too_large", "message": f"request body exceeds {self._cap} bytes"}},
+            separators=(",", ":"),
+        ).encode()
+        transport = self.channel.transport
+        transport.write(
+            b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\n"
+            b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        transport.loseConnection()
+
+
+def header_str(request: Request, name: str) -> str | None:
+    """A request header as text, or None; bytes that are not UTF-8 never raise (they become
+    U+FFFD and then fail whatever syntax check the caller applies)."""
+    values = request.requestHeaders.getRawHeaders(name.encode("ascii"))
+    if not values:
+        return None
+    value = values[0]
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 def read_body(request: Request, cap: int) -> bytes:
@@ -65,12 +108,25 @@ def parse_json_object(body: bytes, *, optional: bool = False) -> dict[str, Any]:
     try:
         text = body.decode("utf-8")
         value = json.loads(text)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise BadRequest("request body is not valid JSON", code="invalid_request_body") from None
     if not isinstance(value, dict):
         raise BadRequest("request body must be a JSON object", code="invalid_request_body")
+    if not _storable(value):
+        raise BadRequest("request body contains NUL or unpaired surrogate characters", code="invalid_request_body")
     # null = absent
     return {k: v for k, v in value.items() if v is not None}
+
+
+def _storable(value: Any, depth: int = 0) -> bool:
+    """No string anywhere holds NUL or a lone surrogate (PostgreSQL text and UTF-8 refuse them)."""
+    if isinstance(value, str):
+        return "\x00" not in value and not any("\ud800" <= ch <= "\udfff" for ch in value)
+    if isinstance(value, dict):
+        return all(_storable(k, depth) and _storable(v, depth + 1) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_storable(v, depth + 1) for v in value)
+    return True
 
 
 def json_body(request: Request, cap: int = JSON_CAP, *, optional: bool = False) -> dict[str, Any]:

@@ -111,6 +111,7 @@ def install(router: Klein, deps: Any) -> None:
         html = get_str(body, "html_body")
         to, cc, bcc = get_str_list(body, "to"), get_str_list(body, "cc"), get_str_list(body, "bcc")
         conversation_id = get_str(body, "conversation_id")
+        from_value = get_str(body, "from")
         attachments = _attachments(body)
         if not subject.strip():
             raise BadRequest("subject is required", code="missing_field")
@@ -119,7 +120,7 @@ def install(router: Klein, deps: Any) -> None:
         if not any(a.strip() for a in (to or []) + (cc or [])):
             raise BadRequest("at least one to or cc recipient is required", code="no_recipients")
         svc = service()
-        agent = await svc.resolve_sender(principal, get_str(body, "from"))
+        agent = await svc.resolve_sender(principal, from_value)
         await svc.check_send_allowed(agent)
         content = compose.validate_content(subject, text, html, conversation_id, attachments)
         recipients = compose.normalise_recipients(to, cc, bcc, agent.id, kind="send", max_recipients=max_recipients)
@@ -192,7 +193,8 @@ def install(router: Klein, deps: Any) -> None:
         subject = "Test email from e2a"
         content = compose.validate_content(subject, compose.agent_test_body(agent.id, agent.name))
         recipients = compose.normalise_recipients([agent.id], None, None, agent.id, kind="test")
-        draft = Draft(agent, "test", recipients, {agent.id: "internal"}, content)
+        routes = await svc.route(recipients.envelope)
+        draft = Draft(agent, "test", recipients, routes, content)
         status, result = await svc.submit(draft)
         return write_json(request, status, result)
 

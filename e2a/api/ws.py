@@ -19,7 +19,7 @@ from klein import Klein
 from twisted.web.server import Request
 
 from e2a.api.auth import authenticate_key, extract_key
-from e2a.api.http import query_arg
+from e2a.api.http import header_str, query_arg
 from e2a.api.messages import visible_agent
 from e2a.delivery.websocket import is_upgrade_request, redact_token
 from e2a.errors import BadRequest, E2AError, Forbidden, NotFound, Unavailable, UpgradeRequired
@@ -43,12 +43,12 @@ def install(router: Klein, deps: Any) -> None:
             raise Unavailable()
 
         # 1. key: the header wins when both are present; an invalid header never falls back.
-        header = request.getHeader("authorization")
+        header = header_str(request, "authorization")
         key = extract_key(header) if header is not None else (token or None)
         principal = await authenticate_key(db, key)
 
         # 2. Origin (browsers only; absent is fine).
-        if not service.origin_allowed(request.getHeader("origin")):
+        if not service.origin_allowed(header_str(request, "origin")):
             raise Forbidden("origin not allowed", code="origin_not_allowed")
 
         # 3. agent visible to this key (404 for foreign and missing alike), 4. local mode.

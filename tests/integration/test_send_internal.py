@@ -221,3 +221,17 @@ async def test_send_body_over_25_mib_is_refused(e2a_service_factory):
     )
     body = json.loads(await treq.content(resp))
     assert (resp.code, body["error"]["code"]) == (400, "body_too_large")
+
+
+@pytest_twisted.ensureDeferred
+async def test_test_email_for_agent_with_capital_local_part(e2a_service_factory):
+    """The local part keeps its registered case; routing still finds the agent itself."""
+    service, boot, api = await _two_agents(e2a_service_factory)
+    await service.db.execute(
+        "INSERT INTO agents (id, user_id, domain, agent_mode, webhook_status) VALUES ('Bot@agents.test', %s,"
+        " 'agents.test', 'local', 'none')",
+        (boot.user.id,),
+    )
+    r = await api.call("POST", "/api/v1/agents/bot@agents.test/test")
+    assert r.code == 200, r.body
+    assert len((await api.call("GET", "/api/v1/agents/Bot@agents.test/messages")).json()["messages"]) == 1

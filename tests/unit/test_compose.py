@@ -57,6 +57,12 @@ def unfolded(raw: bytes) -> dict[str, str]:
     return out
 
 
+def mime_parts(raw: bytes) -> list[bytes]:
+    """The top-level header section + preamble, then each body part (headers and body) of a
+    multipart message, split at its e2a_ delimiter lines."""
+    return re.split(rb"\r\n--e2a_[0-9a-f]{32}(?:--)?\r\n", raw)[:-1]
+
+
 def assert_crlf_only(raw: bytes) -> None:
     assert b"\r" not in raw.replace(b"\r\n", b""), "bare CR"
     assert b"\n" not in raw.replace(b"\r\n", b""), "bare LF"
@@ -477,26 +483,34 @@ def test_reply_conversation_id_defaults_to_original(given, expected):
 # ====================================================================== composition (§7.4)
 
 
-def test_compose_exact_bytes_for_simple_message():
-    """A plain ASCII message has exactly the §7.4 headers in order and a 7bit body."""
+def test_compose_headers_for_simple_message():
+    """A plain ASCII message has exactly the §7.4 header fields, each once, with their values,
+    and a 7bit text/plain; charset=utf-8 body."""
     raw = compose(cc=["c@x.example"], conversation_id="conv-1", in_reply_to="<o@x>", references="<r@x> <o@x>")
-    assert raw == (
-        b'From: "Bot via e2a" <bot@agents.example>\r\n'
-        b"To: a@x.example\r\n"
-        b"Cc: c@x.example\r\n"
-        b"Reply-To: bot@agents.example\r\n"
-        b"Subject: Hello\r\n"
-        b"Date: Mon, 27 Apr 2026 12:05:00 +0000\r\n"
-        b"Message-ID: <msg_abababababababababababababababab@e2a.example>\r\n"
-        b"In-Reply-To: <o@x>\r\n"
-        b"References: <r@x> <o@x>\r\n"
-        b"X-E2A-Conversation-Id: conv-1\r\n"
-        b"MIME-Version: 1.0\r\n"
-        b"Content-Type: text/plain; charset=utf-8\r\n"
-        b"Content-Transfer-Encoding: 7bit\r\n"
-        b"\r\n"
-        b"Hi there\r\n"
-    )
+    h = unfolded(raw)
+    names = [f.partition(":")[0] for f in re.split(r"\r\n(?![ \t])", header_block(raw))]
+    assert len(names) == len(set(names)) == len(h)
+    content_type = h.pop("Content-Type")
+    assert h == {
+        "From": '"Bot via e2a" <bot@agents.example>',
+        "To": "a@x.example",
+        "Cc": "c@x.example",
+        "Reply-To": "bot@agents.example",
+        "Subject": "Hello",
+        "Date": "Mon, 27 Apr 2026 12:05:00 +0000",
+        "Message-ID": "<msg_abababababababababababababababab@e2a.example>",
+        "In-Reply-To": "<o@x>",
+        "References": "<r@x> <o@x>",
+        "X-E2A-Conversation-Id": "conv-1",
+        "MIME-Version": "1.0",
+        "Content-Transfer-Encoding": "7bit",
+    }
+    assert re.fullmatch(r'text/plain; charset=("?)utf-8\1', content_type)
+    msg = parse(raw)
+    assert msg.get_content_type() == "text/plain" and msg.get_content_charset() == "utf-8"
+    assert raw.endswith(b"\r\n\r\nHi there\r\n") and raw.count(b"\r\n\r\n") == 1
+    assert not msg.defects
+    assert_crlf_only(raw)
 
 
 def test_compose_deterministic_given_inputs():
@@ -539,7 +553,8 @@ def test_compose_from_display_name(name, address, header, display):
     if header is not None:
         assert h["From"] == header
     else:
-        assert h["From"].startswith("=?utf-8?b?")
+        assert re.match(r"=\?utf-8\?[bq]\?", h["From"], re.I)
+        assert header_block(raw).isascii()
     # RFC 2047 decoding (email.header); CPython's headerregistry wrongly keeps the folding
     # space between adjacent encoded-words in a phrase, so it is not used for the name.
     raw_from = re.search(r"^From: (.*?)\r\n(?![ \t])", header_block(raw) + "\r\n", re.S | re.M).group(1)
@@ -574,9 +589,11 @@ def test_compose_subject_encoding_and_folding(subject, encoded):
     block = header_block(raw)
     subject_lines = re.search(r"^Subject:.*?(?=\r\n[^ \t])", block, re.S | re.M).group(0).split("\r\n")
     assert all(len(line) < 78 for line in subject_lines)
-    assert ("=?utf-8?b?" in subject_lines[0]) == encoded
-    if not encoded:
-        assert unfolded(raw)["Subject"] == subject.strip()
+    raw_value = unfolded(raw)["Subject"]
+    if encoded:
+        assert raw_value != subject and re.search(r"=\?utf-8\?[bq]\?", raw_value, re.I)
+    else:
+        assert raw_value == subject.strip()
     assert parse(raw)["Subject"] == subject.strip()
 
 
@@ -704,8 +721,8 @@ def test_compose_transfer_encoding(body, cte):
         want_cte = cte if expected_body == body else "7bit"
         assert part["Content-Transfer-Encoding"] == want_cte
         normal = re.sub(r"\r\n|\r|\n", "\r\n", expected_body)
-        if normal and not normal.endswith("\r\n"):
-            normal += "\r\n"
+        if not normal.endswith("\r\n"):
+            normal += "\r\n"  # set_content writes an empty text as one empty line
         assert part.get_content() == normal
         assert_crlf_only(raw)
         if want_cte == "quoted-printable":
@@ -750,19 +767,112 @@ def test_compose_attachment_round_trip(filename, disposition_re):
     base64 in 76-character lines, bytes unchanged."""
     data = bytes(range(256)) * 5
     raw = compose(attachments=[Attachment(filename, "application/x-test; v=1", data)])
-    part_block = re.search(rb"\r\n(Content-Type: application/x-test.*?)\r\n\r\n", raw, re.S).group(1)
-    h = unfolded(part_block + b"\r\n\r\n")
+    head, _, payload = mime_parts(raw)[2].partition(b"\r\n\r\n")
+    h = unfolded(head + b"\r\n\r\n")
+    assert set(h) == {"Content-Type", "Content-Disposition", "Content-Transfer-Encoding"}
     assert re.search(disposition_re, h["Content-Disposition"])
-    assert h["Content-Type"] == "application/x-test; v=1"
+    assert re.fullmatch(r'application/x-test; v=("?)1\1', h["Content-Type"])
     assert h["Content-Transfer-Encoding"] == "base64"
     part = list(parse(raw).iter_attachments())[0]
     assert part.get_filename() == filename
     assert part.get_content() == data
-    payload = raw.split(b"base64\r\n\r\n")[1].split(b"\r\n\r\n--")[0]
-    lines = payload.split(b"\r\n")
+    assert (part.get_content_type(), part.get_param("v")) == ("application/x-test", "1")
+    assert not part.defects
+    assert payload.endswith(b"\r\n")  # the CRLF before the delimiter is the delimiter's (RFC 2046)
+    lines = payload[:-2].split(b"\r\n")
     assert all(len(line) == 76 for line in lines[:-1]) and 0 < len(lines[-1]) <= 76
     assert all(len(line) <= 78 for line in header_block(raw).split("\r\n"))
     assert all(len(line) <= 998 for line in raw.split(b"\r\n"))
+
+
+HEADER_TEXT = st.characters(blacklist_categories=("Cs", "Cc"))
+
+
+@given(name=st.text(alphabet=HEADER_TEXT, max_size=200) | st.sampled_from(["=?utf-8?q?x?=", "Zoë =?x?b?eA==?= ,;<>"]))
+@settings(max_examples=150, deadline=None)
+def test_compose_from_round_trips_any_name(name):
+    """Any header-safe agent name gives a From that decodes to "<name> via e2a" and the agent
+    address: a quoted-string on one line when ASCII, else RFC 2047 folded under 78 octets."""
+    raw = compose(agent_name=name)
+    display = f"{name or AGENT} via e2a"
+    block = header_block(raw)
+    assert block.isascii()
+    value = unfolded(raw)["From"]
+    phrase, _, addr = value.rpartition(" <")
+    assert addr == AGENT + ">"
+    if display.isascii() and "=?" not in display:
+        assert parseaddr(value) == (display, AGENT)
+        assert phrase.startswith('"') and phrase.endswith('"')
+    else:
+        assert str(make_header(decode_header(phrase))) == display
+        from_lines = re.search(r"^From:.*?(?=\r\n[^ \t])", block, re.S | re.M).group(0).split("\r\n")
+        assert all(len(line) < 78 for line in from_lines)
+    msg = parse(raw)
+    assert msg["From"].addresses[0].addr_spec == AGENT
+    assert not msg.defects
+    assert_crlf_only(raw)
+
+
+@given(st.text(alphabet=HEADER_TEXT, min_size=1, max_size=255) | st.sampled_from(["=?utf-8?q?x?=.txt", "a=?b"]))
+@settings(max_examples=150, deadline=None)
+def test_compose_attachment_filename_round_trips(filename):
+    """Any valid filename reads back unchanged without defects: filename="…" for ASCII names,
+    RFC 2231 filename*= for non-ASCII ones (and for ASCII ones a reader would take for RFC 2047)."""
+    raw = compose(attachments=[Attachment(filename, "application/pdf", b"%PDF")])
+    head = mime_parts(raw)[2].partition(b"\r\n\r\n")[0]
+    disposition = unfolded(head + b"\r\n\r\n")["Content-Disposition"]
+    if filename.isascii() and "=?" not in filename:
+        assert disposition == "attachment; filename=" + c._quote_display(filename)
+    else:
+        assert disposition.startswith("attachment;") and "filename*" in disposition
+    part = list(parse(raw).iter_attachments())[0]
+    assert part["Content-Disposition"].params["filename"] == filename  # get_filename() strips
+    assert not part.defects and not part["Content-Disposition"].defects
+    assert all(len(line) <= 998 for line in raw.split(b"\r\n"))
+    assert_crlf_only(raw)
+
+
+def test_compose_parts_carry_only_content_headers():
+    """MIME-Version appears once, at the top; body parts carry only their Content-* fields."""
+    raw = compose(body_html="<p>h</p>", attachments=[Attachment("a.txt", "text/plain", b"x")])
+    top, *parts = mime_parts(raw)
+    assert header_block(top + b"\r\n\r\n").count("MIME-Version: 1.0") == 1
+    for part in filter(None, parts):  # skip the empty preamble/epilogue pieces
+        names = set(unfolded(part.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"))
+        assert names and all(n.startswith("Content-") for n in names), names
+    assert [p.get_content_type() for p in parse(raw).walk()] == [
+        "multipart/mixed", "multipart/alternative", "text/plain", "text/html", "text/plain"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "value"),
+    [
+        ({"conversation_id": "=?utf-8?q?x?="}, "X-E2A-Conversation-Id", "=?utf-8?q?x?="),
+        ({"conversation_id": "a  b " + "c" * 100}, "X-E2A-Conversation-Id", "a  b " + "c" * 100),
+        ({"in_reply_to": "<" + "x" * 90 + "@y>"}, "In-Reply-To", "<" + "x" * 90 + "@y>"),
+        ({"references": "<=?utf-8?q?a?=@x> <" + "r" * 80 + "@x>"}, "References",
+         "<=?utf-8?q?a?=@x> <" + "r" * 80 + "@x>"),
+        ({"mail_domain": "m" * 60 + ".example"}, "Message-ID", f"<{MSG_ID}@{'m' * 60}.example>"),
+    ],
+)
+def test_compose_writes_ids_verbatim(kwargs, field, value):
+    """Message-ID, In-Reply-To, References and the conversation id reach the wire unchanged
+    (unfolding restores them; nothing is RFC 2047-encoded or decoded)."""
+    raw = compose(**kwargs)
+    assert unfolded(raw)[field] == value
+    assert not parse(raw).defects
+    assert_crlf_only(raw)
+
+
+def test_compose_boundaries_distinct_when_source_repeats():
+    """A constant random_hex still gives nested multiparts distinct e2a_ boundaries, the same
+    ones every time."""
+    kw = dict(body_html="<p>h</p>", attachments=[Attachment("a", "text/plain", b"")], random_hex=lambda: "f" * 32)
+    raw = compose(**kw)
+    boundaries = [p.get_boundary() for p in parse(raw).walk() if p.is_multipart()]
+    assert len(set(boundaries)) == 2 and f"e2a_{'f' * 32}" in boundaries
+    assert all(re.fullmatch(r"e2a_[0-9a-f]{32}", b) for b in boundaries)
+    assert compose(**kw) == raw
 
 
 def test_compose_empty_attachment():
@@ -805,7 +915,7 @@ def test_compose_then_stuff_is_safe_for_any_body(text, html, with_attachment):
     msg = parse(raw)
     plain = msg.get_body(("plain",)).get_content()
     want = re.sub(r"\r\n|\r|\n", "\r\n", text)
-    assert plain == (want + "\r\n" if want and not want.endswith("\r\n") else want)
+    assert plain == (want if want.endswith("\r\n") else want + "\r\n")
 
 
 # ====================================================================== DATA (§7.6)

@@ -158,3 +158,29 @@ def test_split_matches_rfc822_parse(raw):
         assert got[1] == expected[1]
     else:
         assert got == expected
+
+
+def _btag_cases():
+    import random
+
+    rng = random.Random(7)
+    alphabet = [b"b", b"=", b";", b" ", b"\t", b"\r", b"\n", b"\r\n", b"A", b"z", b"0", b"+", b"/", b"h", b"-", b"."]
+    fixed = [
+        b" v=1; a=rsa-sha256; bh=abc=; b=QUJD\r\n\tREVG\r\n",
+        b" b=",
+        b";b = ab cd  \r\n",
+        b" b=ab\r\n",
+        b" b=ab\n",
+        b" b=ab  \r\n x",
+        b"; b=; bh=x; b=yy",
+        b" v=1;\r\n b=\r\n \r\n\tQUJD",
+    ]
+    return fixed + [b"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(3000)]
+
+
+def test_btag_regex_matches_dkimpy():
+    """The faster b= blanking regex substitutes exactly as dkimpy's RE_BTAG."""
+    from e2a.mailauth.verify import _BTAG
+
+    for value in _btag_cases():
+        assert _BTAG.sub(b"\\1", value) == dkim.RE_BTAG.sub(b"\\1", value), value
