@@ -196,9 +196,10 @@ class DeliveryService:
                 self._per_agent.pop(job.agent_id, None)
             else:
                 self._per_agent[job.agent_id] = count - 1
-            # A slot freed: jobs held back by a concurrency limit may be claimable now.
-            if count >= self._config.max_concurrency_per_agent or len(self._in_flight) + 1 >= self._max_in_flight:
-                self.wake()
+            # A slot freed: jobs held back by a concurrency limit may be claimable now. Wake on
+            # every finish (wake() coalesces): waking only when this agent was at its limit let
+            # a backlog stall until the next safety poll once several attempts ended together.
+            self.wake()
 
         d.addBoth(finished)
         return d
@@ -265,7 +266,7 @@ class DeliveryService:
             outcome = backoff.classify_status(result.status)
             if outcome == backoff.DELIVERED:
                 await deliveries.record_delivered(self._db, job, result.status, url, now)
-                log.info("webhook {message_id} delivered ({delivery_id}, attempt {attempt})",
+                log.debug("webhook {message_id} delivered ({delivery_id}, attempt {attempt})",
                          message_id=job.message_id, delivery_id=job.id, attempt=job.attempt)
                 return
             if outcome == backoff.GONE:

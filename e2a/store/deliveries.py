@@ -113,24 +113,29 @@ class ClaimedJob:
         return self.attempts + 1
 
 
+# The per-agent in-flight count is computed once per claim (grouped over the pending, leased
+# rows) rather than once per candidate row, so a large backlog does not make each claim
+# quadratic.
 _CLAIM_SQL = """
-WITH candidates AS (
-    SELECT c.id, c.agent_id, c.next_attempt_at
+WITH in_flight AS (
+    SELECT agent_id, count(*) AS n
+    FROM deliveries
+    WHERE status = 'pending' AND leased_until > %(now)s
+    GROUP BY agent_id
+), candidates AS (
+    SELECT c.id, c.agent_id, c.next_attempt_at, COALESCE(f.n, 0) AS in_flight
     FROM deliveries c
+    LEFT JOIN in_flight f ON f.agent_id = c.agent_id
     WHERE c.status = 'pending'
       AND c.next_attempt_at <= %(now)s
       AND (c.leased_until IS NULL OR c.leased_until <= %(now)s)
-      AND (SELECT count(*) FROM deliveries f
-           WHERE f.agent_id = c.agent_id AND f.status = 'pending' AND f.leased_until > %(now)s)
-          < %(per_agent)s
+      AND COALESCE(f.n, 0) < %(per_agent)s
     ORDER BY c.next_attempt_at, c.id
     LIMIT %(scan)s
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF c SKIP LOCKED
 ), ranked AS (
-    SELECT r.id, r.next_attempt_at,
-           row_number() OVER (PARTITION BY r.agent_id ORDER BY r.next_attempt_at, r.id) AS rank_in_agent,
-           (SELECT count(*) FROM deliveries f
-            WHERE f.agent_id = r.agent_id AND f.status = 'pending' AND f.leased_until > %(now)s) AS in_flight
+    SELECT r.id, r.next_attempt_at, r.in_flight,
+           row_number() OVER (PARTITION BY r.agent_id ORDER BY r.next_attempt_at, r.id) AS rank_in_agent
     FROM candidates r
 ), chosen AS (
     SELECT id FROM ranked

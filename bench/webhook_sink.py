@@ -1,0 +1,115 @@
+"""Loopback webhook sink for ``bench/end_to_end.py``: records arrivals, checks signatures, counts duplicates.
+
+A separate process (twisted.web on 127.0.0.1) so that the receiving side never competes with
+the benchmark client's reactor. For every POST it records ``time.monotonic()`` (CLOCK_MONOTONIC:
+the same clock in every process of the machine, so the client can subtract its own 250 times)
+under the ``webhook-id`` header, and answers ``200`` with an empty body.
+
+* Standard Webhooks signature (mail.md §4.2: ``v1,`` base64 HMAC-SHA256 with the 64 ASCII
+  characters of the secret over ``id.timestamp.body``; ±5 min tolerance) is verified on every
+  ``--verify-every``-th request (and always on the first), with the secret from
+  ``BENCH_WEBHOOK_SECRET``.
+* Duplicates: a ``webhook-id`` seen before is counted (and its arrival kept) — the
+  exactly-once check of the benchmark.
+
+Control endpoints (for the benchmark client only):
+
+* ``GET /_stats`` → JSON counters;
+* ``POST /_take`` → JSON ``{webhook_id: [arrival, …]}`` of everything that arrived since the
+  previous take (the duplicate detection itself spans the whole process lifetime).
+
+Prints ``LISTENING <port>``; SIGTERM stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import hmac
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from twisted.web import resource, server
+
+
+class Sink(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, secret: bytes, verify_every: int) -> None:
+        super().__init__()
+        self.secret = secret
+        self.verify_every = max(1, verify_every)
+        self.seen: set[str] = set()
+        self.pending: dict[str, list[float]] = {}
+        self.stats = {
+            "received": 0, "unique": 0, "duplicates": 0, "missing_id": 0,
+            "sig_checked": 0, "sig_ok": 0, "sig_bad": 0, "bytes": 0, "by_path": {},
+        }
+
+    def render_POST(self, request: Any) -> bytes:  # noqa: N802 - twisted.web API
+        now = time.monotonic()
+        if request.path == b"/_take":
+            out, self.pending = self.pending, {}
+            request.setHeader(b"content-type", b"application/json")
+            return json.dumps(out).encode()
+        body = request.content.read()
+        st = self.stats
+        st["received"] += 1
+        st["bytes"] += len(body)
+        path = request.path.decode("ascii", "replace")
+        st["by_path"][path] = st["by_path"].get(path, 0) + 1
+        wid = request.getHeader(b"webhook-id")
+        if not wid:
+            st["missing_id"] += 1
+            return b""
+        wid = wid.decode("ascii", "replace")
+        if wid in self.seen:
+            st["duplicates"] += 1
+        else:
+            self.seen.add(wid)
+            st["unique"] += 1
+        self.pending.setdefault(wid, []).append(now)
+        if st["received"] % self.verify_every == 1 or self.verify_every == 1:
+            st["sig_checked"] += 1
+            st["sig_ok" if self._verify(wid, request, body) else "sig_bad"] += 1
+        return b""
+
+    def _verify(self, wid: str, request: Any, body: bytes) -> bool:
+        ts = (request.getHeader(b"webhook-timestamp") or b"").decode("ascii", "replace")
+        sigs = (request.getHeader(b"webhook-signature") or b"").decode("ascii", "replace").split()
+        if not ts.isdigit() or abs(int(ts) - time.time()) > 300:
+            return False
+        mac = hmac.new(self.secret, f"{wid}.{ts}.".encode() + body, hashlib.sha256).digest()
+        expected = "v1," + base64.b64encode(mac).decode("ascii")
+        return any(hmac.compare_digest(expected, s) for s in sigs)
+
+    def render_GET(self, request: Any) -> bytes:  # noqa: N802 - twisted.web API
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(self.stats).encode()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--verify-every", type=int, default=10, help="verify the signature of every Nth request")
+    args = parser.parse_args(argv)
+    secret = os.environ.get("BENCH_WEBHOOK_SECRET", "").encode("ascii")
+    if not secret:
+        raise SystemExit("BENCH_WEBHOOK_SECRET is not set")
+    from twisted.internet import reactor
+
+    site = server.Site(Sink(secret, args.verify_every))
+    site.noisy = False
+    site.log = lambda request: None  # no access log
+    port = reactor.listenTCP(args.port, site, interface="127.0.0.1", backlog=256)
+    sys.stdout.write(f"LISTENING {port.getHost().port}\n")
+    sys.stdout.flush()
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()
