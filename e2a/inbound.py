@@ -20,7 +20,7 @@ from e2a import ids
 from e2a.mailauth import authheaders
 from e2a.messageview import MessageView
 from e2a.store import messages
-from e2a.store.accounts import newest_secret_txn
+from e2a.store.accounts import SecretCache, newest_secret_txn
 from e2a.store.database import Database, Txn
 from e2a.store.events import CHANNEL_DELIVERY, CHANNEL_INBOUND
 
@@ -83,6 +83,7 @@ class InboundPipeline:
         self.authserv_id = authserv_id
         self.now = now or (lambda: datetime.now(UTC))
         self.to_trace = to_trace or trace_from_verdict
+        self._secrets = SecretCache()
 
     async def accept(self, envelope: EnvelopeLike, raw: bytes) -> str:
         """Store one copy per recipient agent; returns the first copy's ``msg_…`` id.
@@ -97,7 +98,10 @@ class InboundPipeline:
         trace = self.to_trace(verdict)
         stripped = authheaders.strip_fields(raw, fields, self.authserv_id)
         received_at = self.now()
-        return await self.db.run(
+        # run_batched: the reads (one statement per recipient) go out at once, every write of
+        # every copy (messages, delivery jobs, NOTIFYs) in ONE query that PostgreSQL commits
+        # as one transaction; this returns only after that commit (mail.md §1.7 item 4).
+        return await self.db.run_batched(
             "accept_inbound", self._accept_txn, envelope, view, stripped, trace, received_at
         )
 
@@ -111,18 +115,15 @@ class InboundPipeline:
         received_at: datetime,
     ) -> str:
         first_id = ""
-        secrets_by_user: dict[str, str] = {}
         notify_delivery = False
+        candidates = view.thread_candidates()
         for recipient in envelope.recipients:
-            agent = await txn.fetchone(
-                "SELECT id, user_id, agent_mode, webhook_url, webhook_status FROM agents WHERE lower(id) = lower(%s)",
-                (recipient,),
+            agent = await messages.inbound_context_txn(
+                txn, recipient, view.message_id_token, envelope.mail_from, candidates
             )
             if agent is None:
                 continue  # deleted between RCPT and end of data: nothing to deliver to
-            duplicate = await messages.find_duplicate_txn(
-                txn, agent["id"], view.message_id_token, envelope.mail_from
-            )
+            duplicate = agent["duplicate_id"]
             if duplicate is not None:
                 first_id = first_id or duplicate
                 continue
@@ -145,11 +146,9 @@ class InboundPipeline:
                 )
                 + stripped
             )
-            conversation_id = await messages.find_conversation_txn(txn, agent["id"], view.thread_candidates())
-            secret = secrets_by_user.get(agent["user_id"])
-            if secret is None:
-                secret = await newest_secret_txn(txn, self.master_key, agent["user_id"])
-                secrets_by_user[agent["user_id"]] = secret
+            if agent["secret_id"] is None:
+                raise RuntimeError(f"user {agent['user_id']} has no signing secret")
+            secret = self._secrets.decrypt(self.master_key, agent["secret_id"], agent["secret"])
             fields = authheaders.build_fields(
                 verified=trace.verified,
                 sender=signed_sender(trace.from_address, envelope.mail_from),
@@ -178,7 +177,7 @@ class InboundPipeline:
                     "email_message_id": view.message_id_token,
                     "in_reply_to": view.in_reply_to,
                     "references_ids": view.references,
-                    "conversation_id": conversation_id,
+                    "conversation_id": agent["conversation_id"],
                     "raw_message": stored,
                     "auth_headers": authheaders.auth_headers(fields, secret),
                     "created_at": received_at,

@@ -45,7 +45,11 @@ class E2AService(service.Service):
         self.events: EventListener | None = None
         self.dsn = ""
         self.blocking_pool = ThreadPool(minthreads=0, maxthreads=4, name="e2a-blocking")
-        self.mailauth_pool = ThreadPool(minthreads=0, maxthreads=8, name="e2a-mailauth")
+        # SPF/DKIM/DMARC is mostly GIL-bound Python once DNS answers are cached, so more threads
+        # only compete with the reactor; but each thread can also sit in a slow DNS lookup
+        # (5 s timeouts), so too few would let two bad senders stall verification for all.
+        # 4 balances the two (docs/performance.md: 2 vs 8 measured within noise).
+        self.mailauth_pool = ThreadPool(minthreads=0, maxthreads=4, name="e2a-mailauth")
         self.master_key = b""
         self.hmac_secret = ""
         self.http_port: Any = None

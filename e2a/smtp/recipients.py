@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import idna
 
-from e2a.store.database import Database
+from e2a.store.database import Database, Prepared
 
 
 def normalise_rcpt(address: str) -> str | None:
@@ -24,6 +24,13 @@ def normalise_rcpt(address: str) -> str | None:
     return f"{local}@{domain}".lower()
 
 
+# One statement per RCPT, planned once per pooled connection.
+_LOOKUP = Prepared(
+    "e2a_rcpt_lookup",
+    "SELECT a.id FROM agents a JOIN domains d ON d.domain = a.domain WHERE lower(a.id) = %(key)s AND d.verified",
+)
+
+
 class AgentRecipients:
     """The SMTP server's RecipientLookup backed by the agents table."""
 
@@ -34,9 +41,5 @@ class AgentRecipients:
         key = normalise_rcpt(address)
         if key is None:
             return None
-        row = await self.db.fetchone(
-            "SELECT a.id FROM agents a JOIN domains d ON d.domain = a.domain"
-            " WHERE lower(a.id) = %s AND d.verified",
-            (key,),
-        )
+        row = await self.db.fetchone_prepared(_LOOKUP, {"key": key})
         return None if row is None else row["id"]

@@ -409,10 +409,18 @@ class SmtpSession(smtp.ESMTP):
         self._sync_reading()
 
     def _sync_reading(self) -> None:
-        """Pause the transport while a reply is pending, so input stays bounded and ordered."""
+        """Pause the transport while a reply is pending and input is waiting, so input stays
+        bounded and ordered.
+
+        Ordering never depends on the pause (the pump parses nothing while busy); the pause
+        bounds memory. A client that waits for each reply (no pipelining) sends nothing while
+        we are busy, so pausing then would only cost two ``epoll_ctl`` calls per lookup and
+        per stored message. Hence: pause once bytes are buffered behind a pending reply (the
+        first chunk that arrives while busy pauses reading), resume when idle again.
+        """
         if self._closing:
             return
-        if self._busy and not self._paused:
+        if self._busy and not self._paused and self._inbuf:
             self._paused = True
             self.transport.pauseProducing()
         elif not self._busy and self._paused:
@@ -493,11 +501,14 @@ class SmtpSession(smtp.ESMTP):
     # -- timers -------------------------------------------------------------------------------
 
     def _restart_idle(self) -> None:
+        if self._closing:
+            self._stop_idle()
+            return
         if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
-        self._idle_call = None
-        if not self._closing:
-            self._idle_call = self._clock.callLater(self._config.idle_timeout, self._on_timeout)
+            # Same deadline as cancel + callLater, without a new DelayedCall per command.
+            self._idle_call.reset(self._config.idle_timeout)
+            return
+        self._idle_call = self._clock.callLater(self._config.idle_timeout, self._on_timeout)
 
     def _stop_idle(self) -> None:
         if self._idle_call is not None and self._idle_call.active():

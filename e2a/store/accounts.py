@@ -15,6 +15,9 @@ stored encrypted with the master key, bound to their row id (config.md §2.4).
 from __future__ import annotations
 
 import base64
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -393,6 +396,52 @@ async def _active_secrets_with_ids_txn(txn: Txn, master_key: bytes, user_id: str
 async def active_secrets_txn(txn: Txn, master_key: bytes, user_id: str) -> list[str]:
     """Inside a transaction: decrypted secrets, newest first."""
     return [secret for _id, secret in await _active_secrets_with_ids_txn(txn, master_key, user_id)]
+
+
+#: SQL (LATERAL-joinable, needs ``a.user_id`` in scope) for the signing secret of mail.md §3.3:
+#: the newest one. The same ordering as :func:`newest_secret_txn`.
+NEWEST_SECRET_LATERAL = (
+    "SELECT id, secret FROM signing_secrets WHERE user_id = a.user_id"
+    " ORDER BY created_at DESC, id DESC LIMIT 1"
+)
+
+
+class SecretCache:
+    """Decrypted signing secrets, kept briefly so that signing does not decrypt per message.
+
+    Keyed by (secret id, ciphertext): the caller still looks up the newest secret id in SQL
+    for every message, so a rotation signs with the new secret from the next message on and
+    a deleted secret is never picked; only the AES-GCM opening is saved. Entries expire after
+    ``ttl`` seconds so plaintext does not linger; the size is bounded.
+    """
+
+    def __init__(self, ttl: float = 300.0, max_size: int = 1024, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl = ttl
+        self._max = max_size
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[str, str], tuple[float, str]] = {}
+
+    def decrypt(self, master_key: bytes, secret_id: str, ciphertext: str) -> str:
+        """The plaintext of ``ciphertext`` (row ``secret_id``), from the cache when fresh.
+
+        Raises:
+            crypto.DecryptionError: as :func:`e2a.crypto.decrypt` (failures are not cached).
+        """
+        key = (secret_id, ciphertext)
+        now = self._clock()
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None and hit[0] > now:
+                return hit[1]
+        plain = crypto.decrypt(master_key, ciphertext, secret_id).decode("ascii")
+        with self._lock:
+            if len(self._entries) >= self._max:
+                self._entries = {k: v for k, v in self._entries.items() if v[0] > now}
+                if len(self._entries) >= self._max:
+                    self._entries.clear()
+            self._entries[key] = (now + self._ttl, plain)
+        return plain
 
 
 async def newest_secret_txn(txn: Txn, master_key: bytes, user_id: str) -> str:

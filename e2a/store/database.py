@@ -14,6 +14,8 @@ Design (Synapse's ``runInteraction``, Buildbot's connector):
 
 from __future__ import annotations
 
+import re
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -41,6 +43,54 @@ MAX_ATTEMPTS = 5
 
 class DatabaseUnavailable(TransientError):
     """The database could not be reached or the connection broke mid-transaction."""
+
+
+_PARAM = re.compile(r"%%|%\((\w+)\)s")
+
+
+class Prepared:
+    """A statement PostgreSQL parses and plans once per connection (``PREPARE``/``EXECUTE``).
+
+    Written like any other statement here (psycopg2 ``%(name)s`` parameters). On the hot
+    ingest path the planning of the same few statements was a large share of PostgreSQL's CPU
+    per message; a prepared statement is planned once per pooled connection. Only statements
+    run outside an explicit transaction (:meth:`Database.fetchall_prepared`, the reads and
+    writes of :meth:`Database.run_batched`) use the prepared form, and the ``PREPARE`` is always
+    its own statement, so a rolled-back transaction can never leave a statement half known.
+    Inside :meth:`Database.run` the plain SQL runs (same result).
+    """
+
+    def __init__(self, name: str, sql: str) -> None:
+        order: list[str] = []
+
+        def dollar(match: re.Match[str]) -> str:
+            if match.group(0) == "%%":
+                return "%"
+            key = match.group(1)
+            if key not in order:
+                order.append(key)
+            return f"${order.index(key) + 1}"
+
+        self.name = name
+        self.sql = sql
+        self.prepare_sql = f"PREPARE {name} AS {_PARAM.sub(dollar, sql)}"
+        self.execute_sql = f"EXECUTE {name}(" + ", ".join(f"%({k})s" for k in order) + ")"
+
+
+#: Names prepared on each pooled connection (a replaced connection starts empty).
+_PREPARED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+
+
+async def _prepared_sql(cursor: txpostgres.Cursor, statement: Prepared) -> str:
+    """The ``EXECUTE`` text for ``statement``, preparing it first on this connection if needed.
+
+    Must only be called outside an explicit transaction (autocommit).
+    """
+    names = _PREPARED.setdefault(cursor._connection, set())
+    if statement.name not in names:
+        await cursor.execute(statement.prepare_sql)
+        names.add(statement.name)
+    return statement.execute_sql
 
 
 class Txn:
@@ -71,6 +121,18 @@ class Txn:
     async def fetchval(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> Any:
         row = await self.fetchone(sql, params)
         return None if row is None else next(iter(row.values()))
+
+    async def fetchall_prepared(self, statement: Prepared, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """:meth:`fetchall` of a :class:`Prepared` statement (inside a transaction: plain SQL)."""
+        return await self.fetchall(statement.sql, params)
+
+    async def fetchone_prepared(self, statement: Prepared, params: dict[str, Any]) -> dict[str, Any] | None:
+        rows = await self.fetchall_prepared(statement, params)
+        return rows[0] if rows else None
+
+    async def execute_prepared(self, statement: Prepared, params: dict[str, Any]) -> None:
+        """:meth:`execute` of a :class:`Prepared` statement (inside a transaction: plain SQL)."""
+        await self.execute(statement.sql, params)
 
     @property
     def rowcount(self) -> int:
@@ -183,23 +245,142 @@ class Database:
             return result
         raise AssertionError("unreachable")
 
+    async def _single(
+        self, desc: str, sql: str | Prepared, params: Sequence[Any] | dict[str, Any] | None
+    ) -> txpostgres.Cursor:
+        """Run one statement on its own (autocommit: PostgreSQL makes it its own transaction).
+
+        One round trip instead of the three of ``BEGIN``/statement/``COMMIT``; retries and
+        error mapping are those of :meth:`run`. Returns the finished cursor.
+        """
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            conn = await self._checkout()
+            broken = False
+            try:
+                cursor = conn.cursor()
+                text = await _prepared_sql(cursor, sql) if isinstance(sql, Prepared) else sql
+                await cursor.execute(text, params)
+                return cursor
+            except psycopg2.Error as e:
+                code = getattr(e, "pgcode", None)
+                if code in RETRYABLE and attempt < MAX_ATTEMPTS:
+                    log.debug("retrying {desc} after {code}", desc=desc, code=code)
+                    continue
+                if isinstance(e, (psycopg2.OperationalError, psycopg2.InterfaceError)) and code is None:
+                    broken = True
+                    raise DatabaseUnavailable(f"{desc}: database connection failed") from e
+                raise
+            finally:
+                self._checkin(conn, broken)
+        raise AssertionError("unreachable")
+
     async def fetchall(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        """A single read-only statement in its own transaction."""
-
-        async def _select_txn(txn: Txn) -> list[dict[str, Any]]:
-            return await txn.fetchall(sql, params)
-
-        return await self.run("select", _select_txn)
+        """A single statement, committed on its own (autocommit), as dict rows."""
+        cursor = await self._single("select", sql, params)
+        return _dict_rows(cursor)
 
     async def fetchone(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> dict[str, Any] | None:
         rows = await self.fetchall(sql, params)
         return rows[0] if rows else None
 
-    async def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> None:
-        async def _execute_txn(txn: Txn) -> None:
-            await txn.execute(sql, params)
+    async def fetchall_prepared(self, statement: Prepared, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """:meth:`fetchall` of a :class:`Prepared` statement (planned once per connection)."""
+        cursor = await self._single(statement.name, statement, params)
+        return _dict_rows(cursor)
 
-        await self.run("execute", _execute_txn)
+    async def fetchone_prepared(self, statement: Prepared, params: dict[str, Any]) -> dict[str, Any] | None:
+        rows = await self.fetchall_prepared(statement, params)
+        return rows[0] if rows else None
+
+    async def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> None:
+        await self._single("execute", sql, params)
+
+    async def run_batched(self, desc: str, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn(batch, ...)``: reads at once, every write in ONE atomic round trip at the end.
+
+        For transactions whose reads need no isolation beyond READ COMMITTED (each statement
+        sees the latest committed data, exactly as inside a default ``run`` transaction) and
+        whose writes depend only on what was read. ``batch.fetch*`` run immediately as single
+        statements; ``batch.execute``/``batch.notify`` are queued and sent together as one
+        multi-statement query, which PostgreSQL executes as one implicit transaction: all
+        writes (and NOTIFYs) commit together or not at all, and this returns only after that
+        commit. Retries the whole function on 40001/40P01 like :meth:`run`; after-commit hooks
+        run once, after the commit.
+
+        Raises:
+            DatabaseUnavailable: the connection failed; nothing was committed that we know of.
+        """
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            conn = await self._checkout()
+            broken = False
+            try:
+                batch = BatchTxn(conn.cursor())
+                result = await fn(batch, *args, **kwargs)
+                await batch.flush()
+            except psycopg2.Error as e:
+                code = getattr(e, "pgcode", None)
+                if code in RETRYABLE and attempt < MAX_ATTEMPTS:
+                    log.debug("retrying {desc} after {code}", desc=desc, code=code)
+                    continue
+                if isinstance(e, (psycopg2.OperationalError, psycopg2.InterfaceError)) and code is None:
+                    broken = True
+                    raise DatabaseUnavailable(f"{desc}: database connection failed") from e
+                raise
+            finally:
+                self._checkin(conn, broken)
+            for hook in batch.after_commit:
+                try:
+                    hook()
+                except Exception:
+                    log.failure("after-commit hook of {desc} failed", desc=desc)
+            return result
+        raise AssertionError("unreachable")
+
+
+def _dict_rows(cursor: txpostgres.Cursor) -> list[dict[str, Any]]:
+    if cursor.description is None:
+        return []
+    names = [c.name for c in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+class BatchTxn(Txn):
+    """The ``txn`` of :meth:`Database.run_batched`: reads now, writes queued for one round trip.
+
+    ``execute``/``notify`` only queue (client-side interpolated with psycopg2's ``mogrify``,
+    which is what ``execute`` does anyway); :meth:`flush` sends the queue as one query.
+    ``rowcount`` of a queued write is not available.
+    """
+
+    def __init__(self, cursor: txpostgres.Cursor) -> None:
+        super().__init__(cursor)
+        self._queued: list[bytes] = []
+
+    async def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> None:
+        self._queued.append(self._cursor.mogrify(sql, params))
+
+    async def notify(self, channel: str, payload: str) -> None:
+        await self.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+
+    async def fetchall_prepared(self, statement: Prepared, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """Reads run at once, outside any transaction: the prepared form is used."""
+        await self._cursor.execute(await _prepared_sql(self._cursor, statement), params)
+        return _dict_rows(self._cursor)
+
+    async def execute_prepared(self, statement: Prepared, params: dict[str, Any]) -> None:
+        """Queue an ``EXECUTE`` (the ``PREPARE``, once per connection, runs now on its own)."""
+        self._queued.append(self._cursor.mogrify(await _prepared_sql(self._cursor, statement), params))
+
+    @property
+    def rowcount(self) -> int:
+        raise TypeError("rowcount is not available for batched writes")
+
+    async def flush(self) -> None:
+        """Send every queued write as one implicit transaction (no-op when nothing is queued)."""
+        if not self._queued:
+            return
+        queued, self._queued = self._queued, []
+        await self._cursor.execute(b";\n".join(queued))
 
 
 def quote_dsn_value(value: str) -> str:

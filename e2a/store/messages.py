@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from e2a.store.database import Database, Txn
+from e2a.store.accounts import NEWEST_SECRET_LATERAL
+from e2a.store.database import Database, Prepared, Txn
 
 # RFC 1047 duplicate suppression: a sender that lost our reply to its final dot resends the
 # same message; within this window the same Message-ID from the same MAIL FROM to the same
@@ -57,14 +58,85 @@ class InboundRecord:
         )
 
 
+_DUPLICATE_WHERE = (
+    "agent_id = {agent} AND direction = 'inbound' AND email_message_id = {mid}"
+    " AND envelope_from = {sender} AND created_at > now() - make_interval(secs => {window})"
+)
+
+_CONVERSATION_WHERE = (
+    "agent_id = {agent} AND conversation_id <> '' AND ("
+    "   (direction = 'inbound' AND email_message_id = ANY({c}))"
+    "   OR (direction = 'outbound' AND smtp_message_id = ANY({c}))"
+    "   OR (direction = 'outbound' AND provider_message_id = ANY({c}))"
+    "   OR (direction = 'outbound' AND provider_message_id = ANY({bases})"
+    "       AND position('@' in provider_message_id) = 0)"
+    " )"
+)
+
+
+def _duplicate_select(**placeholders: str) -> str:
+    """The oldest duplicate's id (only called with a non-empty Message-ID).
+
+    The inner query is fenced (``OFFSET 0``) so PostgreSQL picks the index for the WHERE clause
+    (``messages_thread_inbound_idx`` on agent + Message-ID) instead of walking the agent's
+    ``(agent_id, created_at)`` index in order to satisfy ``ORDER BY … LIMIT 1``, which reads
+    every message of the agent in the window. ``email_message_id <> ''`` is implied by the
+    equality and lets the planner match that partial index. Same rows, same order.
+    """
+    where = _DUPLICATE_WHERE.format(**placeholders)
+    return (
+        f"SELECT id FROM (SELECT id, created_at FROM messages WHERE {where} AND email_message_id <> ''"
+        " OFFSET 0) dup ORDER BY created_at LIMIT 1"
+    )
+
+
 async def find_duplicate_txn(txn: Txn, agent_id: str, email_message_id: str, envelope_from: str) -> str | None:
     if not email_message_id:
         return None
     return await txn.fetchval(
-        "SELECT id FROM messages WHERE agent_id = %s AND direction = 'inbound' AND email_message_id = %s"
-        " AND envelope_from = %s AND created_at > now() - make_interval(secs => %s)"
-        " ORDER BY created_at LIMIT 1",
+        _duplicate_select(agent="%s", mid="%s", sender="%s", window="%s"),
         (agent_id, email_message_id, envelope_from, DUPLICATE_WINDOW_SECONDS),
+    )
+
+
+_INBOUND_CONTEXT = Prepared(
+    "e2a_inbound_context",
+    "SELECT a.id, a.user_id, a.agent_mode, a.webhook_url, a.webhook_status,"
+    " s.id AS secret_id, s.secret AS secret,"
+    " CASE WHEN %(mid)s = '' THEN NULL ELSE ("
+    + _duplicate_select(agent="a.id", mid="%(mid)s", sender="%(sender)s", window="%(window)s")
+    + ") END AS duplicate_id,"
+    " CASE WHEN %(n)s = 0 THEN '' ELSE"
+    "  COALESCE((SELECT conversation_id FROM messages WHERE "
+    + _CONVERSATION_WHERE.format(agent="a.id", c="%(c)s::text[]", bases="%(bases)s::text[]")
+    + "   ORDER BY created_at DESC LIMIT 1), '') END AS conversation_id"
+    f" FROM agents a LEFT JOIN LATERAL ({NEWEST_SECRET_LATERAL}) s ON true"
+    " WHERE lower(a.id) = lower(%(rcpt)s)",
+)
+
+
+async def inbound_context_txn(
+    txn: Txn, recipient: str, email_message_id: str, envelope_from: str, candidates: list[str]
+) -> dict[str, Any] | None:
+    """Everything accepting one inbound copy needs to read, in ONE statement (one round trip).
+
+    The agent of ``recipient`` (``id, user_id, agent_mode, webhook_url, webhook_status``), its
+    owner's newest signing secret (``secret_id``/``secret``, None when the user has none), the
+    RFC 1047 duplicate (``duplicate_id``, as :func:`find_duplicate_txn`) and the conversation
+    id (``conversation_id``, ``""`` when none, as :func:`find_conversation_txn`). None when the
+    agent no longer exists.
+    """
+    return await txn.fetchone_prepared(
+        _INBOUND_CONTEXT,
+        {
+            "rcpt": recipient,
+            "mid": email_message_id,
+            "sender": envelope_from,
+            "window": DUPLICATE_WINDOW_SECONDS,
+            "n": len(candidates),
+            "c": candidates,
+            "bases": provider_id_bases(candidates),
+        },
     )
 
 
@@ -82,29 +154,29 @@ async def find_conversation_txn(txn: Txn, agent_id: str, candidates: list[str]) 
     """mail.md §6 item 2: newest of this agent's messages matching any candidate id."""
     if not candidates:
         return ""
+    where = _CONVERSATION_WHERE.format(agent="%(agent)s", c="%(c)s", bases="%(bases)s")
     value = await txn.fetchval(
-        "SELECT conversation_id FROM messages"
-        " WHERE agent_id = %(agent)s AND conversation_id <> '' AND ("
-        "   (direction = 'inbound' AND email_message_id = ANY(%(c)s))"
-        "   OR (direction = 'outbound' AND smtp_message_id = ANY(%(c)s))"
-        "   OR (direction = 'outbound' AND provider_message_id = ANY(%(c)s))"
-        "   OR (direction = 'outbound' AND provider_message_id = ANY(%(bases)s)"
-        "       AND position('@' in provider_message_id) = 0)"
-        " ) ORDER BY created_at DESC LIMIT 1",
+        f"SELECT conversation_id FROM messages WHERE {where} ORDER BY created_at DESC LIMIT 1",
         {"agent": agent_id, "c": candidates, "bases": provider_id_bases(candidates)},
     )
     return value or ""
 
 
+_INSERT_INBOUND = Prepared(
+    "e2a_insert_inbound",
+    "INSERT INTO messages (id, agent_id, user_id, direction, status, route, sender, display_from,"
+    " recipient, envelope_from, client_ip, subject, to_addrs, cc_addrs, email_message_id, in_reply_to,"
+    " references_ids, conversation_id, raw_message, auth_headers, created_at)"
+    " VALUES (%(id)s, %(agent_id)s, %(user_id)s, 'inbound', 'unread', %(route)s, %(sender)s, %(display_from)s,"
+    " %(recipient)s, %(envelope_from)s, %(client_ip)s, %(subject)s, %(to_addrs)s, %(cc_addrs)s,"
+    " %(email_message_id)s, %(in_reply_to)s, %(references_ids)s, %(conversation_id)s, %(raw_message)s,"
+    " %(auth_headers)s, %(created_at)s)",
+)
+
+
 async def insert_inbound_txn(txn: Txn, row: dict[str, Any]) -> None:
-    await txn.execute(
-        "INSERT INTO messages (id, agent_id, user_id, direction, status, route, sender, display_from,"
-        " recipient, envelope_from, client_ip, subject, to_addrs, cc_addrs, email_message_id, in_reply_to,"
-        " references_ids, conversation_id, raw_message, auth_headers, created_at)"
-        " VALUES (%(id)s, %(agent_id)s, %(user_id)s, 'inbound', 'unread', %(route)s, %(sender)s, %(display_from)s,"
-        " %(recipient)s, %(envelope_from)s, %(client_ip)s, %(subject)s, %(to_addrs)s, %(cc_addrs)s,"
-        " %(email_message_id)s, %(in_reply_to)s, %(references_ids)s, %(conversation_id)s, %(raw_message)s,"
-        " %(auth_headers)s, %(created_at)s)",
+    await txn.execute_prepared(
+        _INSERT_INBOUND,
         {
             **row,
             "to_addrs": None if row["to_addrs"] is None else json.dumps(row["to_addrs"]),

@@ -120,3 +120,46 @@ async def test_fetchall_single_statement_maps_unreachable_to_unavailable(db):
     database.close()
     with pytest.raises(DatabaseUnavailable):
         await database.fetchone("SELECT 1")
+
+
+@pytest_twisted.ensureDeferred
+async def test_prepared_statement_gives_plain_sql_results_on_every_path(db):
+    """A Prepared statement returns the same rows via the pool, a batch and a transaction."""
+    from e2a.store.database import Prepared
+
+    stmt = Prepared("test_prepared_echo", "SELECT %(a)s::text AS a, %(b)s::int + 1 AS b, '100%%' AS pct")
+    params = {"a": "x'y", "b": 41}
+    expected = {"a": "x'y", "b": 42, "pct": "100%"}
+    for _ in range(3):  # first use prepares on the connection, later ones only execute
+        assert await db.fetchone_prepared(stmt, params) == expected
+
+    async def _batched(txn):
+        return await txn.fetchone_prepared(stmt, params)
+
+    async def _plain(txn):
+        return await txn.fetchone_prepared(stmt, params)
+
+    assert await db.run_batched("prepared_batched", _batched) == expected
+    assert await db.run("prepared_plain", _plain) == expected
+
+
+@pytest_twisted.ensureDeferred
+async def test_prepared_write_in_batch_commits_with_the_rest(db):
+    """execute_prepared queues an EXECUTE that commits (or rolls back) with the batch."""
+    from e2a.store.database import Prepared
+
+    stmt = Prepared("test_prepared_user", "INSERT INTO users (id, email) VALUES (%(id)s, %(email)s)")
+
+    async def _ok(txn):
+        await txn.execute_prepared(stmt, {"id": "p1", "email": "p1@example.com"})
+        await txn.execute_prepared(stmt, {"id": "p2", "email": "p2@example.com"})
+
+    async def _bad(txn):
+        await txn.execute_prepared(stmt, {"id": "p3", "email": "p3@example.com"})
+        await txn.execute_prepared(stmt, {"id": "p1", "email": "dup@example.com"})
+
+    await db.run_batched("prepared_ok", _ok)
+    with pytest.raises(psycopg2.IntegrityError):
+        await db.run_batched("prepared_bad", _bad)
+    rows = await db.fetchall("SELECT id FROM users WHERE id LIKE %s ORDER BY id", ("p%",))
+    assert [r["id"] for r in rows] == ["p1", "p2"]
