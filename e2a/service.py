@@ -61,6 +61,7 @@ class E2AService(service.Service):
         self.delivery: Any = None
         self.websocket: Any = None
         self.outbound: Any = None
+        self.retention: Any = None
         self.inbound: Any = None
         self._stoppers: list[Any] = []
         self.started: defer.Deferred[None] = defer.Deferred()
@@ -207,6 +208,12 @@ class E2AService(service.Service):
         )
         await self.outbound.start()
         self._stoppers.append(self.outbound.stop)
+
+        from e2a.retention import RetentionService
+
+        self.retention = RetentionService(self.db, config.retention, self.reactor)
+        self.retention.start()
+        self._stoppers.append(self.retention.stop)
 
     def http_address(self) -> str:
         return _address(self.http_port)
