@@ -20,6 +20,7 @@ from e2a.mailauth.dns import DnsClient
 from e2a.store.events import CHANNEL_REVOKE, EventListener
 from tests.support.apiserver import insert_user_with_key, make_test_config
 from tests.support.dnsserver import start_dns_server
+from tests.support.waiting import wait_for
 
 PUBLIC_HOOK = "https://hook.example.net/inbox"  # resolves to a public-looking address; never contacted
 EVIL_HOOK = "https://evil.example.net/inbox"  # resolves to 127.0.0.1
@@ -642,12 +643,10 @@ async def test_agent_delete_revokes_keys_and_notifies(make_api, db_dsn):
         assert code_of(await api.request("GET", "/api/v1/agents/bot@agents.test", key=key)) == (404, "agent_not_found")
         assert code_of(await api.request("GET", "/api/v1/agents", key=akey)) == (401, "unauthorized")
         assert code_of(await api.request("DELETE", "/api/v1/agents/bot@agents.test", key=key)) == (404, "agent_not_found")
-        for _ in range(50):
-            if len(payloads) >= 2:
-                break
-            d: defer.Deferred[None] = defer.Deferred()
-            reactor.callLater(0.02, d.callback, None)
-            await d
+        async def both_seen() -> bool:
+            return len(payloads) >= 2
+
+        await wait_for(both_seen, timeout=5)
         assert payloads == ["agentmode\tbot@agents.test", "agent\tbot@agents.test"]
     finally:
         listener.stop()

@@ -51,7 +51,7 @@ ZONE = {
     "metadata6.hooks.test": {"AAAA": ["fd00:ec2::254"]},
     "cgnat.hooks.test": {"A": ["100.64.1.1"]},
     "mapped.hooks.test": {"AAAA": ["::ffff:127.0.0.1"]},
-    "mixed.hooks.test": {"A": ["8.8.8.8", "192.168.0.1"]},
+    "mixed.hooks.test": {"A": ["8.8.8.8", "192.168.0.1"]},  # private address: must be blocked
     "mixed6.hooks.test": {"A": ["8.8.8.8"], "AAAA": ["fe80::1"]},
     "empty.hooks.test": {"TXT": ["no addresses here"]},
 }

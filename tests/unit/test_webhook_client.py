@@ -46,7 +46,7 @@ def test_post_connects_to_the_checked_address_only():
 
 def test_post_refuses_private_resolution_without_connecting():
     """Any non-public address in the answer: 'blocked address' and no connection."""
-    dns = FakeDns({"hooks.example.com": ["93.184.216.34", "10.0.0.5"]})
+    dns = FakeDns({"hooks.example.com": ["93.184.216.34", "10.0.0.5"]})  # private: blocked, never dialled
     reactor, client = _client(dns)
     d = _post(client, "https://hooks.example.com/in")
     assert d.result.error == "blocked address" and d.result.status is None
