@@ -185,7 +185,10 @@ class MailVerifier:
         """One :class:`DkimResult` per ``DKIM-Signature`` field (the first 10), §2.3."""
         try:
             message = DkimMessage(raw)
-        except dkim.MessageFormatError:
+        except (dkim.MessageFormatError, IndexError, ValueError):
+            # dkimpy raises IndexError for a header section that opens with a continuation
+            # line (which §1.5 lets through); like any unparseable header section it must
+            # give a verdict, never an exception (that would be a 451 the sender retries forever).
             # The SMTP layer refuses such headers (§1.5); if one gets here, a signature
             # we cannot even locate is a permanent error, not an unsigned message.
             if re.search(rb"(?im)^dkim-signature[ \t]*:", raw):
@@ -193,10 +196,15 @@ class MailVerifier:
             return ()
         fields = message.signature_fields()
         keys: dict[bytes, bytes | None | Exception] = {}
-        return tuple(
-            self._thd_one_signature(message, idx, value, now, keys)
-            for idx, value in enumerate(fields[:MAX_DKIM_SIGNATURES])
-        )
+        results = []
+        for idx, value in enumerate(fields[:MAX_DKIM_SIGNATURES]):
+            try:
+                results.append(self._thd_one_signature(message, idx, value, now, keys))
+            except Exception:
+                # A library failure on hostile input is this signature's permanent error.
+                log.failure("DKIM verification raised; reporting permerror")
+                results.append(DkimResult("permerror"))
+        return tuple(results)
 
     def _thd_one_signature(
         self,

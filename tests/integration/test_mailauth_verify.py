@@ -545,3 +545,12 @@ async def test_verify_spf_none_when_identity_not_a_domain(spf_hook, helo, mail_f
     v = await _verify(_message(), mail_from=mail_from, helo=helo, handle_out=handles)
     assert v.spf == "none" and not v.spf_aligned
     assert all(qtype != "TXT" or name.startswith(("_dmarc.", "sel.")) for name, qtype in handles[0].queries)
+
+
+def test_header_section_opening_with_continuation_line_gets_a_verdict():
+    """dkimpy cannot parse it; the verifier still answers (permerror), never raises."""
+    from e2a.mailauth.verify import MailVerifier
+
+    verifier = MailVerifier.__new__(MailVerifier)
+    raw = b" x\r\nFrom: a@example.org\r\nDKIM-Signature: v=1; a=rsa-sha256; d=example.org; s=s; h=from; bh=x; b=y\r\n\r\nbody\r\n"
+    assert [r.result for r in verifier.thd_dkim(raw, 0)] == ["permerror"]
