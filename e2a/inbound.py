@@ -159,39 +159,77 @@ class InboundPipeline:
                 message_id=message_id,
                 stored=stored,
             )
-            await messages.insert_inbound_txn(
+            await store_copy_txn(
                 txn,
-                {
-                    "id": message_id,
-                    "agent_id": agent["id"],
-                    "user_id": agent["user_id"],
-                    "route": "smtp",
-                    "sender": fields.sender,
-                    "display_from": view.display_sender(),
-                    "recipient": agent["id"],
-                    "envelope_from": envelope.mail_from,
-                    "client_ip": envelope.client_ip,
-                    "subject": view.subject,
-                    "to_addrs": view.to_addresses(),
-                    "cc_addrs": view.cc_addresses(),
-                    "email_message_id": view.message_id_token,
-                    "in_reply_to": view.in_reply_to,
-                    "references_ids": view.references,
-                    "conversation_id": agent["conversation_id"],
-                    "raw_message": stored,
-                    "auth_headers": authheaders.auth_headers(fields, secret),
-                    "created_at": received_at,
-                },
+                agent=agent,
+                view=view,
+                fields=fields,
+                secret=secret,
+                stored=stored,
+                route="smtp",
+                display_from=view.display_sender(),
+                envelope_from=envelope.mail_from,
+                client_ip=envelope.client_ip,
+                conversation_id=agent["conversation_id"],
+                received_at=received_at,
+                notify_delivery=False,
             )
-            if agent["agent_mode"] == "cloud":
-                await enqueue_delivery_txn(txn, message_id, agent)
-                notify_delivery = True
-            else:
-                await txn.notify(CHANNEL_INBOUND, f"{agent['id']}\t{message_id}")
+            notify_delivery = notify_delivery or agent["agent_mode"] == "cloud"
             first_id = first_id or message_id
         if notify_delivery:
             await txn.notify(CHANNEL_DELIVERY, "")
         return first_id
+
+
+async def store_copy_txn(
+    txn: Txn,
+    *,
+    agent: dict[str, Any],
+    view: MessageView,
+    fields: authheaders.AuthFields,
+    secret: str,
+    stored: bytes,
+    route: str,
+    display_from: str,
+    envelope_from: str,
+    client_ip: str,
+    conversation_id: str,
+    received_at: datetime,
+    notify_delivery: bool,
+) -> None:
+    """Insert one signed inbound copy and announce it: a delivery job for a cloud agent (the
+    NOTIFY on the delivery channel is sent here or, for a batch, once by the caller), a
+    per-message NOTIFY for a local agent's WebSockets. SMTP and internal mail share this."""
+    await messages.insert_inbound_txn(
+        txn,
+        {
+            "id": fields.message_id,
+            "agent_id": agent["id"],
+            "user_id": agent["user_id"],
+            "route": route,
+            "sender": fields.sender,
+            "display_from": display_from,
+            "recipient": agent["id"],
+            "envelope_from": envelope_from,
+            "client_ip": client_ip,
+            "subject": view.subject,
+            "to_addrs": view.to_addresses(),
+            "cc_addrs": view.cc_addresses(),
+            "email_message_id": view.message_id_token,
+            "in_reply_to": view.in_reply_to,
+            "references_ids": view.references,
+            "conversation_id": conversation_id,
+            "raw_message": stored,
+            "auth_headers": authheaders.auth_headers(fields, secret),
+            "created_at": received_at,
+        },
+    )
+    if agent["agent_mode"] == "cloud":
+        await enqueue_delivery_txn(txn, fields.message_id, agent)
+        if notify_delivery:
+            await txn.notify(CHANNEL_DELIVERY, "")
+    else:
+        await txn.notify(CHANNEL_INBOUND, f"{agent['id']}\t{fields.message_id}")
 
 
 async def enqueue_delivery_txn(txn: Txn, message_id: str, agent: dict[str, Any]) -> str:
@@ -274,33 +312,19 @@ async def accept_internal_txn(
         message_id=message_id,
         stored=stored,
     )
-    await messages.insert_inbound_txn(
+    await store_copy_txn(
         txn,
-        {
-            "id": message_id,
-            "agent_id": agent["id"],
-            "user_id": agent["user_id"],
-            "route": "internal",
-            "sender": sender,
-            "display_from": view.display_sender() or sender,
-            "recipient": agent["id"],
-            "envelope_from": sender,
-            "client_ip": "",
-            "subject": view.subject,
-            "to_addrs": view.to_addresses(),
-            "cc_addrs": view.cc_addresses(),
-            "email_message_id": view.message_id_token,
-            "in_reply_to": view.in_reply_to,
-            "references_ids": view.references,
-            "conversation_id": conversation_id,
-            "raw_message": stored,
-            "auth_headers": authheaders.auth_headers(signed, secret),
-            "created_at": received_at,
-        },
+        agent=agent,
+        view=view,
+        fields=signed,
+        secret=secret,
+        stored=stored,
+        route="internal",
+        display_from=view.display_sender() or sender,
+        envelope_from=sender,
+        client_ip="",
+        conversation_id=conversation_id,
+        received_at=received_at,
+        notify_delivery=True,
     )
-    if agent["agent_mode"] == "cloud":
-        await enqueue_delivery_txn(txn, message_id, agent)
-        await txn.notify(CHANNEL_DELIVERY, "")
-    else:
-        await txn.notify(CHANNEL_INBOUND, f"{agent['id']}\t{message_id}")
     return message_id
