@@ -494,6 +494,24 @@ def format_table(rows: list[dict[str, Any]], runs: int) -> str:
     return "\n".join(lines)
 
 
+def add_leased_index(dsn: str, log: Any) -> None:
+    """Diagnostics (--leased-index): the partial index the claim's in-flight count could use.
+
+    Not part of e2a's schema; this measures what a migration adding it would change (the
+    claim counts each agent's leased pending rows, and without it that count reads every
+    pending row, i.e. the whole backlog, on every claim).
+    """
+    import psycopg2
+
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("CREATE INDEX IF NOT EXISTS bench_deliveries_leased_idx ON deliveries (agent_id)"
+                    " WHERE status = 'pending' AND leased_until IS NOT NULL")
+    conn.close()
+    log("bench-only index bench_deliveries_leased_idx created (--leased-index)")
+
+
 def db_checks(dsn: str) -> dict[str, Any]:
     """What the database says: delivery states, auth verdicts, reference rows delivered."""
     import psycopg2
@@ -553,6 +571,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-gil", action="store_true", help="with --profile: GIL holder only")
     parser.add_argument("--output", default=None, help="JSON path (default bench/results/end_to_end-<time>.json)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, database)")
+    parser.add_argument("--leased-index", action="store_true",
+                        help="diagnostics: add a partial index on leased pending deliveries before measuring")
+    parser.add_argument("--per-agent", type=int, default=4,
+                        help="webhooks.max_concurrency_per_agent for e2a (default 4 = e2a's default; diagnostics)")
     args = parser.parse_args(argv)
 
     preset = QUICK if args.quick else FULL
@@ -588,10 +610,13 @@ def main(argv: list[str] | None = None) -> int:
         stack.start_dns(txt, log)
         # The sink needs the signing secret, which exists only after bootstrap: start e2a first.
         stack.start_e2a({
-            "webhooks": {"allow_private": True},
+            # max_concurrency_per_agent: the e2a default (4) unless --per-agent (diagnostics).
+            "webhooks": {"allow_private": True, "max_concurrency_per_agent": args.per_agent},
             # 1,000 agents from one IP through the API (default 20/h per IP).
             "rate_limits": {"register_per_hour": 100000},
         }, log)
+        if args.leased_index:
+            add_leased_index(stack.dsn, log)
         env = {"BENCH_WEBHOOK_SECRET": stack.signing_secret}
         sink = stack.spawn([sys.executable, str(REPO / "bench" / "webhook_sink.py"), "--port", "0"], "sink.log", env)
         sink_port = read_listening(sink, "webhook sink")
@@ -764,7 +789,8 @@ def main(argv: list[str] | None = None) -> int:
                      "e2a_overrides": {"webhooks.allow_private": True, "rate_limits.register_per_hour": 100000,
                                        "smtp.max_connections_per_ip": 200,
                                        "smtp.max_messages_per_session": 100000},
-                     "webhooks.max_concurrency_per_agent": 4},
+                     "webhooks.max_concurrency_per_agent": args.per_agent,
+                     "bench_leased_index": args.leased_index},
         "setup": setup,
         "medians": rows,
         "fanout": {"summary": fan_summary, "runs": fanouts},

@@ -40,7 +40,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 
 from e2a import __version__
-from e2a.delivery.ssrf import BLOCKED_ADDRESS, check_webhook_url, resolve_webhook_host
+from e2a.delivery.ssrf import BLOCKED_ADDRESS, ParsedUrl, check_webhook_url, resolve_webhook_host
 from e2a.errors import BadRequest
 from e2a.mailauth.authheaders import AuthFields, auth_headers, format_ts_frac, standard_webhook_signature
 from e2a.mailauth.dns import DnsClient, DnsTemporaryError
@@ -60,6 +60,8 @@ log = Logger()
 #: The response body is read up to this many bytes and discarded (mail.md §4.3).
 MAX_RESPONSE_BODY = 64 * 1024
 USER_AGENT = f"e2a/{__version__}"
+_MAX_CHECKED_URLS = 4096
+_MAX_CONNECTS_KEPT = 1000
 
 
 # ------------------------------------------------------------------------------ request (pure)
@@ -278,7 +280,10 @@ class WebhookClient:
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = max(1, max_per_host)
         self._pool.retryAutomatically = False  # a POST is not idempotent: the queue retries
-        self.connects: list[str] = []  # addresses dialled (observability and tests)
+        self.connects: list[str] = []  # addresses dialled, the most recent ones (observability, tests)
+        # check_webhook_url is pure and the same agent URL comes back on every attempt: keep
+        # the accepted results (bounded; a refused URL is re-checked, and raises, every time).
+        self._checked: dict[str, ParsedUrl] = {}
 
     async def close(self) -> None:
         """Close idle pooled connections (the service calls this on stop)."""
@@ -286,10 +291,15 @@ class WebhookClient:
 
     async def post(self, url: str, body: bytes, headers: Sequence[tuple[str, str]]) -> AttemptResult:
         """POST ``body`` to ``url`` after the SSRF checks; never raises for network outcomes."""
-        try:
-            parsed = check_webhook_url(url, production=self._production, allow_private=self._allow_private)
-        except BadRequest:
-            return AttemptResult(None, "invalid webhook URL")
+        parsed = self._checked.get(url)
+        if parsed is None:
+            try:
+                parsed = check_webhook_url(url, production=self._production, allow_private=self._allow_private)
+            except BadRequest:
+                return AttemptResult(None, "invalid webhook URL")
+            if len(self._checked) >= _MAX_CHECKED_URLS:
+                self._checked.clear()
+            self._checked[url] = parsed
         try:
             addresses = await resolve_webhook_host(self._dns, parsed.host, allow_private=self._allow_private)
         except BadRequest as exc:
@@ -301,6 +311,8 @@ class WebhookClient:
         except DnsTemporaryError:
             return AttemptResult(None, "DNS failure")
         address = addresses[0]
+        if len(self.connects) >= _MAX_CONNECTS_KEPT:
+            del self.connects[: _MAX_CONNECTS_KEPT // 2]  # bounded: a long-running process must not grow
         self.connects.append(address)
         agent = Agent.usingEndpointFactory(
             self._reactor,

@@ -27,6 +27,7 @@ from e2a.config import WebhooksConfig
 from e2a.delivery import backoff
 from e2a.delivery.webhook import AttemptResult, WebhookClient, WebhookMessage, build_request
 from e2a.store import deliveries
+from e2a.store.accounts import SecretCache
 from e2a.store.database import Database
 from e2a.store.deliveries import AttemptContext, ClaimedJob
 from e2a.store.events import CHANNEL_DELIVERY
@@ -79,6 +80,9 @@ class DeliveryService:
         self._events = events
         self._config = config
         self._master_key = master_key
+        # AES-GCM openings of the signing secrets, keyed by (secret id, ciphertext); which
+        # secrets sign is still read from SQL by every claim, so rotation is respected.
+        self._secrets = SecretCache()
         self._clock = clock or reactor
         self._poll_interval = poll_interval
         self._max_in_flight = max_in_flight
@@ -230,7 +234,7 @@ class DeliveryService:
             log.failure("webhook attempt {delivery_id} failed unexpectedly", delivery_id=job.id)
 
     async def _attempt_unguarded(self, job: ClaimedJob) -> None:
-        ctx = await deliveries.load_attempt(self._db, job, self._master_key)
+        ctx = await deliveries.load_attempt(self._db, job, self._master_key, self._secrets)
         if ctx is None:
             await deliveries.record_failed(self._db, job, None, "message or agent gone", self._now(), attempted=False)
             return
@@ -265,9 +269,10 @@ class DeliveryService:
         if result.status is not None:
             outcome = backoff.classify_status(result.status)
             if outcome == backoff.DELIVERED:
+                # No log line per delivered webhook: even at debug level a Twisted log event is
+                # built and published in the reactor thread for every message (the outcome is
+                # in the deliveries row and the API).
                 await deliveries.record_delivered(self._db, job, result.status, url, now)
-                log.debug("webhook {message_id} delivered ({delivery_id}, attempt {attempt})",
-                         message_id=job.message_id, delivery_id=job.id, attempt=job.attempt)
                 return
             if outcome == backoff.GONE:
                 await deliveries.record_gone(self._db, job, url, now)

@@ -17,14 +17,14 @@ Queue rules:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from e2a import ids
 from e2a.errors import Conflict, NotFound
-from e2a.store.accounts import active_secrets_txn
-from e2a.store.database import Database, Txn
+from e2a.store.accounts import SecretCache, active_secrets_txn
+from e2a.store.database import Database, Prepared, Txn
 from e2a.store.events import CHANNEL_DELIVERY
 from e2a.timefmt import ts_frac
 
@@ -101,22 +101,39 @@ def delivery_json(d: Delivery) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ClaimedJob:
-    """A leased delivery. ``attempts`` = attempts made before this one (this is ``attempts + 1``)."""
+    """A leased delivery. ``attempts`` = attempts made before this one (this is ``attempts + 1``).
+
+    ``row`` is what the claiming statement read for the attempt (message, agent, the owner's
+    secret ids and ciphertexts) so the attempt needs no second round trip; None for a job
+    built elsewhere (then :func:`load_attempt` reads it).
+    """
 
     id: str
     message_id: str
     agent_id: str
     attempts: int
+    row: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     @property
     def attempt(self) -> int:
         return self.attempts + 1
 
 
-# The per-agent in-flight count is computed once per claim (grouped over the pending, leased
-# rows) rather than once per candidate row, so a large backlog does not make each claim
-# quadratic.
-_CLAIM_SQL = """
+#: Signing secrets sent with each attempt, newest first (mail.md §3.3: rotation overlap).
+MAX_SECRETS = 5
+
+# One statement claims the jobs AND reads what their attempts need (one autocommit round trip
+# instead of a claim transaction plus a load transaction per job). The per-agent in-flight
+# count is computed once per claim (grouped over the pending, leased rows) rather than once
+# per candidate row, so a large backlog does not make each claim quadratic. The message,
+# agent and secret columns come from the statement's snapshot, taken when the claim runs,
+# i.e. at attempt time (mail.md §4.1: the URL is read per attempt). A job whose message or
+# agent is gone still comes back (LEFT JOINs by primary key, ``m_id``/``a_id`` NULL) so the
+# worker can fail it. The secrets are returned as (id, ciphertext) arrays newest first, so a
+# rotation takes effect on the next claim while the AES-GCM opening is cached per secret id.
+_CLAIM = Prepared(
+    "e2a_claim_deliveries",
+    """
 WITH in_flight AS (
     SELECT agent_id, count(*) AS n
     FROM deliveries
@@ -142,38 +159,53 @@ WITH in_flight AS (
     WHERE rank_in_agent + in_flight <= %(per_agent)s
     ORDER BY next_attempt_at, id
     LIMIT %(limit)s
+), claimed AS (
+    UPDATE deliveries d SET leased_until = %(lease_until)s
+    FROM chosen
+    WHERE d.id = chosen.id
+    RETURNING d.id, d.message_id, d.agent_id, d.attempts
 )
-UPDATE deliveries d SET leased_until = %(lease_until)s
-FROM chosen
-WHERE d.id = chosen.id
-RETURNING d.id, d.message_id, d.agent_id, d.attempts
-"""
-
-
-async def _claim_due_txn(
-    txn: Txn, now: datetime, limit: int, lease_seconds: float, max_per_agent: int
-) -> list[ClaimedJob]:
-    rows = await txn.fetchall(
-        _CLAIM_SQL,
-        {
-            "now": now,
-            "per_agent": max_per_agent,
-            "scan": max(limit * 4, limit),
-            "limit": limit,
-            "lease_until": now + timedelta(seconds=lease_seconds),
-        },
-    )
-    return [ClaimedJob(r["id"], r["message_id"], r["agent_id"], r["attempts"]) for r in rows]
+SELECT j.id, j.message_id, j.agent_id, j.attempts,
+       m.id AS m_id, m.conversation_id, m.display_from, m.to_addrs, m.cc_addrs, m.recipient,
+       m.raw_message, m.auth_headers, m.created_at,
+       a.id AS a_id, a.agent_mode, a.webhook_url, a.webhook_status,
+       s.secret_ids, s.secrets
+FROM claimed j
+LEFT JOIN messages m ON m.id = j.message_id AND m.agent_id = j.agent_id AND m.direction = 'inbound'
+LEFT JOIN agents a ON a.id = j.agent_id AND m.id IS NOT NULL
+LEFT JOIN LATERAL (
+    SELECT array_agg(t.id ORDER BY t.created_at DESC, t.id DESC) AS secret_ids,
+           array_agg(t.secret ORDER BY t.created_at DESC, t.id DESC) AS secrets
+    FROM (SELECT id, secret, created_at FROM signing_secrets WHERE user_id = a.user_id
+          ORDER BY created_at DESC, id DESC LIMIT %(max_secrets)s) t
+) s ON a.user_id IS NOT NULL
+""",
+)
 
 
 async def claim_due(
     db: Database, now: datetime, limit: int, lease_seconds: float, max_per_agent: int
 ) -> list[ClaimedJob]:
     """Lease up to ``limit`` due pending deliveries (oldest due first), at most
-    ``max_per_agent`` in flight per agent, for ``lease_seconds`` from ``now``."""
+    ``max_per_agent`` in flight per agent, for ``lease_seconds`` from ``now``.
+
+    One statement on its own (autocommit): the lease and the attempt's inputs in one round
+    trip (see ``_CLAIM``).
+    """
     if limit <= 0:
         return []
-    return await db.run("claim_deliveries", _claim_due_txn, now, limit, lease_seconds, max_per_agent)
+    rows = await db.fetchall_prepared(
+        _CLAIM,
+        {
+            "now": now,
+            "per_agent": max_per_agent,
+            "scan": max(limit * 4, limit),
+            "limit": limit,
+            "lease_until": now + timedelta(seconds=lease_seconds),
+            "max_secrets": MAX_SECRETS,
+        },
+    )
+    return [ClaimedJob(r["id"], r["message_id"], r["agent_id"], r["attempts"], r) for r in rows]
 
 
 @dataclass(frozen=True)
@@ -196,9 +228,28 @@ class AttemptContext:
     secrets: list[str]  # decrypted, newest first
 
 
+def _context(row: dict[str, Any], agent_id: str, secrets: list[str]) -> AttemptContext:
+    return AttemptContext(
+        message_id=row["message_id"],
+        conversation_id=row["conversation_id"],
+        display_from=row["display_from"],
+        to_addrs=row["to_addrs"],
+        cc_addrs=row["cc_addrs"],
+        recipient=row["recipient"],
+        raw_message=bytes(row["raw_message"]),
+        auth_headers=row["auth_headers"],
+        received_at=row["created_at"],
+        agent_id=agent_id,
+        agent_mode=row["agent_mode"],
+        webhook_url=row["webhook_url"],
+        webhook_status=row["webhook_status"],
+        secrets=secrets,
+    )
+
+
 async def _load_attempt_txn(txn: Txn, job: ClaimedJob, master_key: bytes) -> AttemptContext | None:
     row = await txn.fetchone(
-        "SELECT m.id, m.conversation_id, m.display_from, m.to_addrs, m.cc_addrs, m.recipient,"
+        "SELECT m.id AS message_id, m.conversation_id, m.display_from, m.to_addrs, m.cc_addrs, m.recipient,"
         " m.raw_message, m.auth_headers, m.created_at, a.id AS agent_id, a.user_id, a.agent_mode,"
         " a.webhook_url, a.webhook_status"
         " FROM messages m JOIN agents a ON a.id = m.agent_id"
@@ -208,59 +259,67 @@ async def _load_attempt_txn(txn: Txn, job: ClaimedJob, master_key: bytes) -> Att
     if row is None or row["raw_message"] is None or not row["auth_headers"]:
         return None
     secrets = await active_secrets_txn(txn, master_key, row["user_id"])
-    return AttemptContext(
-        message_id=row["id"],
-        conversation_id=row["conversation_id"],
-        display_from=row["display_from"],
-        to_addrs=row["to_addrs"],
-        cc_addrs=row["cc_addrs"],
-        recipient=row["recipient"],
-        raw_message=bytes(row["raw_message"]),
-        auth_headers=row["auth_headers"],
-        received_at=row["created_at"],
-        agent_id=row["agent_id"],
-        agent_mode=row["agent_mode"],
-        webhook_url=row["webhook_url"],
-        webhook_status=row["webhook_status"],
-        secrets=secrets[:5],
-    )
+    return _context(row, row["agent_id"], secrets[:MAX_SECRETS])
 
 
-async def load_attempt(db: Database, job: ClaimedJob, master_key: bytes) -> AttemptContext | None:
-    """The message, agent and secrets of a claimed job; None when the message or agent is gone."""
-    return await db.run("load_delivery_attempt", _load_attempt_txn, job, master_key)
+async def load_attempt(
+    db: Database, job: ClaimedJob, master_key: bytes, cache: SecretCache | None = None
+) -> AttemptContext | None:
+    """The message, agent and secrets of a claimed job; None when the message or agent is gone.
+
+    A job from :func:`claim_due` already carries them (no round trip); its secrets are opened
+    through ``cache`` (keyed by secret id and ciphertext, so a rotated or deleted secret is
+    never used: the ids come from the claim's SQL).
+
+    Raises:
+        crypto.DecryptionError: a stored secret does not open with ``master_key``.
+    """
+    row = job.row
+    if row is None:
+        return await db.run("load_delivery_attempt", _load_attempt_txn, job, master_key)
+    if row["m_id"] is None or row["a_id"] is None or row["raw_message"] is None or not row["auth_headers"]:
+        return None
+    cache = cache or SecretCache()
+    ids_ = row["secret_ids"] or []
+    secrets = [cache.decrypt(master_key, i, c) for i, c in zip(ids_, row["secrets"] or [], strict=True)]
+    return _context(row, job.agent_id, secrets)
 
 
-async def _finish_txn(txn: Txn, sql: str, params: dict[str, Any]) -> bool:
-    await txn.execute(sql, params)
-    return txn.rowcount == 1
+async def _finish(db: Database, sql: str, params: dict[str, Any]) -> bool:
+    """One guarded ``UPDATE … RETURNING id`` on its own (autocommit: one round trip)."""
+    return len(await db.fetchall(sql, params)) == 1
+
+
+# The delivery row and the message's ``read`` flag in ONE statement (one implicit
+# transaction, one round trip): both commit together, and the message is only touched when
+# the guarded delivery update matched.
+_DELIVERED = Prepared(
+    "e2a_delivery_delivered",
+    "WITH d AS ("
+    " UPDATE deliveries SET status = 'delivered', attempts = attempts + 1, last_status_code = %(code)s,"
+    " last_error = '', last_attempt_at = %(now)s, delivered_at = %(now)s, next_attempt_at = NULL,"
+    " leased_until = NULL, webhook_url = %(url)s"
+    " WHERE id = %(id)s AND attempts = %(attempts)s AND status IN ('pending', 'paused')"
+    " RETURNING message_id"
+    "), m AS ("
+    " UPDATE messages SET status = 'read', read_at = COALESCE(read_at, %(now)s)"
+    " WHERE id IN (SELECT message_id FROM d) AND direction = 'inbound' AND status = 'unread'"
+    ")"
+    " SELECT count(*) AS n FROM d",
+)
 
 
 async def record_delivered(db: Database, job: ClaimedJob, status_code: int, url: str, now: datetime) -> bool:
     """2xx: ``delivered``, and the inbound message becomes ``read`` (api.md §5.1).
 
     A delivery paused by a concurrent 410 while this attempt was in flight is still marked
-    delivered: the receiver did get it.
+    delivered: the receiver did get it. Returns False when the guarded update matched nothing
+    (the lease was lost). One round trip (autocommit).
     """
-
-    async def _delivered_txn(txn: Txn) -> bool:
-        await txn.execute(
-            "UPDATE deliveries SET status = 'delivered', attempts = attempts + 1, last_status_code = %(code)s,"
-            " last_error = '', last_attempt_at = %(now)s, delivered_at = %(now)s, next_attempt_at = NULL,"
-            " leased_until = NULL, webhook_url = %(url)s"
-            " WHERE id = %(id)s AND attempts = %(attempts)s AND status IN ('pending', 'paused')",
-            {"code": status_code, "now": now, "url": url, "id": job.id, "attempts": job.attempts},
-        )
-        if txn.rowcount != 1:
-            return False
-        await txn.execute(
-            "UPDATE messages SET status = 'read', read_at = COALESCE(read_at, %s)"
-            " WHERE id = %s AND direction = 'inbound' AND status = 'unread'",
-            (now, job.message_id),
-        )
-        return True
-
-    return await db.run("delivery_delivered", _delivered_txn)
+    row = await db.fetchone_prepared(
+        _DELIVERED, {"code": status_code, "now": now, "url": url, "id": job.id, "attempts": job.attempts}
+    )
+    return row is not None and row["n"] == 1
 
 
 async def record_retry(
@@ -273,12 +332,11 @@ async def record_retry(
     next_attempt_at: datetime,
 ) -> bool:
     """A failed attempt with attempts left: stays ``pending``, due at ``next_attempt_at``."""
-    return await db.run(
-        "delivery_retry",
-        _finish_txn,
+    return await _finish(
+        db,
         "UPDATE deliveries SET attempts = attempts + 1, last_status_code = %(code)s, last_error = %(error)s,"
         " last_attempt_at = %(now)s, next_attempt_at = %(next)s, leased_until = NULL, webhook_url = %(url)s"
-        " WHERE id = %(id)s AND attempts = %(attempts)s AND status = 'pending'",
+        " WHERE id = %(id)s AND attempts = %(attempts)s AND status = 'pending' RETURNING id",
         {
             "code": status_code, "error": error, "now": now, "next": next_attempt_at, "url": url,
             "id": job.id, "attempts": job.attempts,
@@ -303,16 +361,16 @@ async def record_failed(
             "UPDATE deliveries SET status = 'failed', attempts = attempts + 1, last_status_code = %(code)s,"
             " last_error = %(error)s, last_attempt_at = %(now)s, next_attempt_at = NULL, leased_until = NULL,"
             " webhook_url = COALESCE(%(url)s, webhook_url)"
-            " WHERE id = %(id)s AND attempts = %(attempts)s AND status = 'pending'"
+            " WHERE id = %(id)s AND attempts = %(attempts)s AND status = 'pending' RETURNING id"
         )
     else:
         sql = (
             "UPDATE deliveries SET status = 'failed', last_error = %(error)s, next_attempt_at = NULL,"
             " leased_until = NULL WHERE id = %(id)s AND attempts = %(attempts)s AND status = 'pending'"
+            " RETURNING id"
         )
-    return await db.run(
-        "delivery_failed",
-        _finish_txn,
+    return await _finish(
+        db,
         sql,
         {"code": status_code, "error": error, "now": now, "url": url, "id": job.id, "attempts": job.attempts},
     )
@@ -320,11 +378,10 @@ async def record_failed(
 
 async def record_paused(db: Database, job: ClaimedJob) -> bool:
     """The agent's webhook is disabled: no attempt, ``paused`` until a PUT re-enables it."""
-    return await db.run(
-        "delivery_paused",
-        _finish_txn,
+    return await _finish(
+        db,
         "UPDATE deliveries SET status = 'paused', next_attempt_at = NULL, leased_until = NULL"
-        " WHERE id = %(id)s AND attempts = %(attempts)s AND status = 'pending'",
+        " WHERE id = %(id)s AND attempts = %(attempts)s AND status = 'pending' RETURNING id",
         {"id": job.id, "attempts": job.attempts},
     )
 
