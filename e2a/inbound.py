@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from twisted.logger import Logger
 
 from e2a import ids
+from e2a.delivery.backpressure import Backpressure
 from e2a.mailauth import authheaders
 from e2a.messageview import MessageView
 from e2a.store import messages
@@ -75,6 +76,7 @@ class InboundPipeline:
         authserv_id: str,
         now: Callable[[], datetime] | None = None,
         to_trace: Callable[[Any], TraceInput] | None = None,
+        backpressure: Backpressure | None = None,
     ) -> None:
         self.db = db
         self.verifier = verifier
@@ -84,13 +86,21 @@ class InboundPipeline:
         self.now = now or (lambda: datetime.now(UTC))
         self.to_trace = to_trace or trace_from_verdict
         self._secrets = SecretCache()
+        self.backpressure = backpressure
 
     async def accept(self, envelope: EnvelopeLike, raw: bytes) -> str:
         """Store one copy per recipient agent; returns the first copy's ``msg_…`` id.
 
+        While the webhook backlog is above its high-water mark (:mod:`e2a.delivery.backpressure`),
+        mail with a cloud-agent recipient first waits — before verification and storage, so
+        before the 250 — until the backlog drains or the gate's ``max_wait`` passes.
+
         Raises:
             TransientError (and subclasses): nothing was committed; the sender should retry.
         """
+        bp = self.backpressure
+        if bp is not None and bp.holding and await self._any_cloud_recipient(envelope.recipients):
+            await bp.wait()
         fields, _body_offset = authheaders.split_header_section(raw)
         view = MessageView.from_fields(fields)
         assert self.verifier is not None
@@ -104,6 +114,15 @@ class InboundPipeline:
         return await self.db.run_batched(
             "accept_inbound", self._accept_txn, envelope, view, stripped, trace, received_at
         )
+
+    async def _any_cloud_recipient(self, recipients: Sequence[str]) -> bool:
+        """One indexed lookup, made only while the gate is holding: local agents' mail goes to
+        WebSockets, adds nothing to the webhook backlog and need not wait."""
+        row = await self.db.fetchone(
+            "SELECT EXISTS (SELECT 1 FROM agents WHERE lower(id) = ANY(%s) AND agent_mode = 'cloud') AS cloud",
+            ([r.lower() for r in recipients],),
+        )
+        return bool(row and row["cloud"])
 
     async def _accept_txn(
         self,

@@ -63,6 +63,7 @@ class E2AService(service.Service):
         self.outbound: Any = None
         self.retention: Any = None
         self.inbound: Any = None
+        self.backpressure: Any = None
         self._stoppers: list[Any] = []
         self.started: defer.Deferred[None] = defer.Deferred()
 
@@ -167,6 +168,7 @@ class E2AService(service.Service):
         self.http_port = await endpoint.listen(self.api.site())
 
     async def _start_smtp(self) -> None:
+        from e2a.delivery.backpressure import Backpressure
         from e2a.inbound import InboundPipeline
         from e2a.mailauth.verify import MailVerifier
         from e2a.smtp.recipients import AgentRecipients
@@ -174,10 +176,13 @@ class E2AService(service.Service):
 
         assert self.db is not None
         smtp = self.config.smtp
+        # Fed by the DeliveryService (_start_workers), awaited by every cloud-bound accept.
+        self.backpressure = Backpressure(self.reactor)
         self.verifier = MailVerifier(self.dns, self.mailauth_pool, self.reactor)
         self._stoppers.append(self.verifier.close)
         self.inbound = InboundPipeline(
-            self.db, self.verifier, self.master_key, smtp.domain, smtp.effective_authserv_id
+            self.db, self.verifier, self.master_key, smtp.domain, smtp.effective_authserv_id,
+            backpressure=self.backpressure,
         )
         tls = load_tls_options(smtp.tls_cert, smtp.tls_key) if smtp.tls_enabled else None
         self.smtp_factory = SmtpFactory(smtp, AgentRecipients(self.db), self.inbound.accept, self.reactor, tls)
@@ -190,7 +195,8 @@ class E2AService(service.Service):
         assert self.db is not None and self.events is not None
         config = self.config
         self.delivery = DeliveryService(
-            self.db, self.events, self.dns, config.webhooks, config.production, self.master_key, self.reactor
+            self.db, self.events, self.dns, config.webhooks, config.production, self.master_key, self.reactor,
+            backpressure=self.backpressure,
         )
         await self.delivery.start()
         self._stoppers.append(self.delivery.stop)

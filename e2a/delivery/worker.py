@@ -25,6 +25,7 @@ from twisted.logger import Logger
 
 from e2a.config import WebhooksConfig
 from e2a.delivery import backoff
+from e2a.delivery.backpressure import Backpressure
 from e2a.delivery.webhook import AttemptResult, WebhookClient, WebhookMessage, build_request
 from e2a.store import deliveries
 from e2a.store.accounts import SecretCache
@@ -58,6 +59,8 @@ class DeliveryService:
         max_in_flight: attempts in flight in this process.
         rng: uniform [0, 1) source for the retry jitter.
         client: a ready :class:`WebhookClient` (tests); by default one is built and owned.
+        backpressure: the SMTP accept gate this worker feeds with the due backlog, counted
+            from the database on wake-ups (at most once per its ``refresh_interval``).
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class DeliveryService:
         max_in_flight: int = 64,
         rng: Callable[[], float] = random.random,
         client: WebhookClient | None = None,
+        backpressure: Backpressure | None = None,
     ) -> None:
         self._db = db
         self._events = events
@@ -106,6 +110,7 @@ class DeliveryService:
         self._in_flight: dict[str, defer.Deferred[None]] = {}
         self._per_agent: dict[str, int] = {}
         self._poll_done: defer.Deferred[None] | None = None
+        self._backpressure = backpressure
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -128,6 +133,8 @@ class DeliveryService:
         (another process, or this one after a restart, retries it).
         """
         self._running = False
+        if self._backpressure is not None:
+            self._backpressure.open()  # nobody refreshes the estimate any more
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
@@ -156,10 +163,26 @@ class DeliveryService:
         """Claim and start due jobs soon; coalesces while a poll is running. Never raises."""
         if not self._running:
             return
+        if self._backpressure is not None and self._backpressure.refresh_due():
+            self._backpressure.begin_refresh()
+            defer.Deferred.fromCoroutine(self._refresh_backlog())
         if self._polling:
             self._poll_again = True
             return
         self._poll_done = defer.Deferred.fromCoroutine(self._poll_loop())
+
+    async def _refresh_backlog(self) -> None:
+        """Count the due backlog for the backpressure gate; never raises. Runs beside the
+        claim loop (its own pooled connection), so the count never delays a claim."""
+        bp = self._backpressure
+        assert bp is not None
+        try:
+            n = await deliveries.count_due(self._db, self._now(), bp.count_limit)
+        except Exception:
+            bp.refresh_failed()
+            log.failure("counting the webhook backlog failed")
+            return
+        bp.update(n)
 
     async def _poll_loop(self) -> None:
         self._polling = True

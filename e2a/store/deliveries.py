@@ -34,6 +34,7 @@ __all__ = [
     "ClaimedJob",
     "Delivery",
     "claim_due",
+    "count_due",
     "delivery_json",
     "list_deliveries",
     "load_attempt",
@@ -206,6 +207,25 @@ async def claim_due(
         },
     )
     return [ClaimedJob(r["id"], r["message_id"], r["agent_id"], r["attempts"], r) for r in rows]
+
+
+# The backlog estimate for backpressure (e2a/delivery/backpressure.py): due, unleased jobs,
+# counted on the ``deliveries_due_idx`` partial index and cut off at ``cap`` rows, so the cost
+# stays bounded however large the backlog is (leased rows are the oldest due ones: at most
+# the jobs in flight are read and skipped).
+_COUNT_DUE = Prepared(
+    "e2a_count_due_deliveries",
+    "SELECT count(*) AS n FROM (SELECT 1 FROM deliveries"
+    " WHERE status = 'pending' AND next_attempt_at <= %(now)s"
+    " AND (leased_until IS NULL OR leased_until <= %(now)s)"
+    " LIMIT %(cap)s) due",
+)
+
+
+async def count_due(db: Database, now: datetime, cap: int) -> int:
+    """How many pending deliveries are due at ``now`` and not leased, counting at most ``cap``."""
+    row = await db.fetchone_prepared(_COUNT_DUE, {"now": now, "cap": cap})
+    return 0 if row is None else int(row["n"])
 
 
 @dataclass(frozen=True)
