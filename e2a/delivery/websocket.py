@@ -227,7 +227,8 @@ async def unread_page(
 
 async def fetch_notification(db: Database, agent_id: str, message_id: str) -> Notification | None:
     row = await db.fetchone(
-        f"SELECT {_NOTE_COLUMNS} FROM messages WHERE id = %s AND agent_id = %s AND direction = 'inbound'",
+        # agent ids keep the local part's case; live events are keyed by the lowercased address
+        f"SELECT {_NOTE_COLUMNS} FROM messages WHERE id = %s AND lower(agent_id) = lower(%s) AND direction = 'inbound'",
         (message_id, agent_id),
     )
     return None if row is None else _note(row)

@@ -516,3 +516,16 @@ async def test_access_log_redacts_token(db, stacks):
     assert resp.code == 426
     line = site.logFile.getvalue()
     assert "token=***" in line and key not in line
+
+
+@pytest_twisted.ensureDeferred
+async def test_live_push_reaches_agent_with_capital_local_part(db, stacks):
+    """Agent ids keep the local part's case; live events are still found and pushed."""
+    stack = await stacks()
+    user_id, key = await insert_user_with_key(db)
+    await make_agent(db, user_id, "Bot@agents.test")
+    client = await stack.connect(token=key, agent="bot@agents.test")
+    await client.frames_until("drained")
+    live = await insert_message(db, user_id, "Bot@agents.test", subject="live")
+    frame = await client.frame()
+    assert frame["message_id"] == live and frame["recipient"] == "Bot@agents.test"
