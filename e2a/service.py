@@ -178,7 +178,10 @@ class E2AService(service.Service):
         smtp = self.config.smtp
         # Fed by the DeliveryService (_start_workers), awaited by every cloud-bound accept.
         self.backpressure = Backpressure(self.reactor)
-        self.verifier = MailVerifier(self.dns, self.mailauth_pool, self.reactor)
+        # Verification must finish inside the SMTP store timeout, leaving time to commit.
+        self.verifier = MailVerifier(
+            self.dns, self.mailauth_pool, self.reactor, budget=max(1.0, smtp.store_timeout * 0.8)
+        )
         self._stoppers.append(self.verifier.close)
         self.inbound = InboundPipeline(
             self.db, self.verifier, self.master_key, smtp.domain, smtp.effective_authserv_id,

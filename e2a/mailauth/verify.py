@@ -30,6 +30,7 @@ import base64
 import binascii
 import re
 import threading
+import time
 from typing import Any
 
 import dkim
@@ -93,8 +94,18 @@ class MailVerifier:
     """
 
     def __init__(
-        self, dns: DnsClient, pool: ThreadPool, reactor: Any, spf_timeout: float = 20.0
+        self,
+        dns: DnsClient,
+        pool: ThreadPool,
+        reactor: Any,
+        spf_timeout: float = 20.0,
+        budget: float | None = None,
     ) -> None:
+        # ``budget``: seconds from submission after which a verification stops asking DNS and
+        # reports what it has not checked as ``temperror``. A deferToThreadPool job cannot be
+        # cancelled, so without it a few senders with slow DNS (10 DKIM keys × 5 s + SPF 20 s)
+        # could keep every pool thread busy long after SMTP answered 451.
+        self._budget = budget
         self._dns = dns
         self._pool = pool
         self._reactor = reactor
@@ -123,21 +134,42 @@ class MailVerifier:
         trouble never raises: it becomes ``temperror`` results in the verdict.
         """
         when = self._reactor.seconds() if now is None else now
+        deadline = None if self._budget is None else time.monotonic() + self._budget
         return await threads.deferToThreadPool(
-            self._reactor, self._pool, self.thd_verify, raw, client_ip, helo, mail_from, when
+            self._reactor, self._pool, self.thd_verify, raw, client_ip, helo, mail_from, when, deadline
         )
 
     # ------------------------------------------------------------------ thread side
 
     def thd_verify(
-        self, raw: bytes, client_ip: str, helo: str, mail_from: str, now: float
+        self,
+        raw: bytes,
+        client_ip: str,
+        helo: str,
+        mail_from: str,
+        now: float,
+        deadline: float | None = None,
     ) -> Verdict:
-        """Blocking: SPF, every DKIM signature, the DMARC record, then the verdict."""
+        """Blocking: SPF, every DKIM signature, the DMARC record, then the verdict.
+
+        Past ``deadline`` (``time.monotonic()``), the checks not yet run are ``temperror``
+        (a job that waited in the queue beyond it makes no DNS query at all).
+        """
+
+        def expired() -> bool:
+            return deadline is not None and time.monotonic() >= deadline
+
         from_address = from_address_of(raw)
-        spf_result = self.thd_spf(client_ip, helo, mail_from)
-        dkim_results = self.thd_dkim(raw, now)
+        spf_result = "temperror" if expired() else self.thd_spf(client_ip, helo, mail_from)
+        if expired():
+            count = len(re.findall(rb"(?im)^dkim-signature[ \t]*:", raw[: raw.find(b"\r\n\r\n") + 2]))
+            dkim_results = tuple(DkimResult("temperror") for _ in range(min(count, MAX_DKIM_SIGNATURES)))
+        else:
+            dkim_results = self.thd_dkim(raw, now, deadline)
         if from_address is None:
             lookup = DmarcLookup(DMARC_NONE)  # unused: no From → dmarc=permerror
+        elif expired():
+            lookup = DmarcLookup(DMARC_TEMPERROR)
         else:
             lookup = self.thd_dmarc_lookup(from_address.rpartition("@")[2])
         return build_verdict(
@@ -181,7 +213,7 @@ class MailVerifier:
             return "temperror"
         return result if result in SPF_RESULTS else "permerror"
 
-    def thd_dkim(self, raw: bytes, now: float) -> tuple[DkimResult, ...]:
+    def thd_dkim(self, raw: bytes, now: float, deadline: float | None = None) -> tuple[DkimResult, ...]:
         """One :class:`DkimResult` per ``DKIM-Signature`` field (the first 10), §2.3."""
         try:
             message = DkimMessage(raw)
@@ -198,6 +230,9 @@ class MailVerifier:
         keys: dict[bytes, bytes | None | Exception] = {}
         results = []
         for idx, value in enumerate(fields[:MAX_DKIM_SIGNATURES]):
+            if deadline is not None and time.monotonic() >= deadline:
+                results.append(DkimResult("temperror"))  # budget spent: not checked
+                continue
             try:
                 results.append(self._thd_one_signature(message, idx, value, now, keys))
             except Exception:

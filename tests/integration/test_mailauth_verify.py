@@ -554,3 +554,29 @@ def test_header_section_opening_with_continuation_line_gets_a_verdict():
     verifier = MailVerifier.__new__(MailVerifier)
     raw = b" x\r\nFrom: a@example.org\r\nDKIM-Signature: v=1; a=rsa-sha256; d=example.org; s=s; h=from; bh=x; b=y\r\n\r\nbody\r\n"
     assert [r.result for r in verifier.thd_dkim(raw, 0)] == ["permerror"]
+
+
+def test_expired_budget_reports_temperror_without_dns():
+    """A verification that starts after its deadline asks no DNS and reports temperror for
+    SPF, each DKIM signature and DMARC (a stale queue cannot pin the thread pool)."""
+    import time as _time
+
+    from e2a.mailauth.dns import DnsClient
+    from e2a.mailauth.verify import MailVerifier
+
+    class Unused(DnsClient):
+        def thd_spf_lookup(self, *args, **kwargs):
+            raise AssertionError("no DNS after the deadline")
+
+        def thd_txt(self, *args, **kwargs):
+            raise AssertionError("no DNS after the deadline")
+
+    verifier = MailVerifier.__new__(MailVerifier)
+    verifier._dns = Unused([("127.0.0.1", 9)], 1.0)
+    raw = (
+        b"DKIM-Signature: v=1; a=rsa-sha256; d=example.org; s=s; h=from; bh=x; b=y\r\n"
+        b"From: a@example.org\r\n\r\nbody\r\n"
+    )
+    verdict = verifier.thd_verify(raw, "127.0.0.1", "client.example.org", "a@example.org", 0, _time.monotonic() - 1)
+    assert verdict.domain_check() == "spf=temperror; dkim=temperror; dmarc=temperror"
+    assert verdict.verified is False
