@@ -284,6 +284,8 @@ class AgentSocketProtocol(WebSocketServerProtocol):
         self.opened = False
         self._redrain = False
         self._pending: list[Notification] = []
+        self._pending_octets = 0
+        self._ping_payloads: list[bytes] = []
         self._sent: set[str] = set()
         self._paused = False
         self._queue: deque[bytes] = deque()
@@ -363,6 +365,9 @@ class AgentSocketProtocol(WebSocketServerProtocol):
         self._client_frames.addErrback(lambda f: log.failure("client frame failed", f))
 
     def onPong(self, payload: bytes) -> None:  # noqa: N802 - Autobahn API
+        if payload not in self._ping_payloads:
+            return
+        self._ping_payloads.clear()
         if self._pong_deadline is not None and self._pong_deadline.active():
             self._pong_deadline.cancel()
         self._pong_deadline = None
@@ -449,7 +454,16 @@ class AgentSocketProtocol(WebSocketServerProtocol):
     def offer(self, note: Notification) -> None:
         """A live event for this agent: queued while draining (step 3), else sent now."""
         if self.draining:
+            # Live events queued during the drain count against the slow-consumer limit too:
+            # a client that never reads must not grow this list without bound.
             self._pending.append(note)
+            self._pending_octets += len(encode_frame(notification_frame(note)))
+            if self._pending_octets > SLOW_CONSUMER_OCTETS:
+                assert self.grant is not None
+                log.warn("slow consumer on {agent} while draining: closing", agent=self.grant.agent_id)
+                self._pending.clear()
+                self._pending_octets = 0
+                self.close_with(CLOSE_POLICY, REASON_SLOW_CONSUMER)
         else:
             self._send_note(note)
 
@@ -537,6 +551,7 @@ class AgentSocketProtocol(WebSocketServerProtocol):
             if self.v2:
                 self._send_json({"type": "drained", "count": count})
         pending, self._pending = self._pending, []
+        self._pending_octets = 0
         for note in pending:
             self._send_note(note)
 
@@ -561,7 +576,12 @@ class AgentSocketProtocol(WebSocketServerProtocol):
         self._ping_call = None
         if not self.is_live:
             return
-        self.sendPing(os.urandom(8))
+        # Only a pong echoing one of our outstanding pings counts (unsolicited pongs from a
+        # client that never reads must not keep it alive).
+        payload = os.urandom(8)
+        self._ping_payloads.append(payload)
+        del self._ping_payloads[:-4]
+        self.sendPing(payload)
         if self._pong_deadline is None:
             self._pong_deadline = self.grant.service.clock.callLater(
                 self.grant.service.config.ping_timeout, self._ping_timed_out
