@@ -33,9 +33,16 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
+from zope.interface import implementer
 
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITLSTransport
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+    ITLSTransport,
+)
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.logger import Logger
 from twisted.mail import smtp
@@ -82,6 +89,10 @@ Cancelled when ``store_timeout`` expires: the implementation must roll back then
 
 # Bytes of a command line without CRLF before the session is dropped (mail.md §1.3).
 COMMAND_FLOOD_LIMIT = 65536
+
+# Seconds a closing session may take to flush its last reply before the socket is aborted: a
+# client that stops reading would otherwise hold its connection slot (and shutdown) forever.
+CLOSE_GRACE = 10.0
 
 
 # -- replies -----------------------------------------------------------------------------------
@@ -279,8 +290,14 @@ _COMMANDS = {
 }
 
 
+@implementer(IPushProducer)
 class SmtpSession(smtp.ESMTP):
-    """One inbound SMTP connection. Built by :class:`SmtpFactory`; not for direct use."""
+    """One inbound SMTP connection. Built by :class:`SmtpFactory`; not for direct use.
+
+    The session is a streaming producer on its own transport: when the client stops reading
+    our replies the transport pauses us, and we stop reading and parsing commands until it
+    resumes us, so a pipelining client cannot make us queue output without limit (§1.2).
+    """
 
     def __init__(self, factory: SmtpFactory) -> None:
         super().__init__(chal={}, contextFactory=factory.tls)
@@ -292,7 +309,9 @@ class SmtpSession(smtp.ESMTP):
         self._mode = _Mode.COMMAND
         self._busy = False  # a reply waits for an async call; input is not parsed meanwhile
         self._pumping = False
-        self._paused = False
+        self._paused = False  # we paused the transport's reading
+        self._write_blocked = False  # the transport paused us: its send buffer is full
+        self._producing = False  # registered as the transport's streaming producer
         self._closing = False
         self._registered = False
         self._discarding = False  # inside an over-long command line, dropping to CRLF
@@ -310,7 +329,8 @@ class SmtpSession(smtp.ESMTP):
         self._errors = 0
         self._pending: defer.Deferred[Any] | None = None
         self._pending_is_store = False
-        self._close_after_reply = False
+        self._close_after_reply: Reply | None = None
+        self._close_call: IDelayedCall | None = None  # aborts a close that never flushes
         self._idle_call: IDelayedCall | None = None
         self._data_call: IDelayedCall | None = None
         self._session_call: IDelayedCall | None = None
@@ -351,6 +371,8 @@ class SmtpSession(smtp.ESMTP):
             self._close(refusal)
             return
         self._registered = True
+        self.transport.registerProducer(self, True)
+        self._producing = True
         self._can_tls = self.ctx is not None and ITLSTransport.providedBy(self.transport)
         self.transport.write(b"220 " + self.greeting() + b"\r\n")
         self._session_call = self._clock.callLater(self._config.session_timeout, self._on_timeout)
@@ -358,7 +380,11 @@ class SmtpSession(smtp.ESMTP):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._closing = True
+        self._producing = False  # the transport drops (and stops) its producer itself
         self._cancel_timers()
+        if self._close_call is not None and self._close_call.active():
+            self._close_call.cancel()
+        self._close_call = None
         self._scanner = None
         self._inbuf = bytearray()
         pending, self._pending = self._pending, None
@@ -375,16 +401,36 @@ class SmtpSession(smtp.ESMTP):
         if self._closing:
             return
         if self._pending is not None and self._pending_is_store:
-            self._close_after_reply = True
+            self._close_after_reply = R_SHUTDOWN
             return
         self._close(R_SHUTDOWN)
+
+    # -- IPushProducer: the transport tells us when its send buffer is full or drained -----------
+
+    def pauseProducing(self) -> None:
+        """The client is not reading our replies: stop reading and parsing its commands."""
+        self._write_blocked = True
+        self._sync_reading()
+
+    def resumeProducing(self) -> None:
+        """The send buffer drained: read again and go on with any buffered commands."""
+        if not self._write_blocked:
+            return
+        self._write_blocked = False
+        if self._closing:
+            return
+        self._pump()
+
+    def stopProducing(self) -> None:
+        """The transport is going away; connectionLost does the cleanup."""
+        self._producing = False
 
     # -- input pump ---------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        if self._mode is _Mode.DATA and not self._busy and not self._inbuf:
+        if self._mode is _Mode.DATA and not self._blocked() and not self._inbuf:
             # Fast path: content goes straight to the scanner without a buffer copy.
             self._feed_scanner(data)
         else:
@@ -397,7 +443,7 @@ class SmtpSession(smtp.ESMTP):
             return  # re-entered from a synchronously completed async call; the loop goes on
         self._pumping = True
         try:
-            while not self._busy and not self._closing and self._inbuf:
+            while not self._blocked() and not self._closing and self._inbuf:
                 if self._mode is _Mode.DATA:
                     data = bytes(self._inbuf)
                     self._inbuf.clear()
@@ -408,22 +454,27 @@ class SmtpSession(smtp.ESMTP):
             self._pumping = False
         self._sync_reading()
 
+    def _blocked(self) -> bool:
+        """No input is parsed while a reply is pending or while the client is not reading ours."""
+        return self._busy or self._write_blocked
+
     def _sync_reading(self) -> None:
-        """Pause the transport while a reply is pending and input is waiting, so input stays
-        bounded and ordered.
+        """Pause the transport while a reply is pending and input is waiting, or while the
+        client does not read our replies, so input and output stay bounded and ordered.
 
         Ordering never depends on the pause (the pump parses nothing while busy); the pause
         bounds memory. A client that waits for each reply (no pipelining) sends nothing while
         we are busy, so pausing then would only cost two ``epoll_ctl`` calls per lookup and
         per stored message. Hence: pause once bytes are buffered behind a pending reply (the
-        first chunk that arrives while busy pauses reading), resume when idle again.
+        first chunk that arrives while busy pauses reading), resume when idle again. A full
+        send buffer (:meth:`pauseProducing`) pauses reading at once.
         """
         if self._closing:
             return
-        if self._busy and not self._paused and self._inbuf:
+        if not self._paused and (self._write_blocked or (self._busy and self._inbuf)):
             self._paused = True
             self.transport.pauseProducing()
-        elif not self._busy and self._paused:
+        elif self._paused and not self._blocked():
             self._paused = False
             self.transport.resumeProducing()
 
@@ -492,11 +543,30 @@ class SmtpSession(smtp.ESMTP):
         if self._closing:
             return
         self.transport.write(bytes(Reply(reply.code, reply.text.format(domain=self._config.domain))))
+        self._finish()
+
+    def _finish(self) -> None:
+        """Stop everything and close once the last reply is flushed, or abort after CLOSE_GRACE.
+
+        The producer is unregistered first: a transport with a registered producer never
+        closes. The grace timer bounds a client that stops reading (it would otherwise keep its
+        connection slot and block :meth:`SmtpFactory.shutdown`); connectionLost cancels it.
+        """
         self._closing = True
         self._cancel_timers()
         self._inbuf.clear()
         self._scanner = None
+        if self._producing:
+            self._producing = False
+            self.transport.unregisterProducer()
         self.transport.loseConnection()
+        if self._close_call is None:
+            self._close_call = self._clock.callLater(CLOSE_GRACE, self._abort)
+
+    def _abort(self) -> None:
+        self._close_call = None
+        log.info("SMTP client {ip} did not read its last reply; aborting", ip=self._client_ip)
+        self.transport.abortConnection()
 
     # -- timers -------------------------------------------------------------------------------
 
@@ -522,7 +592,15 @@ class SmtpSession(smtp.ESMTP):
         self._idle_call = self._data_call = self._session_call = None
 
     def _on_timeout(self) -> None:
-        """Idle, DATA and session timeouts all answer ``421 4.4.2``; nothing is stored."""
+        """Idle, DATA and session timeouts all answer ``421 4.4.2``; nothing is stored.
+
+        While a message is being stored the store may still commit, so its reply goes out
+        first (else the sender retries a stored message); ``store_timeout`` bounds the wait.
+        """
+        if self._pending is not None and self._pending_is_store:
+            if self._close_after_reply is None:
+                self._close_after_reply = R_TIMEOUT
+            return
         self._close(R_TIMEOUT)
 
     # -- async calls --------------------------------------------------------------------------
@@ -551,8 +629,8 @@ class SmtpSession(smtp.ESMTP):
                 return
             self._busy = False
             on_result(result)
-            if self._close_after_reply:
-                self._close(R_SHUTDOWN)
+            if self._close_after_reply is not None:
+                self._close(self._close_after_reply)
                 return
             if not self._closing:
                 self._restart_idle()
@@ -689,10 +767,7 @@ class SmtpSession(smtp.ESMTP):
             self._reply(R_NO_ARG)
             return
         self._reply(R_BYE)
-        self._closing = True
-        self._cancel_timers()
-        self._inbuf.clear()
-        self.transport.loseConnection()
+        self._finish()
 
     def do_NOT_IMPLEMENTED(self, arg: str) -> None:
         self._reply(R_NOT_IMPLEMENTED)
@@ -718,6 +793,12 @@ class SmtpSession(smtp.ESMTP):
             self._reset_transaction()
             self._tls = True
             self.transport.startTLS(self.ctx)
+            # startTLS re-registers us behind a fresh TLS producer membrane that does not know
+            # we were paused, so it would never resume us; and the client's handshake must be
+            # read. Start unblocked: the next full send buffer pauses us again.
+            if self._write_blocked:
+                self._write_blocked = False
+                self._sync_reading()
 
     # -- DATA ---------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from twisted.internet import reactor, ssl, task
+from twisted.internet import defer, endpoints, protocol, reactor, ssl, task
 
 from e2a.errors import TransientError
 from e2a.smtp.server import load_tls_options
@@ -306,6 +306,9 @@ async def test_starttls_discards_pipelined_commands_and_resets(env, tmp_path):
     client.send(GOOD + b".\r\n")
     assert (await client.reply()).code == 250
     assert env.accepted[0][0].tls is True
+    # The producer registration survived the TLS swap and is dropped on close: QUIT really closes.
+    assert str(await client.command("QUIT")) == "221 2.0.0 Bye"
+    await client.wait_closed()
 
 
 @pytest_twisted.ensureDeferred
@@ -477,3 +480,45 @@ async def test_smtp_smuggling_never_yields_second_message(env, variant):
     assert str(await client.command("NOOP")) == "250 2.0.0 Ok"
     assert env.accepted == []
     assert env.lookup_calls == ["bot@agents.test"]
+
+
+class _SlowReader(protocol.Protocol):
+    """A client that pipelines without reading until told to, then counts reply bytes."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.done: defer.Deferred[None] = defer.Deferred()
+        self.expected = -1
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.received == self.expected and not self.done.called:
+            self.done.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipelining_client_that_never_reads_cannot_grow_output_buffer(env):
+    """Stock twisted queues every reply for a client that never reads; we stop at the send buffer."""
+    port = env.start()
+    client = await endpoints.connectProtocol(
+        endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port), _SlowReader()
+    )
+    client.transport.pauseProducing()  # the client stops reading
+    count = 131072
+    client.transport.write(b"EHLO c\r\n" * count)  # ~13 MB of replies, far beyond socket buffers
+    (session,) = env.factories[0].sessions
+    for _ in range(200):
+        if session._write_blocked:
+            break
+        await task.deferLater(reactor, 0.02, lambda: None)
+    assert session._write_blocked
+    for _ in range(5):
+        queued = len(session.transport.dataBuffer) + session.transport._tempDataLen
+        assert queued < 256 * 1024
+        await task.deferLater(reactor, 0.02, lambda: None)
+    greeting = len(f"220 {DOMAIN} ESMTP e2a\r\n")
+    one = len(f"250-{DOMAIN}\r\n250-SIZE 10485760\r\n250-8BITMIME\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES\r\n")
+    client.expected = greeting + one * count
+    client.transport.resumeProducing()  # now it reads: every reply arrives, in full
+    await client.done
+    client.transport.loseConnection()
