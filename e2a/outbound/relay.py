@@ -68,6 +68,13 @@ COMMAND_TIMEOUT = 300.0
 DATA_TIMEOUT = 600.0
 QUIT_TIMEOUT = 10.0  # QUIT's answer changes nothing; do not hold the outcome for it
 MAX_REPLY_CHARS = 512
+#: Caps on what a hostile or broken server can make us hold in memory (twisted.mail collects a
+#: multi-line reply's lines without limit): lines and bytes of one reply, and complete replies
+#: nobody asked for yet (we never pipeline, so more than the greeting plus a stray one is a
+#: misbehaving server). Exceeding any of them drops the connection.
+MAX_REPLY_LINES = 100
+MAX_REPLY_BYTES = 64 * 1024
+MAX_UNSOLICITED_REPLIES = 4
 
 RecipientStatus = Literal["sent", "deferred", "failed"]
 
@@ -286,6 +293,12 @@ class _ClientProtocol(smtp.SMTPClient):
         self._waiting: defer.Deferred[SmtpReply] | None = None
         self._lost: Failure | None = None
         self._aborted = False
+        self._abort_reason = ""
+        self._reply_lines = 0
+        self._reply_bytes = 0
+        #: True while message data is being written: the stream is mid-DATA, so no command
+        #: (not even QUIT) may be written — it would become part of the message.
+        self._in_data = False
         self.closed: defer.Deferred[None] = defer.Deferred()
 
     # twisted.mail plumbing ------------------------------------------------------------
@@ -294,33 +307,55 @@ class _ClientProtocol(smtp.SMTPClient):
         self._okresponse = self._on_reply
         self._failresponse = self._on_reply
 
+    def lineReceived(self, line: bytes) -> Any:  # noqa: N802 - Twisted API
+        if self._aborted or self._lost is not None:
+            return None  # lines still buffered behind an abort are not ours to act on
+        self._reply_lines += 1
+        self._reply_bytes += len(line) + 2
+        if self._reply_lines > MAX_REPLY_LINES or self._reply_bytes > MAX_REPLY_BYTES:
+            log.warn("SMTP server reply exceeds {lines} lines or {size} bytes; dropping the connection",
+                     lines=MAX_REPLY_LINES, size=MAX_REPLY_BYTES)
+            self.resp = []
+            self.abort("reply too long")
+            return None
+        why = super().lineReceived(line)
+        if not self.resp:  # a reply completed (or an ignored line): the next one starts afresh
+            self._reply_lines = self._reply_bytes = 0
+        return why
+
     def _on_reply(self, code: int, resp: bytes) -> None:
         reply = SmtpReply(code, resp.decode("utf-8", "replace"))
         if self._waiting is not None:
             d, self._waiting = self._waiting, None
             d.callback(reply)
+        elif len(self._replies) >= MAX_UNSOLICITED_REPLIES:
+            log.warn("SMTP server sent more than {count} replies nobody asked for; dropping the connection",
+                     count=MAX_UNSOLICITED_REPLIES)
+            self.abort("too many unsolicited replies")
         else:
             self._replies.append(reply)
 
     def sendError(self, exc: Exception) -> None:  # noqa: N802 - called by SMTPClient.lineReceived
         # An unparsable reply line: the session cannot continue.
         log.warn("SMTP protocol error from server: {error}", error=str(exc))
-        self.abort()
+        self.abort("protocol error")
 
     def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802 - Twisted API
-        self.abort()
+        self.abort("reply line too long")
 
     def connectionLost(self, reason: Failure = smtp.protocol.connectionDone) -> None:  # noqa: N802
         self._lost = reason
         self.setTimeout(None)
         if self._waiting is not None:
             d, self._waiting = self._waiting, None
-            d.errback(_SessionLost(reason.getErrorMessage()))
+            d.errback(_SessionLost(self._abort_reason or reason.getErrorMessage()))
         if not self.closed.called:
             self.closed.callback(None)
 
     # coroutine face --------------------------------------------------------------------
     async def read_reply(self, timeout: float) -> SmtpReply:
+        if self._aborted:
+            raise _SessionLost(self._abort_reason or "connection aborted")
         if self._replies:
             return self._replies.pop(0)
         if self._lost is not None:
@@ -345,6 +380,10 @@ class _ClientProtocol(smtp.SMTPClient):
     async def command(self, line: bytes, timeout: float = COMMAND_TIMEOUT) -> SmtpReply:
         if b"\r" in line or b"\n" in line or b"\0" in line:
             raise ValueError("refusing to send a command containing CR, LF or NUL")
+        if self._in_data:
+            raise RuntimeError("refusing to send a command while message data is being written")
+        if self._aborted:
+            raise _SessionLost(self._abort_reason or "connection aborted")
         self.transport.write(line + b"\r\n")
         return await self.read_reply(timeout)
 
@@ -362,17 +401,44 @@ class _ClientProtocol(smtp.SMTPClient):
             return chunk  # exactly as given: no newline rewriting, no per-chunk stuffing
 
         idle[0] = self._clock.callLater(idle_timeout, stalled)
+        self._in_data = True
         try:
             await basic.FileSender().beginFileTransfer(BytesIO(payload), self.transport, progress)
         except Exception as exc:
-            raise _SessionLost(f"connection lost while sending message data ({exc})") from exc
+            # Cancelled or failed mid-transfer: the far end is inside DATA, and anything we
+            # wrote now (QUIT included) would become message text. Drop the connection instead;
+            # the transport then stops the FileSender as well.
+            why = self._abort_reason or str(exc) or type(exc).__name__
+            self.abort("message data not completely sent")
+            raise _SessionLost(f"connection lost while sending message data ({why})") from exc
         finally:
             if idle[0].active():
                 idle[0].cancel()
+        self._in_data = False
         return await self.read_reply(final_timeout)
 
+    def start_tls(self, creator: Any) -> None:
+        """Switch to TLS after the server's 2xx to STARTTLS.
+
+        RFC 3207 §6: anything the server sent in plain text after that reply (already parsed
+        into replies, or still in the line buffer) is discarded, never read as an answer to a
+        command sent over TLS.
+        """
+        stale = len(self._replies) + (1 if self.clearLineBuffer() else 0)
+        self._replies.clear()
+        self.resp = []
+        self._reply_lines = self._reply_bytes = 0
+        if stale:
+            log.warn("discarded plaintext the SMTP server sent after its STARTTLS reply")
+        self.transport.startTLS(creator)
+
     async def close(self) -> None:
-        """QUIT (best effort), then close and wait for the transport to be gone."""
+        """QUIT (best effort), then close and wait for the transport to be gone.
+
+        Mid-DATA (the transfer did not finish) there is no QUIT: it would land in the message
+        body. The connection is aborted instead."""
+        if self._in_data:
+            self.abort("message data not completely sent")
         if self._lost is None and not self._aborted:
             try:
                 await self.command(b"QUIT", QUIT_TIMEOUT)
@@ -387,10 +453,14 @@ class _ClientProtocol(smtp.SMTPClient):
             if timer.active():
                 timer.cancel()
 
-    def abort(self) -> None:
-        """Drop the connection now (timeouts, protocol errors): nothing more is sent."""
+    def abort(self, reason: str = "") -> None:
+        """Drop the connection now (timeouts, protocol errors): nothing more is sent, and
+        nothing more that arrives is read."""
         if self._lost is None and not self._aborted and self.transport is not None:
             self._aborted = True
+            self._abort_reason = reason
+            self._replies.clear()
+            self.clearLineBuffer()
             self.transport.abortConnection()
 
 
@@ -735,7 +805,7 @@ class _Session:
             self.step = "STARTTLS"
             reply = await proto.command(b"STARTTLS")
             if status_for_code(reply.code) is None:
-                proto.transport.startTLS(_tls_creator(plan.tls_name, plan.verify))
+                proto.start_tls(_tls_creator(plan.tls_name, plan.verify))
                 self.tls_active = True
                 self.step = "EHLO after STARTTLS"
                 try:

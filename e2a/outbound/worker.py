@@ -214,9 +214,17 @@ class OutboundService:
             if not rows:
                 return
             try:
-                await store.extend_leases(self._db, rows, self._now() + timedelta(seconds=self._lease_seconds))
+                kept = await store.extend_leases(
+                    self._db, rows, self._now() + timedelta(seconds=self._lease_seconds)
+                )
             except Exception:
                 log.failure("renewing outbound leases failed")
+                return
+            if kept < len(rows):
+                # Another claim owns them now; this session's writes are refused by the
+                # lease-token guard and mark_in_doubt stops it before any data is sent.
+                log.warn("{lost} of {total} outbound leases were lost before renewal",
+                         lost=len(rows) - kept, total=len(rows))
 
         return defer.Deferred.fromCoroutine(renew())
 
@@ -248,9 +256,15 @@ class OutboundService:
             return
 
         async def before_data(accepted: list[str]) -> None:
+            # Raises LeaseLost when another claim owns any of the rows now: the relay then
+            # drops the connection without sending a byte of the message.
             marked = [r for r in rows if r.address in set(accepted)]
             now = self._now()
-            await store.mark_in_doubt(self._db, marked, now, now + timedelta(seconds=self._lease_seconds))
+            try:
+                await store.mark_in_doubt(self._db, marked, now, now + timedelta(seconds=self._lease_seconds))
+            except store.LeaseLost:
+                log.warn("relay of {message_id}: lease lost before DATA; not sending", message_id=message_id)
+                raise
 
         outcomes = await self.relay.deliver(
             message.composed, message.mail_from, [r.address for r in rows], before_data=before_data
@@ -278,7 +292,12 @@ class OutboundService:
             else:
                 results.append(RecipientResult(row, outcome.status, outcome.reply))
                 provider_id = provider_id or outcome.provider_message_id
-        _changed, status = await store.record_outcomes(self._db, message_id, results, now, provider_id)
+        changed, status = await store.record_outcomes(self._db, message_id, results, now, provider_id)
+        if changed < len(results):
+            log.warn(
+                "relay of {message_id}: {lost} recipient outcome(s) not recorded (lease lost to another claim)",
+                message_id=message_id, lost=len(results) - changed,
+            )
         summary = {r.status for r in results}
         log.info(
             "relay of {message_id}: {summary} (attempt {attempt}); message now {status}",

@@ -5,8 +5,11 @@ Same rules as the webhook queue (:mod:`e2a.store.deliveries`):
 * Claims are ONE statement: due rows are grouped by message (one SMTP transaction carries all
   of a message's due recipients), locked with ``FOR UPDATE SKIP LOCKED`` and leased
   (``leased_until``). A crashed process's rows are claimable again when the lease runs out.
-* Every finishing write is guarded by ``attempts = <attempts at claim>`` and a non-terminal
-  status, so a worker that lost its lease cannot overwrite newer state.
+* Every claim stores a fresh random ``lease_token`` on its rows; every later write (lease
+  renewal, in-doubt marker, outcome) is guarded by that token, ``attempts = <attempts at
+  claim>`` and a non-terminal status. A worker whose lease ran out while its session was still
+  alive (and whose rows another worker claimed since) therefore changes nothing, and
+  :func:`mark_in_doubt` tells it not to send.
 * ``now`` is passed in (the worker's injected clock), never ``now()``.
 * Finishing locks the message row first, so two workers finishing different recipients of one
   message serialise and the recomputed ``delivery_status`` sees both.
@@ -19,15 +22,18 @@ possible duplicate instead of resending silently (docs/outbound.md).
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from e2a.store.database import Database, Txn
 
 __all__ = [
     "IN_DOUBT_PREFIX",
     "ClaimedRecipient",
+    "LeaseLost",
     "OutboundMessage",
     "RecipientResult",
     "claim_due",
@@ -60,6 +66,11 @@ def delivery_status(statuses: Iterable[str]) -> str:
     return "partial"
 
 
+class LeaseLost(RuntimeError):
+    """A claimed row is no longer this worker's (its lease ran out and another claim took it, or
+    it was finished elsewhere)."""
+
+
 @dataclass(frozen=True)
 class ClaimedRecipient:
     """A leased row. ``attempts`` = attempts before this one."""
@@ -70,6 +81,8 @@ class ClaimedRecipient:
     attempts: int
     queued_at: datetime
     last_reply: str
+    #: The claim's token: proves this worker still owns the lease in every guarded write.
+    lease_token: str = ""
 
     @property
     def attempt(self) -> int:
@@ -99,20 +112,26 @@ WITH due AS (
       AND (r.leased_until IS NULL OR r.leased_until <= %(now)s)
     FOR UPDATE OF r SKIP LOCKED
 )
-UPDATE outbound_recipients o SET leased_until = %(lease_until)s
+UPDATE outbound_recipients o SET leased_until = %(lease_until)s, lease_token = %(token)s
 FROM locked
 WHERE o.id = locked.id
-RETURNING o.id, o.message_id, o.address, o.attempts, o.queued_at, o.last_reply
+RETURNING o.id, o.message_id, o.address, o.attempts, o.queued_at, o.last_reply, o.lease_token
 """
 
 
 async def _claim_due_txn(txn: Txn, now: datetime, limit: int, lease_seconds: float) -> list[ClaimedRecipient]:
+    # A fresh token per claim (not per row): unguessable, so no other claim can present it.
+    token = secrets.token_hex(16)
     rows = await txn.fetchall(
-        _CLAIM_SQL, {"now": now, "limit": limit, "lease_until": now + timedelta(seconds=lease_seconds)}
+        _CLAIM_SQL,
+        {"now": now, "limit": limit, "lease_until": now + timedelta(seconds=lease_seconds), "token": token},
     )
     rows.sort(key=lambda r: (r["message_id"], r["id"]))
     return [
-        ClaimedRecipient(r["id"], r["message_id"], r["address"], r["attempts"], r["queued_at"], r["last_reply"])
+        ClaimedRecipient(
+            r["id"], r["message_id"], r["address"], r["attempts"], r["queued_at"], r["last_reply"],
+            r["lease_token"],
+        )
         for r in rows
     ]
 
@@ -131,26 +150,32 @@ async def claim_due(
     return grouped
 
 
-def _guard_params(rows: Sequence[ClaimedRecipient]) -> tuple[list[int], list[int]]:
-    return [r.id for r in rows], [r.attempts for r in rows]
+def _guard_params(rows: Sequence[ClaimedRecipient]) -> dict[str, list[Any]]:
+    return {
+        "ids": [r.id for r in rows],
+        "attempts": [r.attempts for r in rows],
+        "tokens": [r.lease_token for r in rows],
+    }
 
 
 _GUARDED = (
-    "FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS g(id, attempts)"
-    " WHERE o.id = g.id AND o.attempts = g.attempts AND o.status IN ('queued', 'deferred')"
+    "FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(tokens)s::text[]) AS g(id, attempts, token)"
+    " WHERE o.id = g.id AND o.attempts = g.attempts AND o.lease_token = g.token"
+    " AND o.status IN ('queued', 'deferred')"
 )
 
 
 async def extend_leases(db: Database, rows: Sequence[ClaimedRecipient], until: datetime) -> int:
-    """Push the lease of rows still being attempted to ``until`` (a slow but live session)."""
+    """Push the lease of rows still being attempted to ``until`` (a slow but live session).
+    Returns how many rows were still ours; fewer than ``len(rows)`` means a lease was lost."""
     if not rows:
         return 0
-    ids, attempts = _guard_params(rows)
+    guard = _guard_params(rows)
 
     async def _extend_txn(txn: Txn) -> int:
         await txn.execute(
             f"UPDATE outbound_recipients o SET leased_until = %(until)s {_GUARDED}",
-            {"ids": ids, "attempts": attempts, "until": until},
+            {**guard, "until": until},
         )
         return txn.rowcount
 
@@ -161,24 +186,28 @@ async def mark_in_doubt(db: Database, rows: Sequence[ClaimedRecipient], now: dat
     """Record, durably and before any message byte is sent, that these rows are about to be
     transmitted; also extends their lease to ``until``.
 
+    All or nothing: when any row is no longer ours the transaction is rolled back, so a worker
+    that lost part of its lease leaves no marker on rows it will not send to.
+
     Raises:
-        RuntimeError: a row was no longer ours (lease lost): do not send.
+        LeaseLost: a row was no longer ours (lease expired and claimed again, or finished
+            elsewhere): do not send.
     """
     if not rows:
         return
-    ids, attempts = _guard_params(rows)
+    guard = _guard_params(rows)
     note = f"{IN_DOUBT_PREFIX}message data sent at {now.isoformat()}; outcome not recorded"
 
     async def _mark_txn(txn: Txn) -> int:
         await txn.execute(
             f"UPDATE outbound_recipients o SET last_reply = %(note)s, leased_until = %(until)s {_GUARDED}",
-            {"ids": ids, "attempts": attempts, "note": note, "until": until},
+            {**guard, "note": note, "until": until},
         )
+        if txn.rowcount != len(rows):
+            raise LeaseLost(f"lease lost before DATA ({txn.rowcount} of {len(rows)} rows still ours)")
         return txn.rowcount
 
-    changed = await db.run("mark_outbound_in_doubt", _mark_txn)
-    if changed != len(rows):
-        raise RuntimeError("lease lost before DATA")
+    await db.run("mark_outbound_in_doubt", _mark_txn)
 
 
 @dataclass(frozen=True)
@@ -224,8 +253,10 @@ async def _record_txn(
             raise ValueError(f"bad recipient status {result.status!r}")
         await txn.execute(
             "UPDATE outbound_recipients SET status = %(status)s, attempts = attempts + %(inc)s,"
-            " last_reply = %(reply)s, updated_at = %(now)s, next_attempt_at = %(next)s, leased_until = NULL"
-            " WHERE id = %(id)s AND attempts = %(attempts)s AND status IN ('queued', 'deferred')",
+            " last_reply = %(reply)s, updated_at = %(now)s, next_attempt_at = %(next)s, leased_until = NULL,"
+            " lease_token = NULL"
+            " WHERE id = %(id)s AND attempts = %(attempts)s AND lease_token = %(token)s"
+            " AND status IN ('queued', 'deferred')",
             {
                 "status": result.status,
                 "inc": 1 if result.attempted else 0,
@@ -234,6 +265,7 @@ async def _record_txn(
                 "next": result.next_attempt_at if result.status == "deferred" else None,
                 "id": result.row.id,
                 "attempts": result.row.attempts,
+                "token": result.row.lease_token,
             },
         )
         changed += txn.rowcount

@@ -231,6 +231,84 @@ async def test_starttls_mode_required_when_not_offered(sinks):
     assert not any(c.startswith(b"MAIL") for c in sink.commands)
 
 
+@pytest_twisted.ensureDeferred
+async def test_starttls_discards_plaintext_injected_after_go_ahead(sinks):
+    """'220 go' and '250 injected' in one plaintext write: the injected line never answers a TLS command."""
+    sink = await sinks(tls_options=self_signed_tls(), auth={"u": "p"},
+                       script={"STARTTLS": ["220 2.0.0 go\r\n250 injected"]})
+    relay = Relay(reactor, reactor, None, _upstream(sink.port, username="u", password="p", tls_verify=False))
+    out = await relay.deliver(HEADERS + b"hi\r\n", "bot@agents.test", ["a@example.test"])
+    assert out["a@example.test"].status == "sent", out
+    assert sink.messages[0].tls and sink.messages[0].auth_user == "u"
+    assert sink.violations == []
+
+
+# ------------------------------------------------------------------------------ hostile servers
+
+
+@pytest_twisted.ensureDeferred
+async def test_huge_multiline_ehlo_reply_aborts_session(sinks):
+    """An EHLO reply of thousands of 250- lines is cut at the cap: deferred, nothing more sent."""
+    huge = "\r\n".join(["250-sink.test"] + [f"250-X-PADDING-{i:05d}" for i in range(5000)] + ["250 8BITMIME"])
+    sink = await sinks(script={"EHLO": [huge]})
+    relay = Relay(reactor, reactor, None, _upstream(sink.port, tls="none"))
+    out = await relay.deliver(HEADERS, "bot@agents.test", ["a@example.test"])
+    assert out["a@example.test"].status == "deferred"
+    assert "reply too long" in out["a@example.test"].reply
+    assert not any(c.startswith((b"MAIL", b"QUIT")) for c in sink.commands)
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversized_single_ehlo_reply_aborts_session(sinks):
+    """Fewer than 100 lines but over 64 KiB in one reply also drops the connection."""
+    huge = "\r\n".join(["250-sink.test"] + ["250-" + "Z" * 4000 for _ in range(40)] + ["250 8BITMIME"])
+    sink = await sinks(script={"EHLO": [huge]})
+    relay = Relay(reactor, reactor, None, _upstream(sink.port, tls="none"))
+    out = await relay.deliver(HEADERS, "bot@agents.test", ["a@example.test"])
+    assert out["a@example.test"].status == "deferred"
+    assert "reply too long" in out["a@example.test"].reply
+
+
+@pytest_twisted.ensureDeferred
+async def test_unsolicited_replies_during_data_abort_session(sinks):
+    """A server that floods replies while the data is written is dropped, not buffered."""
+    flood = "\r\n".join(["354 go"] + ["250 spam"] * 50)
+    sink = await sinks(script={"DATA": [flood]})
+    relay = Relay(reactor, reactor, None, _upstream(sink.port, tls="none"))
+    out = await relay.deliver(HEADERS + b"hi\r\n", "bot@agents.test", ["a@example.test"])
+    assert out["a@example.test"].status == "deferred"
+    assert out["a@example.test"].in_doubt is True
+    assert "unsolicited" in out["a@example.test"].reply
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_mid_data_aborts_without_quit(sinks, monkeypatch):
+    """Cancelling while the body is being written drops the connection; QUIT is never written into DATA."""
+    from e2a.outbound import relay as relay_mod
+
+    sent: list[bytes] = []
+    original = relay_mod._ClientProtocol.command
+
+    async def spy(self, line, timeout=relay_mod.COMMAND_TIMEOUT):
+        sent.append(line)
+        return await original(self, line, timeout)
+
+    monkeypatch.setattr(relay_mod._ClientProtocol, "command", spy)
+    sink = await sinks(stall_data=True)
+    body = HEADERS + (b"x" * 998 + b"\r\n") * 16000  # ~16 MB: cannot fit in socket buffers
+    relay = Relay(reactor, reactor, None, _upstream(sink.port, tls="none"))
+    stalled = sink.wait_for("DATA_BYTES")
+    result = defer.ensureDeferred(relay.deliver(body, "bot@agents.test", ["a@example.test"]))
+    await stalled
+    result.cancel()
+    out = await result
+    assert out["a@example.test"].status == "deferred"
+    assert out["a@example.test"].in_doubt is True
+    assert b"QUIT" not in sent
+    assert sent[-1] == b"DATA"
+    assert sink.messages == []
+
+
 # ------------------------------------------------------------------------------ direct MX
 
 
@@ -508,3 +586,51 @@ async def test_queue_service_wakes_on_start(db, sinks):
     message, rows = await _state(db)
     assert rows["a@example.test"]["status"] == "sent"
     assert message["delivery_status"] == "sent"
+
+
+@pytest_twisted.ensureDeferred
+async def test_queue_stale_lease_owner_neither_writes_nor_sends(db, sinks):
+    """A's lease expires and B claims the rows: A's renewal, marker and outcome change nothing; A never sends."""
+    from e2a.store import outbound as store
+
+    sink = await sinks()
+    await _seed(db, ["a@example.test"])
+    clock = _clock()
+    t0 = datetime.fromtimestamp(clock.seconds(), UTC)
+    stale = (await store.claim_due(db, t0, 10, 900))[MESSAGE_ID]
+    clock.advance(901)
+    t1 = datetime.fromtimestamp(clock.seconds(), UTC)
+    fresh = (await store.claim_due(db, t1, 10, 900))[MESSAGE_ID]
+    assert stale[0].attempts == fresh[0].attempts == 0
+    assert stale[0].lease_token and stale[0].lease_token != fresh[0].lease_token
+
+    async def row():
+        return await db.fetchone(
+            "SELECT status, attempts, last_reply, leased_until, lease_token FROM outbound_recipients"
+        )
+
+    before = await row()
+    assert before["lease_token"] == fresh[0].lease_token
+    assert await store.extend_leases(db, stale, t1 + timedelta(seconds=5000)) == 0
+    with pytest.raises(store.LeaseLost):
+        await store.mark_in_doubt(db, stale, t1, t1 + timedelta(seconds=5000))
+    changed, _status = await store.record_outcomes(
+        db, MESSAGE_ID, [store.RecipientResult(stale[0], "sent", "250 stale")], t1
+    )
+    assert changed == 0
+    assert await row() == before
+
+    # The stale worker's whole attempt: reaches DATA, loses at the in-doubt marker, sends nothing.
+    svc = _service(db, clock, sink.port)
+    await svc._start_attempt(MESSAGE_ID, stale)
+    assert sink.messages == []
+    assert b"DATA" in sink.commands
+    assert await row() == before
+
+    # The new owner's writes still go through.
+    changed, status = await store.record_outcomes(
+        db, MESSAGE_ID, [store.RecipientResult(fresh[0], "sent", "250 ok")], t1
+    )
+    assert (changed, status) == (1, "sent")
+    after = await row()
+    assert after["status"] == "sent" and after["lease_token"] is None

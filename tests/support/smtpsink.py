@@ -14,8 +14,12 @@ Usage::
     await sink.stop()
 
 ``script`` maps a step to a list of replies used in order (then the default): steps are
-``greeting``, ``EHLO``, ``MAIL``, ``RCPT <address>``, ``RCPT``, ``DATA``, ``DOT``. A reply of
-``None`` means "never answer" (for timeout tests).
+``greeting``, ``EHLO``, ``STARTTLS``, ``MAIL``, ``RCPT <address>``, ``RCPT``, ``DATA``, ``DOT``.
+A reply of ``None`` means "never answer" (for timeout tests). A reply may hold several lines
+(``"220 go\r\n250 injected"``): they go out in one write.
+
+``stall_data``: stop reading as soon as the first message bytes arrive (the client's writes then
+back up mid-DATA); ``wait_for("DATA_BYTES")`` fires at that moment.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class SmtpSink:
     auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
     extensions: tuple[str, ...] = ("8BITMIME", "PIPELINING")
     broken_starttls: bool = False  # answer 220 to STARTTLS, then hang up instead of a handshake
+    stall_data: bool = False  # stop reading once message data starts (mid-DATA tests)
     script: dict[str, list[str | None]] = field(default_factory=dict)
     messages: list[ReceivedMessage] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
@@ -71,9 +76,12 @@ class SmtpSink:
     def reply_for(self, step: str, default: str | None) -> str | None:
         queue = self.script.get(step)
         reply = queue.pop(0) if queue else default
+        self.fire(step)
+        return reply
+
+    def fire(self, step: str) -> None:
         for d in self._waiters.pop(step, []):
             d.callback(None)
-        return reply
 
     async def stop(self) -> None:
         for proto in list(self._protocols):
@@ -117,6 +125,10 @@ class _SinkProtocol(protocol.Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.buf += data
         while True:
+            if self.in_data and self.sink.stall_data and self.buf:
+                self.transport.pauseProducing()
+                self.sink.fire("DATA_BYTES")
+                return
             if self.in_data:
                 if self.buf.startswith(b".\r\n"):  # buf always starts where the data starts
                     end, cut = 0, 3
@@ -187,7 +199,10 @@ class _SinkProtocol(protocol.Protocol):
             if self.sink.tls_options is None or self.tls:
                 self.send("502 5.5.1 no")
                 return
-            self.send("220 2.0.0 go ahead")
+            reply = self.sink.reply_for("STARTTLS", "220 2.0.0 go ahead")
+            self.send(reply)
+            if reply is None or not reply.startswith("220"):
+                return
             if self.sink.broken_starttls:
                 self.transport.loseConnection()
                 return

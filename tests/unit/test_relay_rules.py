@@ -139,3 +139,63 @@ def test_null_mx_detected(records, null):
 def test_delivery_status_from_recipients(statuses, expected):
     """queued while any is pending; then sent / failed / partial."""
     assert delivery_status(statuses) == expected
+
+
+# ------------------------------------------------------------------ reply caps (no sockets)
+
+
+def _client():
+    from twisted.internet import task
+    from twisted.internet.testing import StringTransport
+
+    from e2a.outbound.relay import _ClientProtocol
+
+    proto = _ClientProtocol(task.Clock())
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+@pytest.mark.parametrize(
+    ("data", "aborted"),
+    [
+        (b"250-x\r\n" * 99 + b"250 end\r\n", False),
+        (b"250-x\r\n" * 100 + b"250 end\r\n", True),
+        (b"250-" + b"y" * 8000 + b"\r\n", False),
+        ((b"250-" + b"y" * 8000 + b"\r\n") * 9, True),
+        (b"250 a\r\n" * 4, False),
+        (b"250 a\r\n" * 5, True),
+    ],
+    ids=["100-lines", "101-lines", "8k", "72k", "4-unsolicited", "5-unsolicited"],
+)
+def test_client_aborts_when_server_reply_exceeds_caps(data, aborted):
+    """One reply over 100 lines or 64 KiB, or more than 4 replies nobody asked for, drops the connection."""
+    proto, transport = _client()
+    proto.dataReceived(data)
+    assert proto._aborted is aborted
+    if aborted:
+        assert proto.resp == [] and proto._replies == []
+    assert len(proto.resp) <= 100
+
+
+def test_client_counts_each_reply_separately():
+    """Many small complete replies (each read) never add up to the per-reply cap."""
+    proto, transport = _client()
+    for _ in range(50):
+        proto.dataReceived(b"250-a\r\n" * 60 + b"250 b\r\n")
+        proto._replies.clear()
+    assert proto._aborted is False
+
+
+def test_starttls_discards_plaintext_sent_after_the_go_ahead():
+    """RFC 3207 §6: replies queued or buffered before the handshake are thrown away."""
+    proto, transport = _client()
+    started = []
+    transport.startTLS = started.append
+    proto._busyReceiving = True  # as inside dataReceived: bytes stay in the line buffer
+    proto.dataReceived(b"250 buffered\r\n")
+    proto._busyReceiving = False
+    proto._replies.append(SmtpReply(250, "injected"))
+    proto.start_tls("creator")
+    assert started == ["creator"]
+    assert proto._replies == [] and proto.clearLineBuffer() == b""
