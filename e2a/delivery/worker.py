@@ -23,6 +23,7 @@ from typing import Any
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from e2a.claimloop import ClaimLoop
 from e2a.config import WebhooksConfig
 from e2a.delivery import backoff
 from e2a.delivery.backpressure import Backpressure
@@ -105,11 +106,9 @@ class DeliveryService:
         self._loop: task.LoopingCall | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._running = False
-        self._polling = False
-        self._poll_again = False
+        self._claims = ClaimLoop(self._claim_and_start, lambda: self._running, "webhook delivery")
         self._in_flight: dict[str, defer.Deferred[None]] = {}
         self._per_agent: dict[str, int] = {}
-        self._poll_done: defer.Deferred[None] | None = None
         self._backpressure = backpressure
 
     # ------------------------------------------------------------------ lifecycle
@@ -141,8 +140,7 @@ class DeliveryService:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
-        if self._poll_done is not None:
-            await self._poll_done
+        await self._claims.wait_idle()
         pending = list(self._in_flight.values())
         if pending:
             deadline = self._clock.callLater(
@@ -166,10 +164,7 @@ class DeliveryService:
         if self._backpressure is not None and self._backpressure.refresh_due():
             self._backpressure.begin_refresh()
             defer.Deferred.fromCoroutine(self._refresh_backlog())
-        if self._polling:
-            self._poll_again = True
-            return
-        self._poll_done = defer.Deferred.fromCoroutine(self._poll_loop())
+        self._claims.wake()
 
     async def _refresh_backlog(self) -> None:
         """Count the due backlog for the backpressure gate; never raises. Runs beside the
@@ -183,22 +178,6 @@ class DeliveryService:
             log.failure("counting the webhook backlog failed")
             return
         bp.update(n)
-
-    async def _poll_loop(self) -> None:
-        self._polling = True
-        try:
-            while self._running:
-                self._poll_again = False
-                try:
-                    claimed, limit = await self._claim_and_start()
-                except Exception:
-                    log.failure("webhook delivery poll failed")
-                    return
-                # A full batch means more may be due; a NOTIFY during the poll asks again.
-                if not (self._poll_again or (limit > 0 and claimed == limit)):
-                    return
-        finally:
-            self._polling = False
 
     async def _claim_and_start(self) -> tuple[int, int]:
         limit = self._max_in_flight - len(self._in_flight)

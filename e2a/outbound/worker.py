@@ -23,6 +23,7 @@ from typing import Any
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from e2a.claimloop import ClaimLoop
 from e2a.config import OutboundConfig, WebhooksConfig
 from e2a.outbound import relay as relay_mod
 from e2a.outbound.relay import RecipientOutcome, Relay, RouteConfig
@@ -103,9 +104,7 @@ class OutboundService:
         self._renew_loop: task.LoopingCall | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._running = False
-        self._polling = False
-        self._poll_again = False
-        self._poll_done: defer.Deferred[None] | None = None
+        self._claims = ClaimLoop(self._claim_and_start, lambda: self._running, "outbound queue")
         self._in_flight: dict[str, defer.Deferred[None]] = {}
         self._leased: dict[str, list[ClaimedRecipient]] = {}
 
@@ -138,8 +137,7 @@ class OutboundService:
             if loop is not None and loop.running:
                 loop.stop()
         self._loop = self._renew_loop = None
-        if self._poll_done is not None:
-            await self._poll_done
+        await self._claims.wait_idle()
         pending = list(self._in_flight.values())
         if pending:
             deadline = self._clock.callLater(self._stop_timeout, lambda: [d.cancel() for d in pending])
@@ -154,27 +152,7 @@ class OutboundService:
 
     def wake(self) -> None:
         """Claim and start due messages soon; coalesces while a poll runs. Never raises."""
-        if not self._running:
-            return
-        if self._polling:
-            self._poll_again = True
-            return
-        self._poll_done = defer.Deferred.fromCoroutine(self._poll_loop())
-
-    async def _poll_loop(self) -> None:
-        self._polling = True
-        try:
-            while self._running:
-                self._poll_again = False
-                try:
-                    claimed, limit = await self._claim_and_start()
-                except Exception:
-                    log.failure("outbound queue poll failed")
-                    return
-                if not (self._poll_again or (limit > 0 and claimed == limit)):
-                    return
-        finally:
-            self._polling = False
+        self._claims.wake()
 
     async def _claim_and_start(self) -> tuple[int, int]:
         limit = self._max_in_flight - len(self._in_flight)
