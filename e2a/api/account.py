@@ -11,10 +11,11 @@ from typing import Any
 
 from klein import Klein
 
+from twisted.internet import threads
 from twisted.web.server import Request
 
 from e2a.api.auth import Principal, authenticate
-from e2a.api.http import JSON_CAP, get_str, json_body, query_arg, write_json
+from e2a.api.http import JSON_CAP, encode_json, get_str, json_body, json_headers, query_arg, write_json
 from e2a.errors import BadRequest, NotFound
 from e2a.store import accounts
 from e2a.timefmt import ts_frac, ts_sec
@@ -134,10 +135,14 @@ def install(router: Klein, deps: Any) -> None:
         doc = await accounts.export_user(db, principal.user_id)
         if doc is None:  # deleted between authentication and the read
             raise NotFound("user not found")
+        # An export can hold every stored message: encode it off the reactor thread.
+        reactor = deps.clock
+        payload = await threads.deferToThreadPool(reactor, reactor.getThreadPool(), encode_json, doc)
+        json_headers(request, 200)
         request.setHeader(
             b"Content-Disposition", f'attachment; filename="e2a-export-{principal.user_id}.json"'.encode()
         )
-        return write_json(request, 200, doc)
+        return payload
 
     @router.route("/api/v1/users/me", methods=["DELETE"])
     async def delete_me(request: Request) -> bytes:

@@ -174,13 +174,22 @@ def query_arg(request: Request, name: str) -> str | None:
     return values[0].decode("utf-8", "replace")
 
 
-def write_json(request: Request, status: int, body: Any, *, authenticated: bool = True) -> bytes:
+def encode_json(body: Any) -> bytes:
+    """Compact UTF-8 JSON, the encoding of every API response."""
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def json_headers(request: Request, status: int, *, authenticated: bool = True) -> None:
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"X-Content-Type-Options", b"nosniff")
     if authenticated:
         request.setHeader(b"Cache-Control", b"no-store")
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def write_json(request: Request, status: int, body: Any, *, authenticated: bool = True) -> bytes:
+    json_headers(request, status, authenticated=authenticated)
+    return encode_json(body)
 
 
 def client_ip(peer_host: str, forwarded_for: str | None, trusted_proxies: list[ipaddress._BaseNetwork]) -> str:
