@@ -15,6 +15,7 @@ from werkzeug.exceptions import MethodNotAllowed as WzMethodNotAllowed
 from werkzeug.exceptions import NotFound as WzNotFound
 
 from twisted.logger import Logger
+from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from e2a import __version__
@@ -93,7 +94,7 @@ class ApiApp:
             return write_json(request, 500, {"error": {"code": "internal_error", "message": message}})
 
     def resource(self) -> Any:
-        return self.router.resource()
+        return _Utf8UrlResource(self.router.resource())
 
     def site(self) -> Site:
         site = Site(self.resource(), logFormatter=redacting_log_formatter)
@@ -101,6 +102,27 @@ class ApiApp:
         site.displayTracebacks = False
         site.noisy = False
         return site
+
+
+class _Utf8UrlResource(Resource):
+    """Klein answers a URL that is not UTF-8 after percent-decoding with a text/plain 400; the
+    API answers every error in its JSON shape (api.md §0.3), so such URLs are caught first. No
+    route can match them: 404 ``not_found``."""
+
+    isLeaf = True
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def render(self, request: Request) -> Any:
+        from urllib.parse import unquote_to_bytes
+
+        try:
+            unquote_to_bytes(request.uri).decode("utf-8")
+        except UnicodeDecodeError:
+            return write_json(request, 404, {"error": {"code": "not_found", "message": "URL is not valid UTF-8"}})
+        return self.inner.render(request)
 
 
 def redacting_log_formatter(timestamp: str, request: Any) -> str:

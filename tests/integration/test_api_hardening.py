@@ -93,3 +93,12 @@ async def test_streamed_oversize_body_is_cut_off(api_server_factory):
 def test_access_log_redacts_secret_query_values(uri, expected):
     """`token` and `t` values never reach the access log, however their names are spelled."""
     assert redact_query(uri) == expected
+
+
+@pytest_twisted.ensureDeferred
+async def test_non_utf8_url_answers_json_404(api_server_factory):
+    """Percent-encoded bytes that are not UTF-8 get the JSON error shape, not Klein's text."""
+    api = await api_server_factory()
+    r = await api.request("GET", "/api/v1/agents/%ff/messages")
+    assert (r.code, r.json()["error"]["code"]) == (404, "not_found")
+    assert r.header("Content-Type") == "application/json"
