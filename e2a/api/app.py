@@ -72,7 +72,7 @@ class ApiApp:
 
         @router.handle_errors(WzMethodNotAllowed)
         def method_not_allowed(request: Request, failure: Any) -> bytes:
-            allowed = sorted(set(failure.value.valid_methods or []))
+            allowed = allowed_without_head(request.path, failure.value.valid_methods or [])
             request.setHeader(b"Allow", ", ".join(allowed).encode())
             return write_json(
                 request, 405, {"error": {"code": "method_not_allowed", "message": "method not allowed"}}
@@ -94,7 +94,7 @@ class ApiApp:
             return write_json(request, 500, {"error": {"code": "internal_error", "message": message}})
 
     def resource(self) -> Any:
-        return _Utf8UrlResource(self.router.resource())
+        return _Utf8UrlResource(self.router.resource(), self.router.url_map)
 
     def site(self) -> Site:
         site = Site(self.resource(), logFormatter=redacting_log_formatter)
@@ -111,9 +111,10 @@ class _Utf8UrlResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, url_map: Any) -> None:
         super().__init__()
         self.inner = inner
+        self.url_map = url_map
 
     def render(self, request: Request) -> Any:
         from urllib.parse import unquote_to_bytes
@@ -122,7 +123,23 @@ class _Utf8UrlResource(Resource):
             unquote_to_bytes(request.uri).decode("utf-8")
         except UnicodeDecodeError:
             return write_json(request, 404, {"error": {"code": "not_found", "message": "URL is not valid UTF-8"}})
+        if request.method == b"HEAD" and request.path not in HEAD_PATHS:
+            # werkzeug adds HEAD to every GET rule; api.md §0.6 allows it only where listed.
+            allowed = self.url_map.bind("e2a").allowed_methods(request.path.decode("utf-8", "replace"))
+            if allowed:
+                request.setHeader(b"Allow", ", ".join(allowed_without_head(request.path, allowed)).encode())
+                return write_json(
+                    request, 405, {"error": {"code": "method_not_allowed", "message": "method not allowed"}}
+                )
         return self.inner.render(request)
+
+
+# api.md §1: the only paths that answer HEAD.
+HEAD_PATHS = frozenset({b"/api/health", b"/api/v1/approve", b"/api/v1/reject"})
+
+
+def allowed_without_head(path: bytes, methods: Any) -> list[str]:
+    return sorted(m for m in set(methods) if m != "HEAD" or path in HEAD_PATHS)
 
 
 def redacting_log_formatter(timestamp: str, request: Any) -> str:

@@ -102,3 +102,16 @@ async def test_non_utf8_url_answers_json_404(api_server_factory):
     r = await api.request("GET", "/api/v1/agents/%ff/messages")
     assert (r.code, r.json()["error"]["code"]) == (404, "not_found")
     assert r.header("Content-Type") == "application/json"
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_only_where_the_spec_lists_it(api_server_factory):
+    """HEAD works on /api/health; elsewhere it is 405 and Allow never offers HEAD."""
+    api = await api_server_factory()
+    assert (await api.request("HEAD", "/api/health")).code == 200
+    r = await api.request("HEAD", "/api/v1/info")
+    assert r.code == 405 and r.header("Allow") == "GET"
+    r = await api.request("DELETE", "/api/v1/info")
+    assert r.code == 405 and r.header("Allow") == "GET"
+    r = await api.request("POST", "/api/health")
+    assert r.header("Allow") == "GET, HEAD"
