@@ -51,7 +51,9 @@ class TraceInput:
 
 
 class Verifier(Protocol):
-    async def verify(self, raw: bytes, client_ip: str, helo: str, mail_from: str) -> Any: ...
+    async def verify(
+        self, raw: bytes, client_ip: str, helo: str, mail_from: str, header_fields: Any = None
+    ) -> Any: ...
 
 
 def signed_sender(from_address: str | None, mail_from: str) -> str:
@@ -104,7 +106,11 @@ class InboundPipeline:
         fields, _body_offset = authheaders.split_header_section(raw)
         view = MessageView.from_fields(fields)
         assert self.verifier is not None
-        verdict = await self.verifier.verify(raw, envelope.client_ip, envelope.helo, envelope.mail_from)
+        # Hand over the fields split above: the verifier's §2.1 From check then does not split
+        # the header section a second time (from_address_of_fields).
+        verdict = await self.verifier.verify(
+            raw, envelope.client_ip, envelope.helo, envelope.mail_from, header_fields=fields
+        )
         trace = self.to_trace(verdict)
         stripped = authheaders.strip_fields(raw, fields, self.authserv_id)
         received_at = self.now()

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 from publicsuffixlist import PublicSuffixList
 
-from e2a.mailauth.authheaders import field_value, split_header_section
+from e2a.mailauth.authheaders import HeaderField, field_value, split_header_section
 
 __all__ = [
     "DMARC_FOUND",
@@ -36,6 +36,7 @@ __all__ = [
     "dkim_summary",
     "dmarc_result",
     "from_address_of",
+    "from_address_of_fields",
     "is_dmarc_record",
     "is_domain_name",
     "mail_from_domain",
@@ -272,6 +273,13 @@ def from_address_of(raw: bytes) -> str | None:
     holds exactly one mailbox accepted by :func:`parse_mailbox`.
     """
     fields, _ = split_header_section(raw)
+    return from_address_of_fields(fields)
+
+
+def from_address_of_fields(fields: Sequence[HeaderField]) -> str | None:
+    """:func:`from_address_of` for a header section already split with
+    :func:`~e2a.mailauth.authheaders.split_header_section`: the one §2.1 rule, so callers
+    that parsed the header section already (the inbound pipeline) need not parse it again."""
     froms = [f for f in fields if f.name is not None and f.name.lower() == b"from"]
     if len(froms) != 1:
         return None
@@ -307,10 +315,13 @@ def _psl() -> PublicSuffixList:
     return PublicSuffixList()
 
 
+@functools.lru_cache(maxsize=4096)
 def organizational_domain(domain: str) -> str:
     """§2.4 item 2: public suffix + one label (ICANN and private PSL sections).
 
     A domain that is itself a public suffix is its own organisational domain.
+    Memoised (bounded): the PSL walk is pure and runs several times per message (alignment
+    of SPF and every DKIM ``d=``, the DMARC fallback), mostly for the same few domains.
     """
     d = domain.strip().rstrip(".").lower()
     if not d:

@@ -31,6 +31,7 @@ import binascii
 import re
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import dkim
@@ -46,6 +47,7 @@ from twisted.internet import threads
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from e2a.mailauth.authheaders import HeaderField
 from e2a.mailauth.dns import (
     DkimDnsTemporaryError,
     DnsClient,
@@ -62,6 +64,7 @@ from e2a.mailauth.verdict import (
     Verdict,
     build_verdict,
     from_address_of,
+    from_address_of_fields,
     is_domain_name,
     mail_from_domain,
     organizational_domain,
@@ -92,6 +95,9 @@ class MailVerifier:
     Constructing a verifier points pyspf's process-wide DNS hook at ``dns``
     (``install_spf_lookup``); :meth:`close` puts the previous hook back.
     """
+
+    #: :meth:`verify` takes ``header_fields`` (the inbound pipeline checks this flag, so
+    #: verifiers with the plain four-argument ``verify`` keep working).
 
     def __init__(
         self,
@@ -126,17 +132,21 @@ class MailVerifier:
         helo: str,
         mail_from: str,
         now: float | None = None,
+        header_fields: Sequence[HeaderField] | None = None,
     ) -> Verdict:
         """Authenticate ``raw`` (the received bytes, CRLF) on the thread pool.
 
         ``mail_from`` is the reverse-path without brackets, ``""`` for the null sender.
         ``now`` (POSIX seconds, for DKIM ``x=``) defaults to the reactor's clock. DNS
         trouble never raises: it becomes ``temperror`` results in the verdict.
+        ``header_fields``: ``split_header_section(raw)[0]`` when the caller has it already
+        (the inbound pipeline), so the header section is not split a second time.
         """
         when = self._reactor.seconds() if now is None else now
         deadline = None if self._budget is None else time.monotonic() + self._budget
         return await threads.deferToThreadPool(
-            self._reactor, self._pool, self.thd_verify, raw, client_ip, helo, mail_from, when, deadline
+            self._reactor, self._pool, self.thd_verify, raw, client_ip, helo, mail_from, when, deadline,
+            header_fields,
         )
 
     # ------------------------------------------------------------------ thread side
@@ -149,17 +159,19 @@ class MailVerifier:
         mail_from: str,
         now: float,
         deadline: float | None = None,
+        header_fields: Sequence[HeaderField] | None = None,
     ) -> Verdict:
         """Blocking: SPF, every DKIM signature, the DMARC record, then the verdict.
 
         Past ``deadline`` (``time.monotonic()``), the checks not yet run are ``temperror``
         (a job that waited in the queue beyond it makes no DNS query at all).
+        ``header_fields`` must be ``split_header_section(raw)[0]`` (None: split here).
         """
 
         def expired() -> bool:
             return deadline is not None and time.monotonic() >= deadline
 
-        from_address = from_address_of(raw)
+        from_address = from_address_of(raw) if header_fields is None else from_address_of_fields(header_fields)
         spf_result = "temperror" if expired() else self.thd_spf(client_ip, helo, mail_from)
         if expired():
             count = len(re.findall(rb"(?im)^dkim-signature[ \t]*:", raw[: raw.find(b"\r\n\r\n") + 2]))

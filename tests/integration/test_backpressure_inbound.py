@@ -41,7 +41,7 @@ class CountingVerifier:
     def __init__(self) -> None:
         self.calls = 0
 
-    async def verify(self, raw: bytes, client_ip: str, helo: str, mail_from: str) -> Any:
+    async def verify(self, raw: bytes, client_ip: str, helo: str, mail_from: str, header_fields: Any = None) -> Any:
         self.calls += 1
         return None
 

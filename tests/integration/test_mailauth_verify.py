@@ -580,3 +580,26 @@ def test_expired_budget_reports_temperror_without_dns():
     verdict = verifier.thd_verify(raw, "127.0.0.1", "client.example.org", "a@example.org", 0, _time.monotonic() - 1)
     assert verdict.domain_check() == "spf=temperror; dkim=temperror; dmarc=temperror"
     assert verdict.verified is False
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"From: Alice <a@example.org>\r\nTo: b@example.net\r\n\r\nbody\r\n",
+        b"From: a@example.org\r\nfrom: b@example.org\r\n\r\nbody\r\n",
+        b"To: b@example.net\r\n\r\nFrom: a@example.org\r\n",
+        b" x\r\nFrom: a@example.org\r\n\r\nbody\r\n",
+    ],
+)
+def test_thd_verify_with_header_fields_equals_without(raw):
+    """Precomputed header_fields (the inbound pipeline's split) give the verdict a fresh parse gives."""
+    import time as _time
+
+    from e2a.mailauth.authheaders import split_header_section
+
+    verifier = MailVerifier.__new__(MailVerifier)  # past deadline: no DNS, pure decisions only
+    past = _time.monotonic() - 1
+    fields, _ = split_header_section(raw)
+    plain = verifier.thd_verify(raw, "127.0.0.1", "c.example.org", "a@example.org", 0, past)
+    given = verifier.thd_verify(raw, "127.0.0.1", "c.example.org", "a@example.org", 0, past, fields)
+    assert given == plain

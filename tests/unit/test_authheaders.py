@@ -792,3 +792,12 @@ def test_trace_then_strip_keeps_own_fields_only_when_prepended_after() -> None:
     fields, _ = ah.split_header_section(stored)
     assert [f.name for f in fields][:2] == [b"Authentication-Results", b"Received"]
     assert sum(1 for f in fields if f.name == b"Authentication-Results") == 1
+
+
+@given(st.text(max_size=40))
+@settings(max_examples=300)
+def test_received_word_and_printable_match_per_character_rule(text: str) -> None:
+    """The regex sanitisers equal the per-character rule: printable ASCII kept, else ``?``."""
+    word = "".join(c if "!" <= c <= "~" and c not in ";()" else "?" for c in text) or "?"
+    assert ah._received_word(text) == word
+    assert ah._printable(text) == "".join(c if " " <= c <= "~" else "?" for c in text)

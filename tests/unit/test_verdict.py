@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from e2a.mailauth.authheaders import trace_headers
+from e2a.mailauth.authheaders import split_header_section, trace_headers
 from e2a.mailauth.verdict import (
     DMARC_FOUND,
     DMARC_MALFORMED,
@@ -19,6 +19,7 @@ from e2a.mailauth.verdict import (
     dkim_summary,
     dmarc_result,
     from_address_of,
+    from_address_of_fields,
     is_dmarc_record,
     mail_from_domain,
     organizational_domain,
@@ -169,6 +170,8 @@ def test_parse_mailbox_refuses_invalid_values(value):
 def test_from_address_of_requires_exactly_one_from_field(headers, address):
     """Exactly one top-level From field holding exactly one valid mailbox counts."""
     assert from_address_of(_msg(*headers)) == address
+    fields, _ = split_header_section(_msg(*headers))
+    assert from_address_of_fields(fields) == address  # same rule on already-split fields
 
 
 def test_from_address_of_ignores_nested_message_headers():
