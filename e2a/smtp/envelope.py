@@ -23,7 +23,7 @@ class UnknownParameter(EnvelopeError):
 
 
 class ParameterSyntaxError(EnvelopeError):
-    """A known parameter with a malformed or duplicated value (501 5.5.4)."""
+    """A known parameter with a malformed or duplicated value (MAIL: 501 5.1.7, mail.md §1.6)."""
 
 
 class RecipientRefused(EnvelopeError):

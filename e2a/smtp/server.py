@@ -190,7 +190,8 @@ def envelope_error_reply(error: EnvelopeError, *, command: str) -> Reply:
     if isinstance(error, UnknownParameter):
         return R_UNKNOWN_PARAM
     if isinstance(error, ParameterSyntaxError):
-        return R_BAD_PARAM
+        # mail.md §1.4/§1.6 name one reply for a MAIL syntax error, parameters included.
+        return R_BAD_SENDER if command == "MAIL" else R_BAD_PARAM
     if isinstance(error, RecipientRefused):
         return R_NO_RCPT
     if isinstance(error, PathSyntaxError):

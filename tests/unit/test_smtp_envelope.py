@@ -108,7 +108,7 @@ def test_parse_rcpt_to_rejects(arg, error):
         (PathSyntaxError(), "MAIL", "501 5.1.7"),
         (PathSyntaxError(), "RCPT", "501 5.1.3"),
         (UnknownParameter(), "MAIL", "555 5.5.4"),
-        (ParameterSyntaxError(), "MAIL", "501 5.5.4"),
+        (ParameterSyntaxError(), "MAIL", "501 5.1.7"),
         (RecipientRefused(), "RCPT", "550 5.1.1"),
     ],
 )
