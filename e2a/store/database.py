@@ -204,24 +204,15 @@ class Database:
             self._idle.append(conn)
         self._semaphore.release()
 
-    async def run(self, desc: str, txn_fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
-        """Run ``txn_fn(txn, *args, **kwargs)`` in one transaction, retrying on 40001/40P01.
-
-        Raises:
-            DatabaseUnavailable: the connection failed; nothing was committed that we know of.
-        """
+    async def _on_connection(self, desc: str, body: Callable[[txpostgres.Connection], Awaitable[T]]) -> T:
+        """Check a connection out, run ``body(conn)``, check it back in; the one place that
+        retries serialization failures/deadlocks and maps a broken connection to
+        :class:`DatabaseUnavailable` (and discards that connection)."""
         for attempt in range(1, MAX_ATTEMPTS + 1):
             conn = await self._checkout()
             broken = False
-            txn: Txn | None = None
-
-            def interaction(cursor: txpostgres.Cursor) -> Deferred[T]:
-                nonlocal txn
-                txn = Txn(cursor)
-                return Deferred.fromCoroutine(txn_fn(txn, *args, **kwargs))
-
             try:
-                result = await conn.runInteraction(interaction)
+                return await body(conn)
             except psycopg2.Error as e:
                 code = getattr(e, "pgcode", None)
                 if code in RETRYABLE and attempt < MAX_ATTEMPTS:
@@ -236,14 +227,34 @@ class Database:
                 raise DatabaseUnavailable(f"{desc}: rollback failed") from e
             finally:
                 self._checkin(conn, broken)
-            assert txn is not None
-            for fn in txn.after_commit:
-                try:
-                    fn()
-                except Exception:
-                    log.failure("after-commit hook of {desc} failed", desc=desc)
-            return result
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _run_hooks(desc: str, hooks: list[Callable[[], Any]]) -> None:
+        for fn in hooks:
+            try:
+                fn()
+            except Exception:
+                log.failure("after-commit hook of {desc} failed", desc=desc)
+
+    async def run(self, desc: str, txn_fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        """Run ``txn_fn(txn, *args, **kwargs)`` in one transaction, retrying on 40001/40P01.
+
+        Raises:
+            DatabaseUnavailable: the connection failed; nothing was committed that we know of.
+        """
+        txns: list[Txn] = []
+
+        async def body(conn: txpostgres.Connection) -> T:
+            def interaction(cursor: txpostgres.Cursor) -> Deferred[T]:
+                txns.append(Txn(cursor))
+                return Deferred.fromCoroutine(txn_fn(txns[-1], *args, **kwargs))
+
+            return await conn.runInteraction(interaction)
+
+        result = await self._on_connection(desc, body)
+        self._run_hooks(desc, txns[-1].after_commit)
+        return result
 
     async def _single(
         self, desc: str, sql: str | Prepared, params: Sequence[Any] | dict[str, Any] | None
@@ -253,26 +264,14 @@ class Database:
         One round trip instead of the three of ``BEGIN``/statement/``COMMIT``; retries and
         error mapping are those of :meth:`run`. Returns the finished cursor.
         """
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            conn = await self._checkout()
-            broken = False
-            try:
-                cursor = conn.cursor()
-                text = await _prepared_sql(cursor, sql) if isinstance(sql, Prepared) else sql
-                await cursor.execute(text, params)
-                return cursor
-            except psycopg2.Error as e:
-                code = getattr(e, "pgcode", None)
-                if code in RETRYABLE and attempt < MAX_ATTEMPTS:
-                    log.debug("retrying {desc} after {code}", desc=desc, code=code)
-                    continue
-                if isinstance(e, (psycopg2.OperationalError, psycopg2.InterfaceError)) and code is None:
-                    broken = True
-                    raise DatabaseUnavailable(f"{desc}: database connection failed") from e
-                raise
-            finally:
-                self._checkin(conn, broken)
-        raise AssertionError("unreachable")
+
+        async def body(conn: txpostgres.Connection) -> txpostgres.Cursor:
+            cursor = conn.cursor()
+            text = await _prepared_sql(cursor, sql) if isinstance(sql, Prepared) else sql
+            await cursor.execute(text, params)
+            return cursor
+
+        return await self._on_connection(desc, body)
 
     async def fetchall(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """A single statement, committed on its own (autocommit), as dict rows."""
@@ -310,31 +309,17 @@ class Database:
         Raises:
             DatabaseUnavailable: the connection failed; nothing was committed that we know of.
         """
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            conn = await self._checkout()
-            broken = False
-            try:
-                batch = BatchTxn(conn.cursor())
-                result = await fn(batch, *args, **kwargs)
-                await batch.flush()
-            except psycopg2.Error as e:
-                code = getattr(e, "pgcode", None)
-                if code in RETRYABLE and attempt < MAX_ATTEMPTS:
-                    log.debug("retrying {desc} after {code}", desc=desc, code=code)
-                    continue
-                if isinstance(e, (psycopg2.OperationalError, psycopg2.InterfaceError)) and code is None:
-                    broken = True
-                    raise DatabaseUnavailable(f"{desc}: database connection failed") from e
-                raise
-            finally:
-                self._checkin(conn, broken)
-            for hook in batch.after_commit:
-                try:
-                    hook()
-                except Exception:
-                    log.failure("after-commit hook of {desc} failed", desc=desc)
+        batches: list[BatchTxn] = []
+
+        async def body(conn: txpostgres.Connection) -> T:
+            batches.append(BatchTxn(conn.cursor()))
+            result = await fn(batches[-1], *args, **kwargs)
+            await batches[-1].flush()
             return result
-        raise AssertionError("unreachable")
+
+        result = await self._on_connection(desc, body)
+        self._run_hooks(desc, batches[-1].after_commit)
+        return result
 
 
 def _dict_rows(cursor: txpostgres.Cursor) -> list[dict[str, Any]]:
