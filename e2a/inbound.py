@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from e2a import ids
 from e2a.delivery.backpressure import Backpressure
 from e2a.mailauth import authheaders
+from e2a.mailauth.verdict import sender_value
 from e2a.messageview import MessageView
 from e2a.store import messages
 from e2a.store.accounts import SecretCache, newest_secret_txn
@@ -54,12 +55,6 @@ class Verifier(Protocol):
     async def verify(
         self, raw: bytes, client_ip: str, helo: str, mail_from: str, header_fields: Any = None
     ) -> Any: ...
-
-
-def signed_sender(from_address: str | None, mail_from: str) -> str:
-    """mail.md §2.5: From address; if invalid, MAIL FROM; null sender and no From → ""."""
-    sender = from_address or mail_from or ""
-    return sender if sender.isascii() and sender.isprintable() else ""
 
 
 def smtp_protocol(envelope: EnvelopeLike) -> str:
@@ -176,7 +171,7 @@ class InboundPipeline:
             secret = self._secrets.decrypt(self.master_key, agent["secret_id"], agent["secret"])
             fields = authheaders.build_fields(
                 verified=trace.verified,
-                sender=signed_sender(trace.from_address, envelope.mail_from),
+                sender=sender_value(trace.from_address, envelope.mail_from),
                 entity_type="human",
                 domain_check=trace.domain_check,
                 delegation="",

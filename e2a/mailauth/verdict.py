@@ -44,6 +44,7 @@ __all__ = [
     "parse_dmarc_record",
     "parse_mailbox",
     "select_dmarc_record",
+    "sender_value",
     "signed_sender",
     "spf_to_e2a",
 ]
@@ -300,9 +301,16 @@ def mail_from_domain(mail_from: str, helo: str) -> str:
     return domain.strip().rstrip(".").lower()
 
 
+def sender_value(from_address: str | None, mail_from: str) -> str:
+    """§2.5 Sender: the From address; else the MAIL FROM address; ``""`` for neither (and for
+    anything that is not printable ASCII, which the signed header cannot carry)."""
+    sender = from_address or mail_from or ""
+    return sender if sender.isascii() and sender.isprintable() else ""
+
+
 def signed_sender(verdict: Verdict, mail_from: str) -> str:
-    """§2.5 Sender: the From address; else the MAIL FROM address; ``""`` for neither."""
-    return verdict.from_address or mail_from or ""
+    """:func:`sender_value` of a verdict."""
+    return sender_value(verdict.from_address, mail_from)
 
 
 # ---------------------------------------------------------------- organisational domain, alignment
