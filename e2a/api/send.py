@@ -11,7 +11,6 @@ from twisted.web.server import Request
 from e2a.api import wire
 from e2a.api.auth import Principal, authenticate
 from e2a.api.http import SEND_CAP, get_bool, get_str, get_str_list, json_body, query_arg, read_body, write_json
-from e2a.api.messages import visible_agent
 from e2a.errors import BadRequest, NotFound
 from e2a.outbound import compose
 from e2a.outbound.send import Draft, SendService
@@ -232,11 +231,12 @@ def install(router: Klein, deps: Any) -> None:
         return write_json(request, 200, outbound_detail(row, recipients))
 
     async def _agent(principal: Principal, email: str):
-        row = await visible_agent(db, principal, email)
-        agent = await agents_store.get_agent(db, principal.user_id, row["id"])
+        """The path's agent as a model, with exactly the 404 rules of ``visible_agent``."""
+        key = wire.path_agent_key(email)
+        agent = await agents_store.get_agent(db, principal.user_id, key) if principal.may_see_agent(key) else None
         if agent is None:
             raise NotFound("agent not found", code="agent_not_found")
         return agent
 
 
-__all__ = ["install", "outbound_detail", "outbound_summary", "wire"]
+__all__ = ["install", "outbound_detail", "outbound_summary"]
