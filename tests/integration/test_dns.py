@@ -200,6 +200,59 @@ async def test_thd_lookups_cache_answers_within_ttl():
 
 
 @pytest_twisted.ensureDeferred
+async def test_thd_front_cache_honours_expiry_and_bound():
+    """The dict in front of dnspython answers until the answer's own expiry, then asks
+    dnspython again; it never holds more than cache_size entries; flush_cache empties it."""
+    handle = await _server()
+    try:
+        now = [1_000.0]
+        client = _client(handle, cache_size=2, wall_clock=lambda: now[0])
+        resolved: list[str] = []
+        real_resolve = client._blocking.resolve
+
+        def counting_resolve(qname, rdtype, **kwargs):
+            resolved.append(f"{qname} {rdtype}")
+            answer = real_resolve(qname, rdtype, **kwargs)
+            answer.expiration = now[0] + 60  # the fake clock's view of the 60 s TTL
+            return answer
+
+        client._blocking.resolve = counting_resolve
+        first = await threads.deferToThread(client.thd_txt, "example.com")
+        again = await threads.deferToThread(client.thd_txt, "example.com")
+        assert first == again and resolved == ["example.com TXT"]
+        now[0] += 59.9
+        await threads.deferToThread(client.thd_txt, "example.com")
+        assert len(resolved) == 1
+        now[0] += 0.2  # past the answer's expiry: dnspython is asked again
+        assert await threads.deferToThread(client.thd_txt, "example.com") == first
+        assert len(resolved) == 2
+        for name in ("public.hooks.test", "loop.hooks.test", "private.hooks.test"):
+            await threads.deferToThread(client.thd_addresses, name)
+        assert len(client._front) == 2  # the oldest entries went first
+        client.flush_cache()
+        assert client._front == {}
+        await threads.deferToThread(client.thd_txt, "example.com")
+        assert resolved[-1] == "example.com TXT"
+    finally:
+        await handle.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_thd_front_cache_keeps_no_negative_or_failed_answers():
+    """NXDOMAIN, empty answers and SERVFAIL are never served from the front dict."""
+    handle = await _server()
+    try:
+        client = _client(handle)
+        assert await threads.deferToThread(client.thd_txt, "missing.example.com") == []
+        with pytest.raises(DnsTemporaryError):
+            await threads.deferToThread(client.thd_txt, "broken.example.com")
+        assert await threads.deferToThread(client.thd_mx, "empty.hooks.test") == []
+        assert client._front == {}
+    finally:
+        await handle.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_thd_dkim_dnsfunc_follows_dkimpy_contract():
     """Key record as bytes (long keys joined), None when absent, DnsTimeoutError on SERVFAIL."""
     handle = await _server()
