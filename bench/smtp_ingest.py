@@ -277,6 +277,7 @@ class Stack:
     ref: subprocess.Popen[bytes] | None = None
     ref_smtp: int = 0
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    floor: bool = False  # diagnostic: e2a through bench/floor_twistd.py (remembered verdicts)
 
     def start(self, dkim_txt: str, log: Any) -> None:
         from e2a.store.embedded import EmbeddedPostgres, EmbeddedSettings
@@ -314,9 +315,10 @@ class Stack:
         }
         cfg = self.tmp / "e2a.yaml"
         cfg.write_text(json.dumps(config))  # JSON is YAML
-        log("starting e2a (twistd -n e2a) …")
+        log("starting e2a (twistd -n e2a) …" if not self.floor else "starting e2a via floor_twistd.py (DIAGNOSTIC) …")
+        twistd = [python, str(REPO / "bench" / "floor_twistd.py")] if self.floor else [str(bindir / "twistd")]
         self.e2a = self._spawn(
-            [str(bindir / "twistd"), "-n", "--pidfile=", f"--logfile={self.tmp / 'e2a.log'}",
+            [*twistd, "-n", "--pidfile=", f"--logfile={self.tmp / 'e2a.log'}",
              "e2a", "--config", str(cfg)],
             "e2a.stdout",
         )
@@ -735,6 +737,9 @@ def main(argv: list[str] | None = None) -> int:
                         " selected concurrency <= 8; pick the size with --sizes")
     parser.add_argument("--profile-gil", action="store_true",
                         help="with --profile: sample only the thread holding the GIL (where Python CPU goes)")
+    parser.add_argument("--floor", action="store_true",
+                        help="DIAGNOSTIC: e2a remembers the first verdict per sender and skips SPF/DKIM/DMARC"
+                        " and the thread hop afterwards (bench/floor_twistd.py): e2a's cost without verification")
     parser.add_argument("--output", default=None, help="JSON path (default bench/results/smtp_ingest-<time>.json)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, database) for inspection")
     args = parser.parse_args(argv)
@@ -763,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
     mails = {s: build_mail(s, SIZES[s], pem) for s in sizes}
     for s, m in mails.items():
         log(f"{s}: {m.length} bytes on the wire per message (DKIM-signed once, Message-ID varies)")
-    stack = Stack(tmp)
+    stack = Stack(tmp, floor=args.floor)
     rounds: list[RoundResult] = []
     profile_summary: dict[str, Any] | None = None
     started_at = datetime.now(UTC)
@@ -860,7 +865,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"runs": runs, "sizes": {s: mails[s].length for s in sizes}, "concurrency": concs,
                      "messages_per_round": {s: counts[s] for s in sizes}, "quick": args.quick,
                      "postgres": "embedded, defaults (fsync=on, synchronous_commit=on)",
-                     "e2a_pool_size": 10, "reference_pool_size": 10},
+                     "e2a_pool_size": 10, "reference_pool_size": 10,
+                     "floor_diagnostic": args.floor},
         "medians": rows,
         "targets": verdicts,
         "verification_sample": sample,
