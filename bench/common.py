@@ -105,6 +105,7 @@ class E2AStack:
     api_key: str = ""
     signing_secret: str = ""
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    floor: bool = False  # diagnostic: e2a through bench/floor_twistd.py (remembered verdicts)
 
     def start_postgres(self, log: Any) -> None:
         from e2a.store.embedded import EmbeddedPostgres, EmbeddedSettings
@@ -146,9 +147,10 @@ class E2AStack:
         config = deep_merge(self.base_config(), overrides)
         self.config_path = self.tmp / "e2a.yaml"
         self.config_path.write_text(json.dumps(config))  # JSON is YAML
-        log("starting e2a (twistd -n e2a) …")
+        log("starting e2a (twistd -n e2a) …" if not self.floor else "starting e2a via floor_twistd.py (DIAGNOSTIC) …")
+        twistd = [sys.executable, str(BENCH / "floor_twistd.py")] if self.floor else [str(bindir / "twistd")]
         self.e2a = self.spawn(
-            [str(bindir / "twistd"), "-n", "--pidfile=", f"--logfile={self.tmp / 'e2a.log'}",
+            [*twistd, "-n", "--pidfile=", f"--logfile={self.tmp / 'e2a.log'}",
              "e2a", "--config", str(self.config_path)],
             "e2a.stdout",
         )

@@ -569,6 +569,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-minutes", type=float, default=30.0, help="wall-clock cap for the matrix")
     parser.add_argument("--profile", metavar="DIR", default=None, help="py-spy e2a during its c8 (or lowest) rounds")
     parser.add_argument("--profile-gil", action="store_true", help="with --profile: GIL holder only")
+    parser.add_argument("--floor", action="store_true",
+                        help="DIAGNOSTIC: e2a remembers the first verdict per sender and skips SPF/DKIM/DMARC"
+                        " afterwards (bench/floor_twistd.py): the pipeline's cost without verification")
     parser.add_argument("--output", default=None, help="JSON path (default bench/results/end_to_end-<time>.json)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, database)")
     parser.add_argument("--leased-index", action="store_true",
@@ -593,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     pem, txt = dkim_key()
     mail = build_mail("2k", 2 * 1024, pem)
     log(f"2k: {mail.length} bytes on the wire per message (DKIM-signed once, Message-ID varies)")
-    stack = E2AStack(tmp)
+    stack = E2AStack(tmp, floor=args.floor)
     ctx = Ctx(stack=stack, mail=mail, client_cls=make_client_class())
     rounds: list[RoundResult] = []
     fanouts: list[dict[str, Any]] = []
@@ -789,7 +792,7 @@ def main(argv: list[str] | None = None) -> int:
                      "e2a_overrides": {"webhooks.allow_private": True, "rate_limits.register_per_hour": 100000,
                                        "smtp.max_connections_per_ip": 200,
                                        "smtp.max_messages_per_session": 100000},
-                     "webhooks.max_concurrency_per_agent": args.per_agent,
+                     "webhooks.max_concurrency_per_agent": args.per_agent, "floor_diagnostic": args.floor,
                      "bench_leased_index": args.leased_index},
         "setup": setup,
         "medians": rows,
