@@ -189,6 +189,9 @@ class Config:
     env: str = "development"
     data_dir: str = "./e2a-data"
     shared_domain: str = ""
+    # Processes serving the same SMTP and HTTP sockets (docs/configuration.md, "processes"):
+    # one CPython process is bound to one core by the GIL; 1 = everything in this process.
+    processes: int = 1
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -227,6 +230,9 @@ class Config:
     def reserved_domains(self) -> set[str]:
         return {d.lower() for d in (self.shared_domain, self.smtp.domain, self.mail_domain) if d}
 
+
+#: Upper bound of ``processes``: each process holds ``database.pool_size`` + 2 connections.
+MAX_PROCESSES = 64
 
 SECTIONS: dict[str, type] = {
     "smtp": SmtpConfig,
@@ -469,7 +475,9 @@ def load_config(
             shared = idna.encode(shared, uts46=True).decode("ascii")
         except idna.IDNAError:
             problems.append("shared_domain: not a valid domain name")
-    config = Config(env=top.env, data_dir=top.data_dir, shared_domain=shared.lower(), **sections)
+    config = Config(
+        env=top.env, data_dir=top.data_dir, shared_domain=shared.lower(), processes=top.processes, **sections
+    )
     problems.extend(validate(config))
     if problems:
         raise ConfigError(problems)
@@ -514,6 +522,8 @@ def validate(config: Config) -> list[str]:
     for key, value in positive.items():
         if value <= 0:
             problems.append(f"{key}: must be a positive integer")
+    if not 1 <= config.processes <= MAX_PROCESSES:
+        problems.append(f"processes: must be between 1 and {MAX_PROCESSES}")
     for key, value in (("outbound_smtp.port", config.outbound_smtp.port), ("outbound.mx_port", config.outbound.mx_port)):
         if not 0 < value <= 65535:
             problems.append(f"{key}: must be a TCP port (1-65535)")

@@ -36,8 +36,14 @@ SHUTDOWN_GRACE_SECONDS = 10
 class E2AService(service.Service):
     name = "e2a"
 
-    def __init__(self, config: Config, reactor: Any, *, stop_reactor_on_failure: bool = False) -> None:
+    def __init__(
+        self, config: Config, reactor: Any, *, stop_reactor_on_failure: bool = False, child: Any = None
+    ) -> None:
         self.config = config
+        # A ChildSpec when this is one of the extra processes of ``processes: N`` (e2a.processes):
+        # the parent already did the once-only start-up and bound the sockets this one adopts.
+        self.child = child
+        self.processes: Any = None
         self.stop_reactor_on_failure = stop_reactor_on_failure
         self.reactor = reactor
         self.embedded: EmbeddedPostgres | None = None
@@ -91,7 +97,9 @@ class E2AService(service.Service):
         self.mailauth_pool.start()
         self._stoppers.append(self.mailauth_pool.stop)
 
-        if config.database.url:
+        if self.child is not None:
+            self.dsn = self.child.dsn
+        elif config.database.url:
             self.dsn = config.database.url
         else:
             self.embedded = EmbeddedPostgres(EmbeddedSettings(Path(data_dir) / "pg"))
@@ -103,7 +111,9 @@ class E2AService(service.Service):
 
             self._stoppers.append(stop_embedded)
 
-        if config.database.auto_migrate:
+        if self.child is not None:
+            pass  # the parent migrated before it started us
+        elif config.database.auto_migrate:
             await migrate.migrate(self.dsn, self.reactor)
         else:
             st = await migrate.status(self.dsn, self.reactor)
@@ -131,6 +141,16 @@ class E2AService(service.Service):
         await self._start_http()
         await self._start_smtp()
         await self._start_workers()
+        if self.child is not None:
+            log.info("e2a process {index} of {count} serving", index=self.child.index, count=self.child.count)
+            return
+        if config.processes > 1:
+            from e2a.processes import ProcessPool
+
+            self.processes = ProcessPool(
+                self.reactor, config, self.dsn, {"http": self.http_port.fileno(), "smtp": self.smtp_port.fileno()}
+            )
+            self.processes.start()
         log.info("e2a started: http on {http}, smtp on {smtp}", http=self.http_address(), smtp=self.smtp_address())
 
     def _build_dns(self) -> Any:
@@ -145,7 +165,7 @@ class E2AService(service.Service):
         from e2a.store.domains import ensure_shared_domain
 
         assert self.db is not None
-        if self.config.shared_domain:
+        if self.config.shared_domain and self.child is None:
             await ensure_shared_domain(self.db, self.config.shared_domain)
 
     async def _start_http(self) -> None:
@@ -164,8 +184,7 @@ class E2AService(service.Service):
 
         deps.extras["dkim_keygen"] = lambda: dkimkeys.generate_key(self.reactor, self.blocking_pool)
         self.api = ApiApp(deps)
-        endpoint = endpoints.serverFromString(self.reactor, listen_endpoint(self.config.http.listen_addr))
-        self.http_port = await endpoint.listen(self.api.site())
+        self.http_port = await self._listen("http", self.config.http.listen_addr, self.api.site())
 
     async def _start_smtp(self) -> None:
         from e2a.delivery.backpressure import Backpressure
@@ -189,8 +208,16 @@ class E2AService(service.Service):
         )
         tls = load_tls_options(smtp.tls_cert, smtp.tls_key) if smtp.tls_enabled else None
         self.smtp_factory = SmtpFactory(smtp, AgentRecipients(self.db), self.inbound.accept, self.reactor, tls)
-        endpoint = endpoints.serverFromString(self.reactor, listen_endpoint(smtp.listen_addr))
-        self.smtp_port = await endpoint.listen(self.smtp_factory)
+        self.smtp_port = await self._listen("smtp", smtp.listen_addr, self.smtp_factory)
+
+    async def _listen(self, name: str, listen_addr: str, factory: Any) -> Any:
+        """Bind ``listen_addr``, or, in a child process, serve the socket the parent bound."""
+        if self.child is not None:
+            from e2a.processes import adopt_listening_socket
+
+            return adopt_listening_socket(self.reactor, self.child.fds[name], factory)
+        endpoint = endpoints.serverFromString(self.reactor, listen_endpoint(listen_addr))
+        return await endpoint.listen(factory)
 
     async def _start_workers(self) -> None:
         from e2a.delivery.worker import DeliveryService
@@ -237,6 +264,10 @@ class E2AService(service.Service):
         return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        # The other processes first: they share our sockets and our (embedded) database.
+        if self.processes is not None:
+            await self.processes.stop(SHUTDOWN_GRACE_SECONDS + 5)
+            self.processes = None
         # Listeners first: no new work arrives while the rest winds down.
         for port in (self.smtp_port, self.http_port):
             if port is not None:

@@ -1,0 +1,113 @@
+"""``processes: N`` on the real ``twistd``: children serve the parent's sockets, crash and come
+back, and stop with the parent (e2a/processes.py)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+import treq
+
+from twisted.internet import reactor
+
+from e2a.config import Config
+from e2a.processes import ChildSpec, encode_spec, read_spec
+from tests.integration.test_twistd import REPO, TWISTD, _assert_clean_shutdown, _clean_env, _Collect, free_port
+from tests.support.waiting import wait_for
+
+pytestmark = pytest.mark.slow
+
+_STARTED = re.compile(rb"e2a process (\d+) of (\d+) started \(pid (\d+)\)")
+
+
+def _children(output: bytes) -> dict[int, int]:
+    """Newest pid per child index, from the parent's log."""
+    found: dict[int, int] = {}
+    for m in _STARTED.finditer(output):
+        found[int(m.group(1))] = int(m.group(3))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_child_spec_round_trips_through_the_pipe_format():
+    """The spec a child reads is the one the parent wrote (config, DSN, descriptors)."""
+    import io
+
+    spec = ChildSpec(config=Config(processes=3, shared_domain="agents.test"), dsn="dbname=x", index=2, count=3,
+                     fds={"http": 3, "smtp": 4})
+    assert read_spec(io.BytesIO(encode_spec(spec))) == spec
+    with pytest.raises(EOFError):
+        read_spec(io.BytesIO(encode_spec(spec)[:-1]))
+
+
+@pytest_twisted.ensureDeferred
+async def test_children_serve_the_shared_sockets_restart_and_stop_with_the_parent():
+    """With processes=3 the two children answer on the parent's HTTP port even while the parent
+    is stopped (SIGSTOP), a SIGKILLed child is replaced, and SIGTERM stops all three cleanly."""
+    workdir = Path(tempfile.mkdtemp(prefix="e2a-procs-"))
+    http_port = free_port()
+    env = _clean_env(
+        PYTHONPATH=str(REPO),
+        E2A_PROCESSES="3",
+        E2A_HTTP_LISTEN_ADDR=f"127.0.0.1:{http_port}",
+        E2A_SMTP_LISTEN_ADDR=f"127.0.0.1:{free_port()}",
+    )
+    proto = _Collect()
+    transport = reactor.spawnProcess(
+        proto, sys.executable, [sys.executable, *TWISTD, "-n", "--pidfile=", "e2a"], env=env, path=str(workdir)
+    )
+    stopped = False
+    try:
+        await proto.started_line.addTimeout(120, reactor)
+
+        async def both_serving() -> bool:
+            return proto.output.count(b"of 3 serving") >= 2
+
+        await wait_for(both_serving, timeout=60)
+        first = _children(bytes(proto.output))
+        assert sorted(first) == [2, 3] and all(_alive(pid) for pid in first.values())
+
+        # Only the children can accept while the parent is stopped.
+        os.kill(transport.pid, signal.SIGSTOP)
+        stopped = True
+        try:
+            for _ in range(4):
+                resp = await treq.get(f"http://127.0.0.1:{http_port}/api/health", persistent=False)
+                assert resp.code == 200
+                assert await resp.json() == {"status": "ok"}
+        finally:
+            os.kill(transport.pid, signal.SIGCONT)
+            stopped = False
+
+        os.kill(first[2], signal.SIGKILL)
+
+        async def replaced() -> bool:
+            now = _children(bytes(proto.output))
+            return now.get(2) not in (None, first[2]) and proto.output.count(b"of 3 serving") >= 3
+
+        await wait_for(replaced, timeout=60)
+        assert b"ended unexpectedly" in proto.output
+        second = _children(bytes(proto.output))
+    finally:
+        if stopped:
+            os.kill(transport.pid, signal.SIGCONT)
+        if not proto.ended.called:
+            transport.signalProcess(signal.SIGTERM)
+    code = await proto.ended.addTimeout(60, reactor)
+    output = proto.output.decode(errors="replace")
+    _assert_clean_shutdown(code, output, workdir / "e2a-data")
+    assert output.count("e2a stopped") == 3, output  # both children, then the parent
+    assert not any(_alive(pid) for pid in second.values())
