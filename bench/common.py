@@ -53,6 +53,7 @@ from smtp_ingest import (  # noqa: E402,F401 - re-exported
     proc_cpu,
     read_listening,
     summarize_profile,
+    tree_cpu,
     wait_smtp,
 )
 
@@ -106,6 +107,7 @@ class E2AStack:
     signing_secret: str = ""
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     floor: bool = False  # diagnostic: e2a through bench/floor_twistd.py (remembered verdicts)
+    processes: int = 1  # e2a's ``processes`` setting
 
     def start_postgres(self, log: Any) -> None:
         from e2a.store.embedded import EmbeddedPostgres, EmbeddedSettings
@@ -129,6 +131,7 @@ class E2AStack:
         return {
             "data_dir": str(self.tmp / "e2a-data"),
             "shared_domain": SHARED_DOMAIN,
+            "processes": self.processes,
             "database": {"url": self.dsn},
             "dns": {"nameservers": [f"{LOOPBACK}:{self.dns_port}"], "timeout": 5},
             "http": {"listen_addr": f"{LOOPBACK}:{self.e2a_http}"},

@@ -81,6 +81,7 @@ from common import (  # noqa: E402
     read_listening,
     rss_kib,
     summarize_profile,
+    tree_cpu,
 )
 
 AGENT_SLUG = "bench"
@@ -278,7 +279,7 @@ async def webhook_round(
     sessions = await open_sessions(reactor, ctx.client_cls, port, conc)
     jobs = [(f"{id_prefix}.{i}@{SENDER_DOMAIN}", [RECIPIENT]) for i in range(count)]
     out = Sent()
-    cpu0, pg0, sk0, l0 = proc_cpu(pid), postgres_cpu(ctx.stack.postmaster_pid), proc_cpu(ctx.sink_pid), loadavg()
+    cpu0, pg0, sk0, l0 = tree_cpu(pid), postgres_cpu(ctx.stack.postmaster_pid), proc_cpu(ctx.sink_pid), loadavg()
     done = {"sending": True}
     deadline = time.monotonic() + round_timeout
 
@@ -302,7 +303,7 @@ async def webhook_round(
     send_wall = time.monotonic() - out.first_send
     done["sending"] = False
     await collector
-    cpu1, pg1, sk1 = proc_cpu(pid), postgres_cpu(ctx.stack.postmaster_pid), proc_cpu(ctx.sink_pid)
+    cpu1, pg1, sk1 = tree_cpu(pid), postgres_cpu(ctx.stack.postmaster_pid), proc_cpu(ctx.sink_pid)
     close_sessions(sessions)
 
     lat, last, trace = [], out.first_send, []
@@ -406,11 +407,11 @@ async def fanout_round(reactor: Any, ctx: Any, ws: WsClients, agents: list[str],
     batches = [agents[i:i + MAX_RECIPIENTS] for i in range(0, len(agents), MAX_RECIPIENTS)]
     jobs = [(f"{id_prefix}.fan{run}.{j}@{SENDER_DOMAIN}", b) for j, b in enumerate(batches)]
     out = Sent()
-    cpu0 = proc_cpu(ctx.stack.e2a.pid)
+    cpu0 = tree_cpu(ctx.stack.e2a.pid)
     await send_all(sessions, ctx.mail, jobs, out, by_message_id=False, deadline=time.monotonic() + 120)
     close_sessions(sessions)
     got = await ws.wait(reactor, len(out.rcpts), 60.0)
-    cpu1 = proc_cpu(ctx.stack.e2a.pid)
+    cpu1 = tree_cpu(ctx.stack.e2a.pid)
     first: dict[str, float] = {}
     dup = 0
     for agent, _mid, t in got["frames"]:
@@ -572,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--floor", action="store_true",
                         help="DIAGNOSTIC: e2a remembers the first verdict per sender and skips SPF/DKIM/DMARC"
                         " afterwards (bench/floor_twistd.py): the pipeline's cost without verification")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="e2a's `processes` setting (CPU figures then cover the parent and its children)")
     parser.add_argument("--output", default=None, help="JSON path (default bench/results/end_to_end-<time>.json)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, database)")
     parser.add_argument("--leased-index", action="store_true",
@@ -596,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     pem, txt = dkim_key()
     mail = build_mail("2k", 2 * 1024, pem)
     log(f"2k: {mail.length} bytes on the wire per message (DKIM-signed once, Message-ID varies)")
-    stack = E2AStack(tmp, floor=args.floor)
+    stack = E2AStack(tmp, floor=args.floor, processes=args.processes)
     ctx = Ctx(stack=stack, mail=mail, client_cls=make_client_class())
     rounds: list[RoundResult] = []
     fanouts: list[dict[str, Any]] = []
@@ -792,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
                      "e2a_overrides": {"webhooks.allow_private": True, "rate_limits.register_per_hour": 100000,
                                        "smtp.max_connections_per_ip": 200,
                                        "smtp.max_messages_per_session": 100000},
-                     "webhooks.max_concurrency_per_agent": args.per_agent, "floor_diagnostic": args.floor,
+                     "webhooks.max_concurrency_per_agent": args.per_agent, "floor_diagnostic": args.floor, "e2a_processes": args.processes,
                      "bench_leased_index": args.leased_index},
         "setup": setup,
         "medians": rows,

@@ -244,9 +244,9 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def postgres_cpu(postmaster_pid: int) -> float:
-    """CPU of the postmaster and its live children (backends, walwriter, checkpointer)."""
-    total = proc_cpu(postmaster_pid)
+def tree_cpu(pid: int) -> float:
+    """CPU of a process and its live children: PostgreSQL's backends, e2a's ``processes``."""
+    total = proc_cpu(pid)
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -254,9 +254,14 @@ def postgres_cpu(postmaster_pid: int) -> float:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[1]) == postmaster_pid:
+        if int(fields[1]) == pid:
             total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
+
+
+def postgres_cpu(postmaster_pid: int) -> float:
+    """CPU of the postmaster and its live children (backends, walwriter, checkpointer)."""
+    return tree_cpu(postmaster_pid)
 
 
 def loadavg() -> float:
@@ -278,6 +283,7 @@ class Stack:
     ref_smtp: int = 0
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     floor: bool = False  # diagnostic: e2a through bench/floor_twistd.py (remembered verdicts)
+    processes: int = 1  # e2a's ``processes`` setting
 
     def start(self, dkim_txt: str, log: Any) -> None:
         from e2a.store.embedded import EmbeddedPostgres, EmbeddedSettings
@@ -301,6 +307,7 @@ class Stack:
         config = {
             "data_dir": str(self.tmp / "e2a-data"),
             "shared_domain": SHARED_DOMAIN,
+            "processes": self.processes,
             "database": {"url": self.dsn},
             "dns": {"nameservers": [f"{LOOPBACK}:{self.dns_port}"], "timeout": 5},
             "http": {"listen_addr": f"{LOOPBACK}:{self.e2a_http}"},
@@ -740,6 +747,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--floor", action="store_true",
                         help="DIAGNOSTIC: e2a remembers the first verdict per sender and skips SPF/DKIM/DMARC"
                         " and the thread hop afterwards (bench/floor_twistd.py): e2a's cost without verification")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="e2a's `processes` setting (CPU figures then cover the parent and its children)")
     parser.add_argument("--output", default=None, help="JSON path (default bench/results/smtp_ingest-<time>.json)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, database) for inspection")
     args = parser.parse_args(argv)
@@ -768,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
     mails = {s: build_mail(s, SIZES[s], pem) for s in sizes}
     for s, m in mails.items():
         log(f"{s}: {m.length} bytes on the wire per message (DKIM-signed once, Message-ID varies)")
-    stack = Stack(tmp, floor=args.floor)
+    stack = Stack(tmp, floor=args.floor, processes=args.processes)
     rounds: list[RoundResult] = []
     profile_summary: dict[str, Any] | None = None
     started_at = datetime.now(UTC)
@@ -810,13 +819,13 @@ def main(argv: list[str] | None = None) -> int:
                             profiling = profiler is not None and name == "e2a" and conc == profile_conc
                             if profiling:
                                 profiler.start(f"e2a-{s}-c{conc}-run{run}", int(args.round_timeout) + 30)
-                            cpu0, pg0, me0, l0 = proc_cpu(pid), postgres_cpu(stack.postmaster_pid), \
+                            cpu0, pg0, me0, l0 = tree_cpu(pid), postgres_cpu(stack.postmaster_pid), \
                                 sum(os.times()[:2]), loadavg()
                             sent, ok, wall, lat, capped, errs = await run_round(
                                 reactor, client_cls, port, mails[s], counts[s], conc,
                                 f"{id_base}.{name}.{s}.c{conc}.r{run}", args.round_timeout,
                             )
-                            cpu1, pg1, me1 = proc_cpu(pid), postgres_cpu(stack.postmaster_pid), sum(os.times()[:2])
+                            cpu1, pg1, me1 = tree_cpu(pid), postgres_cpu(stack.postmaster_pid), sum(os.times()[:2])
                             if profiling:
                                 profiler.stop()
                             lat.sort()
@@ -866,7 +875,7 @@ def main(argv: list[str] | None = None) -> int:
                      "messages_per_round": {s: counts[s] for s in sizes}, "quick": args.quick,
                      "postgres": "embedded, defaults (fsync=on, synchronous_commit=on)",
                      "e2a_pool_size": 10, "reference_pool_size": 10,
-                     "floor_diagnostic": args.floor},
+                     "floor_diagnostic": args.floor, "e2a_processes": args.processes},
         "medians": rows,
         "targets": verdicts,
         "verification_sample": sample,
