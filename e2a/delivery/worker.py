@@ -8,6 +8,16 @@ slow receiver never holds up the claim loop. Concurrency is bounded per process
 (``max_in_flight``) and per agent (``webhooks.max_concurrency_per_agent``, counted by the
 claim query from the leases in the database).
 
+A slot is handed on: when an attempt is delivered (2xx), the statement that records it also
+leases the same agent's next due job (``deliveries.record_delivered_and_claim_next``) and the
+attempt's slot passes straight to that job. A busy agent's backlog then costs one round trip
+per delivery (record + lease) instead of two (record, then a claim pass), and the per-agent
+and per-process counts never change across the hand-on. Only a slot that is not handed on
+wakes the claim loop (it may free room for other agents' jobs or held-back ones). While the
+process is saturated (``max_in_flight``) nothing is handed on, so the claim's oldest-first
+order across agents decides who gets a freed slot, and a few busy agents cannot keep the
+others waiting.
+
 Correctness never depends on process memory: the attempt count, the next due time and the
 lease live in the row; a process that dies mid-attempt leaves a lease that expires after
 ``timeout + 30 s``, and the job is retried (at-least-once, same ``webhook-id``).
@@ -106,6 +116,10 @@ class DeliveryService:
         self._loop: task.LoopingCall | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._running = False
+        # Set by stop(): no more hand-ons even inside a run_once (which may run un-started).
+        self._stopping = False
+        # run_once() calls in progress: they may hand slots on while the service is not started.
+        self._once = 0
         self._claims = ClaimLoop(self._claim_and_start, lambda: self._running, "webhook delivery")
         self._in_flight: dict[str, defer.Deferred[None]] = {}
         self._per_agent: dict[str, int] = {}
@@ -116,6 +130,7 @@ class DeliveryService:
     async def start(self) -> None:
         """Subscribe to NOTIFY, start the poll loop and poll once right away."""
         self._running = True
+        self._stopping = False
         if self._events is not None:
             self._unsubscribe = self._events.subscribe(CHANNEL_DELIVERY, lambda _payload: self.wake())
             self._events.on_reconnect(self.wake)
@@ -129,9 +144,13 @@ class DeliveryService:
 
         Attempts are bounded by ``webhooks.timeout`` (request) plus the same for the body
         read; whatever is still running after that is cancelled and abandoned to its lease
-        (another process, or this one after a restart, retries it).
+        (another process, or this one after a restart, retries it). No slot is handed on once
+        stopping, but a record-and-lease statement already sent may still return a leased
+        job: it is started (rather than left to its lease) and waited for like the others,
+        within the same deadline.
         """
         self._running = False
+        self._stopping = True
         if self._backpressure is not None:
             self._backpressure.open()  # nobody refreshes the estimate any more
         if self._unsubscribe is not None:
@@ -141,12 +160,14 @@ class DeliveryService:
             self._loop.stop()
         self._loop = None
         await self._claims.wait_idle()
-        pending = list(self._in_flight.values())
-        if pending:
+        if self._in_flight:
+            # Cancels what is in flight when the deadline passes (a handed-on attempt included).
             deadline = self._clock.callLater(
-                2 * float(self._config.timeout) + 1, lambda: [d.cancel() for d in pending]
+                2 * float(self._config.timeout) + 1,
+                lambda: [d.cancel() for d in list(self._in_flight.values())],
             )
-            await defer.DeferredList(pending, consumeErrors=True)
+            while self._in_flight:
+                await defer.DeferredList(list(self._in_flight.values()), consumeErrors=True)
             if deadline.active():
                 deadline.cancel()
         if self._own_client:
@@ -190,68 +211,104 @@ class DeliveryService:
             self._start_attempt(job)
         return len(jobs), limit
 
-    def _start_attempt(self, job: ClaimedJob) -> defer.Deferred[None]:
+    def _may_hand_on(self) -> bool:
+        """Whether a delivered attempt may lease its agent's next job for its slot.
+
+        Not once stopping (no new claims), only while the service runs or a run_once is in
+        progress, and not while this process is saturated: then the claim loop's oldest-first
+        order across agents must decide who gets the next free slot.
+        """
+        return (
+            not self._stopping
+            and (self._running or self._once > 0)
+            and len(self._in_flight) < self._max_in_flight
+        )
+
+    def _start_attempt(self, job: ClaimedJob) -> defer.Deferred[int]:
+        """Start ``job`` in a slot; fires with how many attempts the slot ran before it was
+        freed (this one plus the jobs it was handed on to). Never fails."""
+        slot_done: defer.Deferred[int] = defer.Deferred()
+        self._run_in_slot(job, slot_done, 0)
+        return slot_done
+
+    def _run_in_slot(self, job: ClaimedJob, slot_done: defer.Deferred[int], ran_before: int) -> None:
         self._per_agent[job.agent_id] = self._per_agent.get(job.agent_id, 0) + 1
         d = defer.Deferred.fromCoroutine(self._attempt(job))
         self._in_flight[job.id] = d
 
-        def finished(_: Any) -> None:
+        def finished(result: Any) -> None:
             self._in_flight.pop(job.id, None)
             count = self._per_agent.get(job.agent_id, 1)
             if count <= 1:
                 self._per_agent.pop(job.agent_id, None)
             else:
                 self._per_agent[job.agent_id] = count - 1
+            if isinstance(result, ClaimedJob):
+                # Handed on: the record statement leased this agent's next job for this very
+                # slot. The per-agent and per-process counts are unchanged, so nothing new is
+                # claimable because of this finish: no wake-up needed.
+                self._run_in_slot(result, slot_done, ran_before + 1)
+                return
             # A slot freed: jobs held back by a concurrency limit may be claimable now. Wake on
-            # every finish (wake() coalesces): waking only when this agent was at its limit let
-            # a backlog stall until the next safety poll once several attempts ended together.
+            # every freed slot (wake() coalesces): waking only when this agent was at its limit
+            # let a backlog stall until the next safety poll once several attempts ended together.
             self.wake()
+            slot_done.callback(ran_before + 1)
 
         d.addBoth(finished)
-        return d
 
     async def run_once(self) -> int:
-        """Claim due jobs once and wait for their attempts to finish; returns how many ran.
+        """Claim due jobs once, then wait until every slot it filled is free again; returns
+        how many attempts ran.
 
+        A slot stays busy while its attempts are delivered and handed on to the same agent's
+        next due job, so this waits for the claimed attempts AND the chain of attempts each
+        handed its slot on to (a backlog of one agent is drained by one call, within the
+        per-agent limit). Allowed on a service that was never started (hand-ons included).
         For tests and tools: the service itself never waits on attempts while claiming.
         """
-        limit = self._max_in_flight - len(self._in_flight)
-        jobs = await deliveries.claim_due(
-            self._db, self._now(), limit, self._lease_seconds, self._config.max_concurrency_per_agent
-        )
-        started = [self._start_attempt(job) for job in jobs]
-        if started:
-            await defer.DeferredList(started, consumeErrors=True)
-        return len(jobs)
+        self._once += 1
+        try:
+            limit = self._max_in_flight - len(self._in_flight)
+            jobs = await deliveries.claim_due(
+                self._db, self._now(), limit, self._lease_seconds, self._config.max_concurrency_per_agent
+            )
+            slots = [self._start_attempt(job) for job in jobs]
+            results = await defer.gatherResults(slots) if slots else []
+            return sum(results)
+        finally:
+            self._once -= 1
 
     # ------------------------------------------------------------------ one attempt
 
-    async def _attempt(self, job: ClaimedJob) -> None:
+    async def _attempt(self, job: ClaimedJob) -> ClaimedJob | None:
+        """Run one attempt; returns the job its slot was handed on to, if any. Never raises."""
         try:
-            await self._attempt_unguarded(job)
+            return await self._attempt_unguarded(job)
         except defer.CancelledError:
             log.info("webhook attempt {delivery_id} abandoned at shutdown", delivery_id=job.id)
         except Exception:
             # The lease expires and the job is retried; nothing else to do here.
             log.failure("webhook attempt {delivery_id} failed unexpectedly", delivery_id=job.id)
+        return None
 
-    async def _attempt_unguarded(self, job: ClaimedJob) -> None:
+    async def _attempt_unguarded(self, job: ClaimedJob) -> ClaimedJob | None:
         ctx = await deliveries.load_attempt(self._db, job, self._master_key, self._secrets)
         if ctx is None:
             await deliveries.record_failed(self._db, job, None, "message or agent gone", self._now(), attempted=False)
-            return
+            return None
         if ctx.agent_mode != "cloud":
             await deliveries.record_failed(self._db, job, None, "agent is in local mode", self._now(), attempted=False)
-            return
+            return None
         if ctx.webhook_status == "disabled":
             await deliveries.record_paused(self._db, job)
-            return
+            return None
         if not ctx.webhook_url:
             await deliveries.record_failed(self._db, job, None, "no webhook URL", self._now(), attempted=False)
-            return
+            return None
         if not ctx.secrets:
             await deliveries.record_failed(self._db, job, None, "no signing secret", self._now(), attempted=False)
-            return
+            return None
 
         try:
             request = build_request(
@@ -262,11 +319,12 @@ class DeliveryService:
             await deliveries.record_failed(
                 self._db, job, None, "stored auth headers cannot be signed", self._now(), attempted=False
             )
-            return
+            return None
         result = await self.client.post(ctx.webhook_url, request.body, request.headers)
-        await self._record(job, ctx.webhook_url, result)
+        return await self._record(job, ctx.webhook_url, result)
 
-    async def _record(self, job: ClaimedJob, url: str, result: AttemptResult) -> None:
+    async def _record(self, job: ClaimedJob, url: str, result: AttemptResult) -> ClaimedJob | None:
+        """Write the attempt's outcome; returns the job the slot is handed on to (2xx only)."""
         now = self._now()
         if result.status is not None:
             outcome = backoff.classify_status(result.status)
@@ -274,12 +332,18 @@ class DeliveryService:
                 # No log line per delivered webhook: even at debug level a Twisted log event is
                 # built and published in the reactor thread for every message (the outcome is
                 # in the deliveries row and the API).
+                if self._may_hand_on():
+                    _matched, next_job = await deliveries.record_delivered_and_claim_next(
+                        self._db, job, result.status, url, now,
+                        self._lease_seconds, self._config.max_concurrency_per_agent,
+                    )
+                    return next_job
                 await deliveries.record_delivered(self._db, job, result.status, url, now)
-                return
+                return None
             if outcome == backoff.GONE:
                 await deliveries.record_gone(self._db, job, url, now)
                 log.warn("webhook of {agent_id} answered 410: disabled", agent_id=job.agent_id)
-                return
+                return None
         delay = backoff.next_delay(
             job.attempt,
             self._config.retry_schedule,
@@ -294,12 +358,13 @@ class DeliveryService:
             await deliveries.record_failed(self._db, job, result.status, result.error, now, attempted=True, url=url)
             log.warn("webhook {message_id} failed after {attempt} attempts ({error})",
                      message_id=job.message_id, attempt=job.attempt, error=result.error)
-            return
+            return None
         await deliveries.record_retry(
             self._db, job, result.status, result.error, url, now, now + timedelta(seconds=delay)
         )
         log.info("webhook {message_id} attempt {attempt} failed ({error}); retry in {delay:.1f} s",
                  message_id=job.message_id, attempt=job.attempt, error=result.error, delay=delay)
+        return None
 
 
 def _webhook_message(ctx: AttemptContext) -> WebhookMessage:

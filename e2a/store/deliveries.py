@@ -11,6 +11,11 @@ Queue rules:
   lease — duplicates are impossible either way, the rows are locked).
 * Every finishing write is guarded by ``attempts = <attempts at claim>``: a worker whose lease
   was lost (and whose job was retried elsewhere) cannot overwrite the newer state.
+* The 2xx write can also lease the same agent's next due job in the SAME statement
+  (:func:`record_delivered_and_claim_next`): the finishing attempt's slot is handed on without a
+  claim round trip. It leases only when the guarded update matched, SKIP LOCKED like the
+  claim, and within the same per-agent count (the finishing row excluded, since it is the slot
+  being handed on), so it never allows more in flight than a claim would.
 * Times are passed in (``now``) rather than taken from ``now()``, so the worker's injected clock
   drives the schedule (tests advance a ``task.Clock``; production passes the reactor's time).
 """
@@ -39,6 +44,7 @@ __all__ = [
     "list_deliveries",
     "load_attempt",
     "record_delivered",
+    "record_delivered_and_claim_next",
     "record_failed",
     "record_gone",
     "record_paused",
@@ -123,18 +129,50 @@ class ClaimedJob:
 #: Signing secrets sent with each attempt, newest first (mail.md §3.3: rotation overlap).
 MAX_SECRETS = 5
 
+# Shared by the two statements that lease jobs (``_CLAIM`` and ``_DELIVERED_CLAIM_NEXT``).
+#
+# A due job that nobody holds: pending, due at ``now``, lease absent or run out (``c`` = the
+# candidate row).
+_DUE_UNLEASED = (
+    "c.status = 'pending' AND c.next_attempt_at <= %(now)s"
+    " AND (c.leased_until IS NULL OR c.leased_until <= %(now)s)"
+)
+
+# Sets the lease on the rows of ``chosen`` (a CTE of ids, locked FOR UPDATE by the caller).
+_LEASE_CHOSEN = """claimed AS (
+    UPDATE deliveries dl SET leased_until = %(lease_until)s
+    FROM chosen
+    WHERE dl.id = chosen.id
+    RETURNING dl.id, dl.message_id, dl.agent_id, dl.attempts
+)"""
+
+# What an attempt needs, read beside the lease (``claimed j``): the columns and the joins. The
+# message, agent and secret columns come from the statement's snapshot, taken when the claim
+# runs, i.e. at attempt time (mail.md §4.1: the URL is read per attempt). A job whose message
+# or agent is gone still comes back (LEFT JOINs by primary key, ``m_id``/``a_id`` NULL) so the
+# worker can fail it. The secrets are returned as (id, ciphertext) arrays newest first, so a
+# rotation takes effect on the next claim while the AES-GCM opening is cached per secret id.
+_ATTEMPT_COLUMNS = """j.id, j.message_id, j.agent_id, j.attempts,
+       m.id AS m_id, m.conversation_id, m.display_from, m.to_addrs, m.cc_addrs, m.recipient,
+       m.raw_message, m.auth_headers, m.created_at,
+       a.id AS a_id, a.agent_mode, a.webhook_url, a.webhook_status,
+       s.secret_ids, s.secrets"""
+_ATTEMPT_JOINS = """LEFT JOIN messages m ON m.id = j.message_id AND m.agent_id = j.agent_id AND m.direction = 'inbound'
+LEFT JOIN agents a ON a.id = j.agent_id AND m.id IS NOT NULL
+LEFT JOIN LATERAL (
+    SELECT array_agg(t.id ORDER BY t.created_at DESC, t.id DESC) AS secret_ids,
+           array_agg(t.secret ORDER BY t.created_at DESC, t.id DESC) AS secrets
+    FROM (SELECT id, secret, created_at FROM signing_secrets WHERE user_id = a.user_id
+          ORDER BY created_at DESC, id DESC LIMIT %(max_secrets)s) t
+) s ON a.user_id IS NOT NULL"""
+
 # One statement claims the jobs AND reads what their attempts need (one autocommit round trip
 # instead of a claim transaction plus a load transaction per job). The per-agent in-flight
 # count is computed once per claim (grouped over the pending, leased rows) rather than once
-# per candidate row, so a large backlog does not make each claim quadratic. The message,
-# agent and secret columns come from the statement's snapshot, taken when the claim runs,
-# i.e. at attempt time (mail.md §4.1: the URL is read per attempt). A job whose message or
-# agent is gone still comes back (LEFT JOINs by primary key, ``m_id``/``a_id`` NULL) so the
-# worker can fail it. The secrets are returned as (id, ciphertext) arrays newest first, so a
-# rotation takes effect on the next claim while the AES-GCM opening is cached per secret id.
+# per candidate row, so a large backlog does not make each claim quadratic.
 _CLAIM = Prepared(
     "e2a_claim_deliveries",
-    """
+    f"""
 WITH in_flight AS (
     SELECT agent_id, count(*) AS n
     FROM deliveries
@@ -144,9 +182,7 @@ WITH in_flight AS (
     SELECT c.id, c.agent_id, c.next_attempt_at, COALESCE(f.n, 0) AS in_flight
     FROM deliveries c
     LEFT JOIN in_flight f ON f.agent_id = c.agent_id
-    WHERE c.status = 'pending'
-      AND c.next_attempt_at <= %(now)s
-      AND (c.leased_until IS NULL OR c.leased_until <= %(now)s)
+    WHERE {_DUE_UNLEASED}
       AND COALESCE(f.n, 0) < %(per_agent)s
     ORDER BY c.next_attempt_at, c.id
     LIMIT %(scan)s
@@ -160,26 +196,10 @@ WITH in_flight AS (
     WHERE rank_in_agent + in_flight <= %(per_agent)s
     ORDER BY next_attempt_at, id
     LIMIT %(limit)s
-), claimed AS (
-    UPDATE deliveries d SET leased_until = %(lease_until)s
-    FROM chosen
-    WHERE d.id = chosen.id
-    RETURNING d.id, d.message_id, d.agent_id, d.attempts
-)
-SELECT j.id, j.message_id, j.agent_id, j.attempts,
-       m.id AS m_id, m.conversation_id, m.display_from, m.to_addrs, m.cc_addrs, m.recipient,
-       m.raw_message, m.auth_headers, m.created_at,
-       a.id AS a_id, a.agent_mode, a.webhook_url, a.webhook_status,
-       s.secret_ids, s.secrets
+), {_LEASE_CHOSEN}
+SELECT {_ATTEMPT_COLUMNS}
 FROM claimed j
-LEFT JOIN messages m ON m.id = j.message_id AND m.agent_id = j.agent_id AND m.direction = 'inbound'
-LEFT JOIN agents a ON a.id = j.agent_id AND m.id IS NOT NULL
-LEFT JOIN LATERAL (
-    SELECT array_agg(t.id ORDER BY t.created_at DESC, t.id DESC) AS secret_ids,
-           array_agg(t.secret ORDER BY t.created_at DESC, t.id DESC) AS secrets
-    FROM (SELECT id, secret, created_at FROM signing_secrets WHERE user_id = a.user_id
-          ORDER BY created_at DESC, id DESC LIMIT %(max_secrets)s) t
-) s ON a.user_id IS NOT NULL
+{_ATTEMPT_JOINS}
 """,
 )
 
@@ -310,23 +330,65 @@ async def _finish(db: Database, sql: str, params: dict[str, Any]) -> bool:
     return len(await db.fetchall(sql, params)) == 1
 
 
-# The delivery row and the message's ``read`` flag in ONE statement (one implicit
-# transaction, one round trip): both commit together, and the message is only touched when
-# the guarded delivery update matched.
+# The 2xx write: the delivery row and the message's ``read`` flag (two CTEs, ``done`` returns
+# the message id when the guarded update matched). The message is only touched when the
+# guarded delivery update matched.
+_MARK_DELIVERED = """done AS (
+    UPDATE deliveries SET status = 'delivered', attempts = attempts + 1, last_status_code = %(code)s,
+        last_error = '', last_attempt_at = %(now)s, delivered_at = %(now)s, next_attempt_at = NULL,
+        leased_until = NULL, webhook_url = %(url)s
+    WHERE id = %(id)s AND attempts = %(attempts)s AND status IN ('pending', 'paused')
+    RETURNING message_id
+), marked_read AS (
+    UPDATE messages SET status = 'read', read_at = COALESCE(read_at, %(now)s)
+    WHERE id IN (SELECT message_id FROM done) AND direction = 'inbound' AND status = 'unread'
+)"""
+
+# ONE statement (one implicit transaction, one round trip): both rows commit together.
 _DELIVERED = Prepared(
     "e2a_delivery_delivered",
-    "WITH d AS ("
-    " UPDATE deliveries SET status = 'delivered', attempts = attempts + 1, last_status_code = %(code)s,"
-    " last_error = '', last_attempt_at = %(now)s, delivered_at = %(now)s, next_attempt_at = NULL,"
-    " leased_until = NULL, webhook_url = %(url)s"
-    " WHERE id = %(id)s AND attempts = %(attempts)s AND status IN ('pending', 'paused')"
-    " RETURNING message_id"
-    "), m AS ("
-    " UPDATE messages SET status = 'read', read_at = COALESCE(read_at, %(now)s)"
-    " WHERE id IN (SELECT message_id FROM d) AND direction = 'inbound' AND status = 'unread'"
-    ")"
-    " SELECT count(*) AS n FROM d",
+    f"WITH {_MARK_DELIVERED} SELECT count(*) AS n FROM done",
 )
+
+# The 2xx write AND the lease of the same agent's next due job, in ONE statement, so a busy
+# agent's slot goes from one attempt to the next without a separate claim round trip (the
+# worker's hand-on). It leases only when the guarded update matched (``EXISTS (SELECT 1 FROM
+# done)``, an uncorrelated one-time filter: a lost lease leases nothing). All CTEs see the
+# snapshot taken when the statement starts, in which the finishing row is still pending and
+# leased: the in-flight count (``agent_id = … AND status = 'pending'``, i.e. on
+# ``deliveries_pending_agent_idx``) therefore leaves it out by id, and so does the candidate
+# scan (with its lease run out the row would look due; PostgreSQL would skip it as already
+# updated by this command, but it is never a candidate to begin with). The one candidate is
+# the agent's oldest due, unleased job, locked FOR UPDATE SKIP LOCKED as in ``_CLAIM``. The
+# outer SELECT always returns one row: ``delivered`` plus the claimed job's attempt columns
+# (NULL when nothing was leased).
+_DELIVERED_CLAIM_NEXT = Prepared(
+    "e2a_delivery_delivered_claim_next",
+    f"""
+WITH {_MARK_DELIVERED}, in_flight AS (
+    SELECT count(*) AS n
+    FROM deliveries
+    WHERE agent_id = %(agent_id)s AND status = 'pending' AND leased_until > %(now)s AND id <> %(id)s
+), chosen AS (
+    SELECT c.id
+    FROM deliveries c
+    WHERE c.agent_id = %(agent_id)s AND c.id <> %(id)s AND {_DUE_UNLEASED}
+      AND EXISTS (SELECT 1 FROM done)
+      AND (SELECT n FROM in_flight) < %(per_agent)s
+    ORDER BY c.next_attempt_at, c.id
+    LIMIT 1
+    FOR UPDATE OF c SKIP LOCKED
+), {_LEASE_CHOSEN}
+SELECT (SELECT count(*) FROM done) AS delivered, {_ATTEMPT_COLUMNS}
+FROM (SELECT 1) one
+LEFT JOIN claimed j ON TRUE
+{_ATTEMPT_JOINS}
+""",
+)
+
+
+def _delivered_params(job: ClaimedJob, status_code: int, url: str, now: datetime) -> dict[str, Any]:
+    return {"code": status_code, "now": now, "url": url, "id": job.id, "attempts": job.attempts}
 
 
 async def record_delivered(db: Database, job: ClaimedJob, status_code: int, url: str, now: datetime) -> bool:
@@ -336,10 +398,43 @@ async def record_delivered(db: Database, job: ClaimedJob, status_code: int, url:
     delivered: the receiver did get it. Returns False when the guarded update matched nothing
     (the lease was lost). One round trip (autocommit).
     """
-    row = await db.fetchone_prepared(
-        _DELIVERED, {"code": status_code, "now": now, "url": url, "id": job.id, "attempts": job.attempts}
-    )
+    row = await db.fetchone_prepared(_DELIVERED, _delivered_params(job, status_code, url, now))
     return row is not None and row["n"] == 1
+
+
+async def record_delivered_and_claim_next(
+    db: Database,
+    job: ClaimedJob,
+    status_code: int,
+    url: str,
+    now: datetime,
+    lease_seconds: float,
+    max_per_agent: int,
+) -> tuple[bool, ClaimedJob | None]:
+    """:func:`record_delivered`, and in the same statement lease the agent's next due job.
+
+    Returns (delivered, next job). The next job is the oldest due, unleased pending delivery
+    of ``job``'s agent, leased for ``lease_seconds`` from ``now`` only when the guarded update
+    matched and the agent has fewer than ``max_per_agent`` other attempts in flight (the
+    finishing one does not count: its slot is what the next job takes). It carries the same
+    attempt context as a :func:`claim_due` job. Why: a busy agent's slot then costs one round
+    trip per delivery instead of two (record, then claim); everything commits together, so a
+    crash can never leave the delivered mark without the lease or the other way round.
+    """
+    params = _delivered_params(job, status_code, url, now)
+    params.update(
+        agent_id=job.agent_id,
+        per_agent=max_per_agent,
+        lease_until=now + timedelta(seconds=lease_seconds),
+        max_secrets=MAX_SECRETS,
+    )
+    row = await db.fetchone_prepared(_DELIVERED_CLAIM_NEXT, params)
+    if row is None:
+        return False, None
+    delivered = row["delivered"] == 1
+    if row["id"] is None:
+        return delivered, None
+    return delivered, ClaimedJob(row["id"], row["message_id"], row["agent_id"], row["attempts"], row)
 
 
 async def record_retry(

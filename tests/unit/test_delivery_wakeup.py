@@ -1,15 +1,21 @@
-"""The webhook worker keeps draining a backlog by itself: every finished attempt wakes it.
+"""The webhook worker keeps draining a backlog by itself: every freed slot wakes it, and a
+delivered attempt hands its slot on to the agent's next due job.
 
 Regression test for a stall found by the end-to-end bench: when several attempts of one agent
 finished together, only the first woke the worker; its claim still saw the others' leases, so
 the chain died and the backlog moved only on the 1 s safety poll. Runs the real
-DeliveryService on a task.Clock with an in-memory queue (claims see a snapshot taken when the
-statement starts, commits of concurrent attempts are staggered, as in PostgreSQL)."""
+DeliveryService on a task.Clock with an in-memory queue (claims and record-and-lease
+statements see a snapshot taken when the statement starts, commits of concurrent attempts are
+staggered, as in PostgreSQL). Run twice: with the hand-on leasing nothing (so only the
+wake-ups of freed slots drain the backlog, the original regression) and with it leasing the
+agent's next job (the claim loop then runs only at the start and at the end)."""
 
 from __future__ import annotations
 
 import itertools
 from typing import Any
+
+import pytest
 
 from twisted.internet import defer, task
 
@@ -19,50 +25,78 @@ from e2a.delivery.webhook import AttemptResult
 from e2a.store.deliveries import ClaimedJob
 
 
-def test_backlog_drains_without_safety_poll(monkeypatch):
+@pytest.mark.parametrize("hand_on", [False, True])
+def test_backlog_drains_without_safety_poll(monkeypatch, hand_on):
     """40 due jobs for one agent (4 at a time) all finish within 0.9 s of fake time."""
     clock = task.Clock()
     jobs = {f"d{i}": {"leased": False, "done": False} for i in range(40)}
     stagger = itertools.cycle([0.001, 0.002, 0.003, 0.004])
+    claims: list[int] = []
+    posting = [0]
+    most_posting = [0]
 
-    async def claim_due(db: Any, now: Any, limit: int, lease: float, per_agent: int) -> list[ClaimedJob]:
-        busy = sum(1 for j in jobs.values() if j["leased"] and not j["done"])
-        await task.deferLater(clock, 0.002, lambda: None)
+    def busy(exclude: str | None = None) -> int:
+        return sum(1 for jid, j in jobs.items() if j["leased"] and not j["done"] and jid != exclude)
+
+    def lease(n: int) -> list[ClaimedJob]:
         out = []
         for jid, j in jobs.items():
-            if len(out) >= min(limit, per_agent - busy):
+            if len(out) >= n:
                 break
             if not j["leased"] and not j["done"]:
                 j["leased"] = True
                 out.append(ClaimedJob(jid, "m" + jid, "a", 0))
         return out
 
-    async def record_delivered(db: Any, job: ClaimedJob, *args: Any) -> bool:
+    async def claim_due(db: Any, now: Any, limit: int, lease_s: float, per_agent: int) -> list[ClaimedJob]:
+        claims.append(limit)
+        in_flight = busy()  # the statement's snapshot
+        await task.deferLater(clock, 0.002, lambda: None)
+        return lease(min(limit, per_agent - in_flight))
+
+    async def record_delivered_and_claim_next(
+        db: Any, job: ClaimedJob, code: int, url: str, now: Any, lease_s: float, per_agent: int
+    ) -> tuple[bool, ClaimedJob | None]:
+        in_flight = busy(exclude=job.id)  # the statement's snapshot, the finishing job left out
         await task.deferLater(clock, next(stagger), lambda: None)
         jobs[job.id]["done"] = True
-        return True
+        if not hand_on or in_flight >= per_agent:
+            return True, None
+        nxt = lease(1)
+        return True, (nxt[0] if nxt else None)
 
     class FakeClient:
         async def post(self, url: str, body: bytes, headers: Any) -> AttemptResult:
+            posting[0] += 1
+            most_posting[0] = max(most_posting[0], posting[0])
             await task.deferLater(clock, 0.005, lambda: None)
+            posting[0] -= 1
             return AttemptResult(200)
 
         async def close(self) -> None:
             pass
 
     monkeypatch.setattr(worker.deliveries, "claim_due", claim_due)
-    monkeypatch.setattr(worker.deliveries, "record_delivered", record_delivered)
+    monkeypatch.setattr(worker.deliveries, "record_delivered_and_claim_next", record_delivered_and_claim_next)
     svc = worker.DeliveryService(None, None, None, WebhooksConfig(), False, b"k" * 32, clock, clock, client=FakeClient())
 
-    async def attempt(job: ClaimedJob) -> None:
-        await svc._record(job, "u", await svc.client.post("u", b"", []))
+    async def attempt(job: ClaimedJob) -> ClaimedJob | None:
+        return await svc._record(job, "u", await svc.client.post("u", b"", []))
 
     svc._attempt_unguarded = attempt
     defer.Deferred.fromCoroutine(svc.start())
     for _ in range(900):  # 0.9 s: the 1 s safety poll never fires
         clock.advance(0.001)
     delivered = sum(j["done"] for j in jobs.values())
+    in_flight, per_agent = dict(svc._in_flight), dict(svc._per_agent)
     svc._running = False
     svc._loop.stop()
     clock.advance(5)
     assert delivered == 40
+    assert most_posting[0] == 4
+    assert in_flight == {} and per_agent == {}
+    if hand_on:
+        # One claim filled the 4 slots; the rest only ran once slots stopped being handed on.
+        assert len(claims) <= 5
+    else:
+        assert len(claims) >= 10
