@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from OpenSSL import SSL
 from zope.interface import implementer
 
 from twisted.internet import defer
@@ -224,6 +225,19 @@ class _Timeout(Exception):
     pass
 
 
+def _is_tls_error(value: object) -> bool:
+    """True for a handshake/verification failure.
+
+    pyOpenSSL's error class is plainly named ``Error`` (a failed chain check arrives as
+    ``OpenSSL.SSL.Error: certificate verify failed``), so it is matched by type; the name test
+    covers service-identity's ``VerificationError`` and Twisted's TLS wrappers.
+    """
+    if isinstance(value, SSL.Error):
+        return True
+    name = type(value).__name__
+    return "SSL" in name or "TLS" in name or "Verification" in name
+
+
 def _describe_failure(failure: Failure) -> str:
     """A short ``last_error`` for a transport failure (never includes peer-supplied text)."""
     if failure.check(_Timeout, defer.CancelledError, defer.TimeoutError, ConnectingCancelledError):
@@ -233,18 +247,16 @@ def _describe_failure(failure: Failure) -> str:
         for reason in reasons:
             if isinstance(reason, Failure) and reason.check(defer.CancelledError):
                 return "timeout"
-            name = type(reason.value).__name__ if isinstance(reason, Failure) else type(reason).__name__
-            if "SSL" in name or "TLS" in name or "Verification" in name:
+            if _is_tls_error(reason.value if isinstance(reason, Failure) else reason):
                 return "TLS error"
         return "connection closed before a response"
     if failure.check(DNSLookupError):
         return "DNS failure"
     if failure.check(ConnectError):
         return f"connection failed: {type(failure.value).__name__}"
-    name = type(failure.value).__name__
-    if "SSL" in name or "TLS" in name or "Verification" in name:
+    if _is_tls_error(failure.value):
         return "TLS error"
-    return f"request failed: {name}"
+    return f"request failed: {type(failure.value).__name__}"
 
 
 class WebhookClient:

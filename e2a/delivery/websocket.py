@@ -75,6 +75,11 @@ REASON_INTERNAL = "internal error"
 
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
+#: How many sent message ids one connection remembers to skip duplicates (mail.md §5 step 3).
+#: Above the largest live queue a drain can build before the slow-consumer close (1 MiB of
+#: frames, ~6,700 at the 157-octet minimum), so the drain/live overlap stays covered.
+SENT_IDS_KEPT = 8192
+
 
 # ------------------------------------------------------------------------------ pure rules
 
@@ -267,6 +272,37 @@ class SocketGrant:
 
 
 @implementer(IPushProducer)
+class RecentIds:
+    """An insertion-ordered set of the newest ``limit`` ids; adding one more forgets the oldest.
+
+    A deque gives the order and a set the O(1) membership test; popping from the deque's left
+    is O(1), where evicting the oldest key of a dict scans the deleted slots left at its front.
+    """
+
+    __slots__ = ("_ids", "_limit", "_order")
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        self._limit = limit
+        self._ids: set[str] = set()
+        self._order: deque[str] = deque()
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def add(self, item: str) -> None:
+        if item in self._ids:
+            return
+        self._ids.add(item)
+        self._order.append(item)
+        if len(self._order) > self._limit:
+            self._ids.discard(self._order.popleft())
+
+
 class AgentSocketProtocol(WebSocketServerProtocol):
     """One client connection of one agent.
 
@@ -286,7 +322,16 @@ class AgentSocketProtocol(WebSocketServerProtocol):
         self._pending: list[Notification] = []
         self._pending_octets = 0
         self._ping_payloads: list[bytes] = []
-        self._sent: set[str] = set()
+        # Message ids this connection already sent, so none is sent twice (mail.md §5 step 3).
+        # A duplicate can only come from the drain meeting the live stream: a message committed
+        # around the subscription is both read by the drain and offered by its NOTIFY (possibly
+        # after the drain ended: NOTIFY delivery and the live lookup lag the commit), and a
+        # re-drain after a LISTEN reconnect re-reads mail sent earlier and still unread. Those
+        # windows concern recent sends, so only the newest SENT_IDS_KEPT ids are kept: memory
+        # stays bounded however long the connection lives (a set of every id grew without end).
+        # The cost is confined to a re-drain meeting unread mail sent more than SENT_IDS_KEPT
+        # notifications earlier: it is sent again, as a reconnect would send it.
+        self._sent = RecentIds(SENT_IDS_KEPT)
         self._paused = False
         self._queue: deque[bytes] = deque()
         self._queued = 0

@@ -758,7 +758,9 @@ class SmtpSession(smtp.ESMTP):
         self._reply(R_OK)
 
     def do_VRFY(self, arg: str) -> None:
-        self._reply(R_VRFY if arg else R_NEED_ARG)
+        # mail.md §1.6 answers VRFY with 252 unconditionally: e2a never confirms or denies an
+        # address (no directory harvesting), so even a missing argument gets the same reply.
+        self._reply(R_VRFY)
 
     def do_HELP(self, arg: str) -> None:
         self._reply(R_HELP)

@@ -20,6 +20,9 @@ from tests.support.mail import DkimTestKey, make_message, send_mail
 
 SENDER_DOMAIN = "example.org"
 KEY = DkimTestKey.generate(SENDER_DOMAIN, "sel")
+# A second signer whose domain publishes no SPF and no DMARC record (dkim pass, dmarc none).
+NOSPF_KEY = DkimTestKey.generate("nospf.example", "sel")
+SPF_LOCAL = "v=spf1 ip4:127.0.0.1 -all"
 
 
 @pytest.fixture
@@ -35,6 +38,16 @@ def handle_records():
         KEY.dns_name: {"TXT": [KEY.txt_record]},
         f"_dmarc.{SENDER_DOMAIN}": {"TXT": ["v=DMARC1; p=reject"]},
         "fail.example": {"TXT": ["v=spf1 -all"]},
+        # one name per SPF outcome of the MAIL FROM domain (mail.md §2.2)
+        "softfail.example": {"TXT": ["v=spf1 ~all"]},
+        "nospf.example": {"A": ["192.0.2.11"], "TXT": ["not an spf record"]},
+        NOSPF_KEY.dns_name: {"TXT": [NOSPF_KEY.txt_record]},
+        "servfail.example": "SERVFAIL",
+        "slow.example": "TIMEOUT",
+        "twospf.example": {"TXT": [SPF_LOCAL, "v=spf1 -all"]},
+        "badspf.example": {"TXT": ["v=spf1 ip4:127.0.0.300 -all"]},
+        "_dmarc.badspf.example": {"TXT": ["v=DMARC1; p=none"]},
+        "other.example": {"TXT": [SPF_LOCAL]},
     }
 
 
@@ -50,9 +63,9 @@ def _stop(handle):
     return defer.ensureDeferred(handle.stop())
 
 
-async def _setup(e2a_service_factory, dns_zone, mode: str = "local"):
+async def _setup(e2a_service_factory, dns_zone, mode: str = "local", dns_timeout: float = 2):
     service = await e2a_service_factory(
-        dns=DnsConfig(nameservers=tuple(f"127.0.0.1:{p}" for _h, p in dns_zone.nameservers), timeout=2)
+        dns=DnsConfig(nameservers=tuple(f"127.0.0.1:{p}" for _h, p in dns_zone.nameservers), timeout=dns_timeout)
     )
     result = await accounts.bootstrap(service.db, service.master_key, "owner@example.com")
     await service.db.execute(
@@ -158,3 +171,64 @@ async def test_database_failure_at_end_of_data_answers_451(e2a_service_factory, 
     message = make_message(from_addr="alice@example.org", to_addr="bot@agents.test")
     reply = await send_mail(service.smtp_port.getHost().port, "alice@example.org", ["bot@agents.test"], message)
     assert reply.code == 451 and reply.enhanced == "4.3.0"
+
+
+# One row per authentication outcome over the real SMTP listener. Columns: MAIL FROM, From
+# header address, DKIM signer (None = unsigned), body altered after signing, RFC 7208 SPF result
+# (in Authentication-Results), expected X-E2A-Auth-Domain-Check, expected Verified.
+AUTH_OUTCOMES = [
+    pytest.param("alice@example.org", "alice@example.org", KEY, False, "pass",
+                 "spf=pass; dkim=pass; dmarc=pass", "true", id="all-pass"),
+    pytest.param("alice@example.org", "alice@example.org", KEY, True, "pass",
+                 "spf=pass; dkim=fail; dmarc=pass", "true", id="dkim-fail-spf-aligned"),
+    pytest.param("bob@fail.example", "bob@fail.example", None, False, "fail",
+                 "spf=fail; dkim=none; dmarc=none", "false", id="spf-fail"),
+    pytest.param("x@softfail.example", "x@softfail.example", None, False, "softfail",
+                 "spf=fail; dkim=none; dmarc=none", "false", id="spf-softfail"),
+    pytest.param("x@nospf.example", "x@nospf.example", NOSPF_KEY, False, "none",
+                 "spf=none; dkim=pass; dmarc=none", "true", id="spf-none-dkim-aligned-no-dmarc"),
+    pytest.param("x@servfail.example", "alice@example.org", KEY, False, "temperror",
+                 "spf=temperror; dkim=pass; dmarc=pass", "true", id="spf-temperror-servfail"),
+    pytest.param("x@slow.example", "alice@example.org", None, False, "temperror",
+                 "spf=temperror; dkim=none; dmarc=temperror", "false", id="spf-temperror-timeout"),
+    pytest.param("x@twospf.example", "alice@example.org", KEY, True, "permerror",
+                 "spf=permerror; dkim=fail; dmarc=fail", "false", id="spf-permerror-two-records"),
+    pytest.param("x@badspf.example", "x@badspf.example", None, False, "permerror",
+                 "spf=permerror; dkim=none; dmarc=fail", "false", id="spf-permerror-syntax"),
+    pytest.param("bounce@other.example", "alice@example.org", None, False, "pass",
+                 "spf=pass; dkim=none; dmarc=fail", "false", id="spf-pass-unaligned"),
+]
+
+
+@pytest.mark.parametrize(("mail_from", "from_addr", "signer", "tamper", "rfc_spf", "domain_check", "verified"),
+                         AUTH_OUTCOMES)
+@pytest_twisted.ensureDeferred
+async def test_auth_outcome_over_smtp_gives_spec_strings(
+    e2a_service_factory, dns_zone, mail_from, from_addr, signer, tamper, rfc_spf, domain_check, verified
+):
+    """Each SPF/DKIM/DMARC outcome, sent through e2a's SMTP listener, is stored with the §2.5 strings."""
+    # The TIMEOUT zone never answers: a short dns.timeout keeps that case quick (it is what
+    # turns the unanswered query into temperror).
+    service, boot = await _setup(e2a_service_factory, dns_zone, dns_timeout=0.5 if "slow" in mail_from else 2)
+    message = make_message(from_addr=from_addr, to_addr="bot@agents.test", message_id="<auth@client.test>")
+    if signer is not None:
+        message = signer.sign(message)
+    if tamper:
+        message = message.replace(b"Hi there.", b"Hi THERE.")  # after signing: the body hash breaks
+    reply = await send_mail(service.smtp_port.getHost().port, mail_from, ["bot@agents.test"], message)
+    assert reply.code == 250, reply
+    msg_id = reply.text.rsplit(" ", 1)[1]
+
+    detail = await _get(service, f"/api/v1/agents/bot@agents.test/messages/{msg_id}", boot.api_key_plaintext)
+    assert detail.code == 200
+    body = detail.json()
+    headers = body["auth_headers"]
+    assert headers["X-E2A-Auth-Domain-Check"] == domain_check
+    assert headers["X-E2A-Auth-Verified"] == verified
+    assert headers["X-E2A-Auth-Sender"] == from_addr
+    raw = base64.b64decode(body["raw_message"])
+    trace = raw.split(b"\r\n\r\n", 1)[0].decode("ascii")
+    # Authentication-Results keeps the RFC 7208 result the e2a vocabulary folds (softfail → fail).
+    assert f"spf={rfc_spf} smtp.mailfrom={mail_from}" in trace
+    signed_at = datetime.strptime(headers["X-E2A-Auth-Timestamp"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    authheaders.verify(headers, raw, [boot.signing_secret], signed_at)

@@ -18,7 +18,9 @@ from twisted.internet import defer, endpoints, protocol, reactor, ssl, task
 
 from e2a.errors import TransientError
 from e2a.smtp.server import load_tls_options
+from tests.support.smtpclient import WAIT, SmtpTestClient
 from tests.support.smtpharness import DOMAIN, SmtpHarness
+from tests.support.waiting import wait_for
 
 GOOD = b"From: a@sender.test\r\nSubject: hi\r\n\r\nhello\r\n"
 
@@ -85,6 +87,7 @@ async def test_reply_table_commands(env):
         ("DATA", "503 5.5.1"),
         ("NOOP", "250 2.0.0"),
         ("VRFY bot", "252 2.5.0"),
+        ("VRFY", "252 2.5.0"),
         ("HELP", "214 2.0.0"),
         ("EXPN list", "502 5.5.1"),
         ("AUTH PLAIN", "502 5.5.1"),
@@ -420,6 +423,36 @@ async def test_per_ip_connection_limit_421(env):
     while sum(f._per_ip["127.0.0.1"] for f in env.factories) > 1:
         await task.deferLater(reactor, 0, lambda: None)
     fourth = await env.connect(port)
+    assert (await fourth.command("NOOP")).code == 250
+
+
+async def _connect_from(env, port: int, source: str):
+    """A raw client bound to ``source`` (another loopback address), so it counts as another IP."""
+    client = SmtpTestClient()
+    endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=(source, 0))
+    await endpoints.connectProtocol(endpoint, client)
+    env._clients.append(client)  # closed by the fixture like every harness client
+    return client
+
+
+@pytest_twisted.ensureDeferred
+async def test_total_connection_limit_421(env):
+    """Beyond max_connections in total (each from its own IP) → 421 4.7.0 and close; a freed slot admits again."""
+    port = env.start(max_connections=2, max_connections_per_ip=100)
+    first = await _connect_from(env, port, "127.0.0.1")
+    assert (await first.reply()).code == 220
+    second = await _connect_from(env, port, "127.0.0.2")
+    assert (await second.reply()).code == 220
+    third = await _connect_from(env, port, "127.0.0.3")
+    assert str(await third.reply()).startswith("421 4.7.0")
+    await third.wait_closed()
+    (factory,) = env.factories
+    assert set(factory._per_ip) == {"127.0.0.1", "127.0.0.2"}  # the per-IP limit was never in play
+    assert (await first.command("QUIT")).code == 221
+    await first.wait_closed()
+    await wait_for(lambda: defer.succeed(len(factory.sessions) == 1), timeout=WAIT)
+    fourth = await _connect_from(env, port, "127.0.0.3")
+    assert (await fourth.reply()).code == 220
     assert (await fourth.command("NOOP")).code == 250
 
 
