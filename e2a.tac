@@ -2,9 +2,11 @@
 import sys
 
 from twisted.application import service
+from twisted.logger import ILogObserver
 
 from e2a.config import load_config
 from e2a.errors import ConfigError
+from e2a.logsetup import build_log_observer
 from e2a.service import build_service
 
 try:
@@ -15,4 +17,6 @@ except ConfigError as _e:
     raise SystemExit(2) from None
 
 application = service.Application("e2a")
+# logging.format/level: `twistd -ny` without --logfile writes to stdout, so do we (e2a.logsetup).
+application.setComponent(ILogObserver, build_log_observer(_config, sys.stdout))
 build_service(_config).setServiceParent(application)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import signal
 import socket
 import struct
@@ -47,6 +48,11 @@ __all__ = ["ChildSpec", "ProcessPool", "adopt_listening_socket", "child_main"]
 
 #: File descriptors the listening sockets get in a child (0-2 are stdio).
 CHILD_FDS = {"http": 3, "smtp": 4}
+
+#: The ``[namespace#level]`` tag of a child's text log line: the parent re-logs at that level,
+#: so its own ``logging.level`` filter keeps the children's warnings and errors.
+_LEVEL_TAG = re.compile(r"^\[[^\]#]*#(debug|info|warn|error|critical)\] ")
+_RELAY_LEVELS = {"debug": "debug", "info": "info", "warn": "warn", "error": "error", "critical": "critical"}
 
 _LENGTH = struct.Struct("!I")
 _MAX_SPEC = 16 * 1024 * 1024
@@ -118,6 +124,7 @@ class _Child(protocol.ProcessProtocol):
         self.ended: defer.Deferred[None] = defer.Deferred()
         self.started_at = pool.reactor.seconds()
         self._partial = {1: b"", 2: b""}
+        self._last_level = "info"
 
     def connectionMade(self) -> None:  # noqa: N802 - Twisted API
         self.pid = self.transport.pid
@@ -137,9 +144,17 @@ class _Child(protocol.ProcessProtocol):
         if not text:
             return
         if fd == 2:
-            log.error("[process {index}] {line}", index=self.index, line=text)
+            level = "error"  # stderr: an interpreter crash, never routine
         else:
-            log.info("[process {index}] {line}", index=self.index, line=text)
+            tag = _LEVEL_TAG.match(text)
+            if tag:
+                level = _RELAY_LEVELS[tag.group(1)]
+            elif text.startswith("["):
+                level = "info"  # a legacy twisted.python.log event: ``[-] …``, no level tag
+            else:
+                level = self._last_level  # a continuation line (a traceback's): same level
+        self._last_level = level
+        getattr(log, level)("[process {index}] {line}", index=self.index, line=text)
 
     def processEnded(self, reason: Any) -> None:  # noqa: N802 - Twisted API
         for fd, rest in self._partial.items():
@@ -283,15 +298,23 @@ def child_main() -> int:
     """Entry point of a child process (``python -m e2a.processes``); a composition root."""
     spec = read_spec(sys.stdin.buffer)
     from twisted.internet import reactor, stdio
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.logger import globalLogBeginner
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout, timeFormat=None)], redirectStandardIO=False)
+    from e2a.logsetup import build_log_observer
+
+    # logging.level applies here; the format does not: the parent relays these lines into its own
+    # log (text or JSON), adding the timestamp, so the pipe always carries plain text.
+    observer = build_log_observer(spec.config, sys.stdout, log_format="text", time_format=None)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     from e2a.service import E2AService
 
     service = E2AService(spec.config, reactor, stop_reactor_on_failure=True, child=spec)
     failed: list[bool] = []
     service.started.addErrback(lambda _f: failed.append(True))
     stdio.StandardIO(_ParentWatch(reactor), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY), reactor=reactor)
+    # Ctrl-C in a terminal reaches the whole process group: only the parent acts on it and
+    # stops the children in order (SIGTERM), instead of children dying under it.
+    reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()

@@ -37,9 +37,17 @@ class E2AService(service.Service):
     name = "e2a"
 
     def __init__(
-        self, config: Config, reactor: Any, *, stop_reactor_on_failure: bool = False, child: Any = None
+        self,
+        config: Config,
+        reactor: Any,
+        *,
+        stop_reactor_on_failure: bool = False,
+        child: Any = None,
+        log_observer: Any = None,
     ) -> None:
         self.config = config
+        # An ILogObserver (e2a.logsetup) for twistd to log to; set on the application by setServiceParent.
+        self.log_observer = log_observer
         # A ChildSpec when this is one of the extra processes of ``processes: N`` (e2a.processes):
         # the parent already did the once-only start-up and bound the sockets this one adopts.
         self.child = child
@@ -72,6 +80,19 @@ class E2AService(service.Service):
         self.backpressure: Any = None
         self._stoppers: list[Any] = []
         self.started: defer.Deferred[None] = defer.Deferred()
+
+    def setServiceParent(self, parent: Any) -> Any:  # noqa: N802 - Twisted API
+        """Also hand ``log_observer`` to a twistd application (a ``Componentized``).
+
+        twistd attaches the service, then ``AppLogger.start`` logs to the application's
+        ``ILogObserver`` component when there is one, so setting it here applies
+        ``logging.format``/``logging.level`` to everything twistd logs.
+        """
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            from twisted.logger import ILogObserver
+
+            parent.setComponent(ILogObserver, self.log_observer)
+        return super().setServiceParent(parent)
 
     # ---- start ------------------------------------------------------------------------
 
@@ -299,14 +320,17 @@ def _address(port: Any) -> str:
     return f"{host.host}:{host.port}"
 
 
-def build_service(config: Config, reactor: Any | None = None, *, standalone: bool = True) -> E2AService:
+def build_service(
+    config: Config, reactor: Any | None = None, *, standalone: bool = True, log_observer: Any = None
+) -> E2AService:
     """Build the root service. Only this module (and the twistd entry points) touch the reactor.
 
     ``standalone`` (twistd): a failed start stops the reactor so the process exits instead of
     idling half-started. Tests embedding the service pass False and await ``service.started``.
+    ``log_observer`` (e2a.tap): set on the twistd application as its ``ILogObserver``.
     """
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
-    return E2AService(config, reactor, stop_reactor_on_failure=standalone)
+    return E2AService(config, reactor, stop_reactor_on_failure=standalone, log_observer=log_observer)

@@ -33,4 +33,10 @@ def makeService(options: Options) -> Any:  # noqa: N802 - twistd API
         config = dataclasses.replace(config, http=dataclasses.replace(config.http, listen_addr=options["http"]))
     if options["smtp"]:
         config = dataclasses.replace(config, smtp=dataclasses.replace(config.smtp, listen_addr=options["smtp"]))
-    return build_service(config)
+    # Applied by twistd when it starts logging (e2a.logsetup); options.parent is twistd's ServerOptions.
+    from twisted.internet import reactor
+
+    from e2a.logsetup import twistd_log_observer
+
+    observer = twistd_log_observer(config, getattr(options, "parent", None), reactor)
+    return build_service(config, reactor, log_observer=observer)

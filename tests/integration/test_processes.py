@@ -111,3 +111,37 @@ async def test_children_serve_the_shared_sockets_restart_and_stop_with_the_paren
     _assert_clean_shutdown(code, output, workdir / "e2a-data")
     assert output.count("e2a stopped") == 3, output  # both children, then the parent
     assert not any(_alive(pid) for pid in second.values())
+
+
+def test_child_lines_are_relayed_at_their_own_level():
+    """A child's ``[namespace#level]`` tag decides the level the parent logs the line at (so a
+    parent at ``warn`` keeps its children's warnings), continuation lines keep the level of the
+    line they continue, stderr is an error."""
+    from twisted.internet.task import Clock
+    from twisted.logger import globalLogPublisher
+
+    from e2a.processes import ProcessPool, _Child
+
+    seen: list[tuple[str, str]] = []
+
+    def observer(event: dict) -> None:
+        if event.get("log_namespace") == "e2a.processes":
+            seen.append((event["log_level"].name, event.get("line", "")))
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        child = _Child(ProcessPool(Clock(), Config(processes=2), "dbname=x", {}), 2)
+        child.childDataReceived(1, b"- [e2a.service#info] serving\n- [e2a.inbound#warn] slow")
+        child.childDataReceived(1, b" DNS\n- [e2a.delivery#critical] boom\nTraceback (most recent call last):\n")
+        child.childDataReceived(1, b"- [-] Site starting on 8080\n")
+        child.childDataReceived(2, b"Fatal Python error\n")
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert seen == [
+        ("info", "[e2a.service#info] serving"),
+        ("warn", "[e2a.inbound#warn] slow DNS"),
+        ("critical", "[e2a.delivery#critical] boom"),
+        ("critical", "Traceback (most recent call last):"),
+        ("info", "[-] Site starting on 8080"),
+        ("error", "Fatal Python error"),
+    ]

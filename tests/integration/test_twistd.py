@@ -174,3 +174,23 @@ async def test_installed_wheel_provides_plugin_and_schema():
     code, output = await _run_twistd([*TWISTD, "-n", "--pidfile=", "e2a"], workdir, env)
     _assert_clean_shutdown(code, output, workdir / "e2a-data")
     assert str(target / "e2a") in output or "e2a started" in output
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_logs_json_when_logging_format_is_json():
+    """`E2A_LOGGING_FORMAT=json`: twistd logs through e2a's observer, one JSON event per line, from
+    twistd's own start-up line to "Server Shut Down"; shutdown stays clean."""
+    import json
+
+    workdir = Path(tempfile.mkdtemp(prefix="e2a-json-"))
+    env = _clean_env(PYTHONPATH=str(REPO), E2A_LOGGING_FORMAT="json", E2A_LOGGING_LEVEL="info")
+    code, output = await _run_twistd([*TWISTD, "-n", "--pidfile=", "e2a"], workdir, env)
+    _assert_clean_shutdown(code, output, workdir / "e2a-data")
+    events = [json.loads(line) for line in output.splitlines() if line.strip()]
+    formats = [e.get("log_format", "") for e in events]
+    assert any(f.startswith("twistd {version}") for f in formats), output
+    started = [e for e in events if e.get("log_format", "").startswith("e2a started")]
+    assert len(started) == 1 and started[0]["log_level"]["name"] == "info", output
+    assert started[0]["log_namespace"].startswith("e2a"), output
+    assert any(e.get("log_format") == "Server Shut Down." for e in events), output
+    assert all(e["log_level"]["name"] != "debug" for e in events), output

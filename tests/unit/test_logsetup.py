@@ -1,0 +1,222 @@
+"""logging.format / logging.level (config.md §2.6, §3): the observer twistd logs to, and where it writes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import sys
+
+import pytest
+
+from twisted.application import service
+from twisted.logger import FilteringLogObserver, ILogObserver, Logger, LogLevel
+from twisted.python.logfile import LogFile
+
+from e2a.config import Config, LoggingConfig
+from e2a.logsetup import build_log_observer, log_level, twistd_log_file, twistd_log_observer
+from e2a.service import E2AService
+
+LEVELS = ["debug", "info", "warn", "error"]
+
+
+def _config(fmt: str = "", level: str = "info", env: str = "development") -> Config:
+    return Config(env=env, logging=LoggingConfig(format=fmt, level=level))
+
+
+def _emit(observer: ILogObserver, level: str, text: str = "hello {who}") -> None:
+    Logger(namespace="e2a.test", observer=observer).emit(LogLevel.levelWithName(level), text, who="world")
+
+
+@pytest.mark.parametrize("configured", LEVELS)
+@pytest.mark.parametrize("event", LEVELS)
+def test_events_pass_only_at_or_above_the_configured_level(configured, event):
+    """An event is written iff its level ≥ logging.level (debug dropped at info, error passes at warn…)."""
+    out = io.StringIO()
+    _emit(build_log_observer(_config(level=configured), out), event)
+    assert bool(out.getvalue()) == (LEVELS.index(event) >= LEVELS.index(configured))
+
+
+@pytest.mark.parametrize(
+    ("name", "level"),
+    [("debug", LogLevel.debug), ("info", LogLevel.info), ("warn", LogLevel.warn), ("error", LogLevel.error)],
+)
+def test_level_names_map_to_twisted_levels(name, level):
+    """e2a's level names are Twisted's (`warn` → LogLevel.warn)."""
+    assert log_level(name) is level
+
+
+def test_unknown_level_name_is_rejected():
+    """A name config validation would have refused is an error, not a silent default."""
+    with pytest.raises(ValueError):
+        log_level("warning")
+
+
+def test_json_format_writes_one_json_object_per_line():
+    """json: each event is one plain JSON object on its own line, with level and namespace."""
+    out = io.StringIO()
+    observer = build_log_observer(_config(fmt="json", level="debug"), out)
+    _emit(observer, "info", "e2a started on {who}")
+    _emit(observer, "warn")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    events = [json.loads(line) for line in lines]
+    assert events[0]["log_level"]["name"] == "info"
+    assert events[1]["log_level"]["name"] == "warn"
+    assert {e["log_namespace"] for e in events} == {"e2a.test"}
+    assert events[0]["log_format"] == "e2a started on {who}" and events[0]["who"] == "world"
+
+
+def test_text_format_writes_the_formatted_message():
+    """text: the classic Twisted line with the message filled in."""
+    out = io.StringIO()
+    _emit(build_log_observer(_config(fmt="text"), out), "info")
+    assert out.getvalue().endswith(" [e2a.test#info] hello world\n")
+
+
+@pytest.mark.parametrize(
+    ("env", "fmt", "json_expected"),
+    [("development", "", False), ("production", "", True), ("production", "text", False), ("development", "json", True)],
+)
+def test_format_defaults_to_text_in_development_and_json_in_production(env, fmt, json_expected):
+    """The effective format is config.log_format: explicit value, else by env (config.md §3)."""
+    out = io.StringIO()
+    _emit(build_log_observer(_config(fmt=fmt, env=env), out), "info")
+    assert out.getvalue().startswith("{") == json_expected
+
+
+def test_format_override_keeps_text_without_timestamps_for_children():
+    """log_format/time_format overrides: a JSON-configured child still writes `- [ns#level] msg` lines."""
+    out = io.StringIO()
+    observer = build_log_observer(_config(fmt="json", level="warn"), out, log_format="text", time_format=None)
+    _emit(observer, "info")
+    _emit(observer, "warn")
+    assert out.getvalue() == "- [e2a.test#warn] hello world\n"
+
+
+def test_observer_is_a_filtering_log_observer():
+    """twistd accepts it as an ILogObserver component."""
+    observer = build_log_observer(_config(), io.StringIO())
+    assert isinstance(observer, FilteringLogObserver) and ILogObserver.providedBy(observer)
+
+
+# ---- where twistd would write ----------------------------------------------------------------
+
+
+class _Reactor:
+    def __init__(self) -> None:
+        self.calls: list[object] = []
+
+    def callFromThread(self, f, *a):  # noqa: N802 - reactor API
+        self.calls.append(f)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"nodaemon": True, "logfile": None},
+        {"nodaemon": True, "logfile": "-"},
+        {"nodaemon": False, "debug": True, "logfile": ""},
+    ],
+)
+def test_nodaemon_without_logfile_or_with_dash_writes_stdout(options):
+    """`-n` with no --logfile, or --logfile=-, is stdout, as twistd's UnixAppLogger."""
+    assert twistd_log_file(options, _Reactor()) is sys.stdout
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        None,
+        {"nodaemon": True, "syslog": True, "logfile": None},
+        {"nodaemon": True, "logger": "some.module.factory", "logfile": None},
+        {"nodaemon": False, "logfile": "-"},
+    ],
+)
+def test_twistd_keeps_its_own_observer_for_syslog_logger_or_a_daemon_on_stdout(options):
+    """--syslog, --logger, a daemon logging to stdout (twistd exits) or no twistd at all: no observer."""
+    assert twistd_log_file(options, _Reactor()) is None
+    assert twistd_log_observer(_config(), options, _Reactor()) is None
+
+
+@pytest.fixture
+def restore_sigusr1():
+    saved = signal.getsignal(signal.SIGUSR1)
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGUSR1, saved)
+
+
+@pytest.mark.parametrize(("logfile", "name"), [("e2a.log", "e2a.log"), ("", "twistd.log"), (None, "twistd.log")])
+def test_logfile_path_or_daemon_default_is_a_rotating_logfile(tmp_path, monkeypatch, restore_sigusr1, logfile, name):
+    """--logfile=PATH (or a daemon without one: twistd.log) is a LogFile rotated on SIGUSR1, as twistd does."""
+    monkeypatch.chdir(tmp_path)
+    reactor = _Reactor()
+    out = twistd_log_file({"nodaemon": bool(logfile), "logfile": logfile}, reactor)
+    try:
+        assert isinstance(out, LogFile) and out.path == str(tmp_path / name)
+        signal.getsignal(signal.SIGUSR1)(signal.SIGUSR1, None)
+        assert reactor.calls == [out.rotate]
+    finally:
+        out.close()
+
+
+def test_sigusr1_handler_already_set_is_left_alone(tmp_path, restore_sigusr1):
+    """Like twistd, an existing SIGUSR1 handler wins."""
+
+    def mine(_signum, _frame):
+        return None
+
+    signal.signal(signal.SIGUSR1, mine)
+    out = twistd_log_file({"nodaemon": True, "logfile": str(tmp_path / "x.log")}, _Reactor())
+    try:
+        assert signal.getsignal(signal.SIGUSR1) is mine
+    finally:
+        out.close()
+
+
+# ---- handing it to twistd ---------------------------------------------------------------------
+
+
+def test_service_sets_its_observer_on_the_twistd_application():
+    """setServiceParent puts log_observer on the application, where AppLogger.start looks for it."""
+    observer = build_log_observer(_config(), io.StringIO())
+    application = service.Application("e2a")
+    E2AService(_config(), object(), log_observer=observer).setServiceParent(application)
+    assert application.getComponent(ILogObserver) is observer
+    assert service.IServiceCollection(application).getServiceNamed("e2a") is not None
+
+
+def test_service_without_observer_leaves_the_application_alone():
+    """No observer (tests, e2a.tac): twistd's default stays."""
+    application = service.Application("e2a")
+    E2AService(_config(), object()).setServiceParent(application)
+    assert application.getComponent(ILogObserver, None) is None
+
+
+def test_service_under_a_plain_multiservice_is_attached_normally():
+    """A parent that is not Componentized (a MultiService) just gets the child."""
+    parent = service.MultiService()
+    child = E2AService(_config(), object(), log_observer=build_log_observer(_config(), io.StringIO()))
+    child.setServiceParent(parent)
+    assert child.parent is parent
+
+
+def test_tap_makeservice_builds_the_observer_from_twistd_options(tmp_path, monkeypatch):
+    """`twistd -n e2a` with E2A_LOGGING_FORMAT=json: the application's observer writes JSON to stdout."""
+    from e2a import tap
+
+    for key in [k for k in os.environ if k.startswith("E2A_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("E2A_LOGGING_FORMAT", "json")
+    monkeypatch.chdir(tmp_path)
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    options = tap.Options()
+    options.parseOptions([])
+    options.parent = {"nodaemon": True, "logfile": None, "syslog": False}
+    application = service.Application("e2a")
+    tap.makeService(options).setServiceParent(application)
+    _emit(application.getComponent(ILogObserver), "info")
+    assert json.loads(out.getvalue())["log_namespace"] == "e2a.test"
