@@ -109,11 +109,11 @@ class E2AStack:
     floor: bool = False  # diagnostic: e2a through bench/floor_twistd.py (remembered verdicts)
     processes: int = 1  # e2a's ``processes`` setting
 
-    def start_postgres(self, log: Any) -> None:
+    def start_postgres(self, log: Any, options: tuple[tuple[str, str], ...] = ()) -> None:
         from e2a.store.embedded import EmbeddedPostgres, EmbeddedSettings
 
         log("starting embedded PostgreSQL (synchronous_commit=on) …")
-        self.pg = EmbeddedPostgres(EmbeddedSettings(self.tmp / "pg", database="e2a"))
+        self.pg = EmbeddedPostgres(EmbeddedSettings(self.tmp / "pg", database="e2a", options=options))
         self.pg.thd_start()
         self.dsn = self.pg.dsn
         self.postmaster_pid = int((self.pg.pgdata / "postmaster.pid").read_text().split()[0])

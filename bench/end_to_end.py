@@ -513,6 +513,46 @@ def add_leased_index(dsn: str, log: Any) -> None:
     log("bench-only index bench_deliveries_leased_idx created (--leased-index)")
 
 
+PG_STAT_OPTIONS = (("shared_preload_libraries", "pg_stat_statements"), ("pg_stat_statements.track", "all"))
+
+
+def pg_stat_reset(dsn: str) -> None:
+    """--pg-stat: start counting PostgreSQL's time per statement from here (after warm-up)."""
+    import psycopg2
+
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        cur.execute("SELECT pg_stat_statements_reset()")
+    conn.close()
+
+
+def pg_stat_top(dsn: str, per: int, limit: int = 15) -> list[dict[str, Any]]:
+    """--pg-stat: the statements with the most execution time, per delivered message.
+
+    Execution time only (no parse/plan of unprepared statements, no commit's WAL flush), for
+    both receivers, which use different statements.
+    """
+    import psycopg2
+
+    conn = psycopg2.connect(dsn)
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT calls, total_exec_time, total_plan_time, rows, wal_bytes,"
+            " regexp_replace(query, '\\s+', ' ', 'g') FROM pg_stat_statements"
+            " ORDER BY total_exec_time + total_plan_time DESC LIMIT %s",
+            (limit,),
+        )
+        out = [
+            {"calls": c, "exec_ms_per_msg": round(t / max(per, 1), 4), "plan_ms_per_msg": round(pt / max(per, 1), 4),
+             "rows": r, "wal_bytes_per_msg": int(int(w) / max(per, 1)), "query": q[:160]}
+            for c, t, pt, r, w, q in cur.fetchall()
+        ]
+    conn.close()
+    return out
+
+
 def db_checks(dsn: str) -> dict[str, Any]:
     """What the database says: delivery states, auth verdicts, reference rows delivered."""
     import psycopg2
@@ -575,6 +615,9 @@ def main(argv: list[str] | None = None) -> int:
                         " afterwards (bench/floor_twistd.py): the pipeline's cost without verification")
     parser.add_argument("--processes", type=int, default=1,
                         help="e2a's `processes` setting (CPU figures then cover the parent and its children)")
+    parser.add_argument("--pg-stat", action="store_true",
+                        help="DIAGNOSTIC: PostgreSQL with pg_stat_statements; prints the statements with the most"
+                        " time per delivered message (both receivers, counted after warm-up)")
     parser.add_argument("--output", default=None, help="JSON path (default bench/results/end_to_end-<time>.json)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, database)")
     parser.add_argument("--leased-index", action="store_true",
@@ -612,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     checks: dict[str, Any] = {}
     sink_stats: dict[str, Any] = {}
     try:
-        stack.start_postgres(log)
+        stack.start_postgres(log, PG_STAT_OPTIONS if args.pg_stat else ())
         stack.start_dns(txt, log)
         # The sink needs the signing secret, which exists only after bootstrap: start e2a first.
         stack.start_e2a({
@@ -653,6 +696,8 @@ def main(argv: list[str] | None = None) -> int:
                 r = await webhook_round(reactor, ctx, name, port, pid, WARMUP_MESSAGES, 4,
                                         f"warm.{id_base}.{name}", args.round_timeout)
                 log(f"warm-up {name}: {r.delivered}/{r.accepted} delivered, p50 {r.p50_ms:.1f} ms")
+            if args.pg_stat:
+                pg_stat_reset(stack.dsn)
 
             if soak_only:
                 soak = await run_soak(reactor, ctx, args.soak, id_base, 60 * args.soak_minutes, args.soak_rate)
@@ -723,6 +768,14 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as e:
             exit_code = int(e.code or 0)
         checks = db_checks(stack.dsn)
+        if args.pg_stat:
+            # Per message of ONE receiver (both deliver the same count per round); use --no-fanout.
+            delivered = sum(r.delivered for r in rounds if r.receiver == "e2a")
+            checks["pg_stat_top"] = pg_stat_top(stack.dsn, delivered or 1)
+            for row in checks["pg_stat_top"]:
+                log(f"pg_stat {row['exec_ms_per_msg'] + row['plan_ms_per_msg']:.3f} ms/msg "
+                    f"(exec {row['exec_ms_per_msg']:.3f}, plan {row['plan_ms_per_msg']:.3f}) "
+                    f"wal {row['wal_bytes_per_msg']} B/msg, {row['calls']} calls: {row['query']}")
         if profiler is not None:
             profile_summary = summarize_profile(profiler.files)
     finally:
@@ -796,7 +849,7 @@ def main(argv: list[str] | None = None) -> int:
                                        "smtp.max_connections_per_ip": 200,
                                        "smtp.max_messages_per_session": 100000},
                      "webhooks.max_concurrency_per_agent": args.per_agent, "floor_diagnostic": args.floor, "e2a_processes": args.processes,
-                     "bench_leased_index": args.leased_index},
+                     "bench_leased_index": args.leased_index, "pg_stat": args.pg_stat},
         "setup": setup,
         "medians": rows,
         "fanout": {"summary": fan_summary, "runs": fanouts},

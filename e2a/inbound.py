@@ -135,7 +135,7 @@ class InboundPipeline:
         received_at: datetime,
     ) -> str:
         first_id = ""
-        notify_delivery = False
+        cloud_agents: list[str] = []
         candidates = view.thread_candidates()
         for recipient in envelope.recipients:
             agent = await messages.inbound_context_txn(
@@ -194,10 +194,14 @@ class InboundPipeline:
                 received_at=received_at,
                 notify_delivery=False,
             )
-            notify_delivery = notify_delivery or agent["agent_mode"] == "cloud"
+            if agent["agent_mode"] == "cloud":
+                cloud_agents.append(agent["id"])
             first_id = first_id or message_id
-        if notify_delivery:
-            await txn.notify(CHANNEL_DELIVERY, "")
+        if cloud_agents:
+            # One NOTIFY per message. Naming the agent (when there is exactly one) lets a
+            # worker whose slots for that agent are all busy skip the claim: each busy slot
+            # leases the agent's next job itself when it finishes (e2a.delivery.worker).
+            await txn.notify(CHANNEL_DELIVERY, cloud_agents[0] if len(cloud_agents) == 1 else "")
         return first_id
 
 

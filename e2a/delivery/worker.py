@@ -132,7 +132,7 @@ class DeliveryService:
         self._running = True
         self._stopping = False
         if self._events is not None:
-            self._unsubscribe = self._events.subscribe(CHANNEL_DELIVERY, lambda _payload: self.wake())
+            self._unsubscribe = self._events.subscribe(CHANNEL_DELIVERY, self._on_notify)
             self._events.on_reconnect(self.wake)
         self._loop = task.LoopingCall(self.wake)
         self._loop.clock = self._clock
@@ -178,14 +178,35 @@ class DeliveryService:
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock.seconds(), UTC)
 
+    def _on_notify(self, payload: str) -> None:
+        """NOTIFY on the delivery channel: new or re-enabled jobs; the payload names the agent
+        when the sender knew it was exactly one.
+
+        When every slot this process allows that agent is busy, a claim could not start its
+        job anyway: each busy slot ends in a hand-on (2xx: it leases the agent's next due job
+        itself) or frees the slot and wakes the claim loop (any other outcome). Skipping that
+        claim saves a statement per message while an agent's webhook is kept busy; the poll
+        still runs every ``poll_interval``. Another process's busy slots do not count here:
+        its own hand-ons pick the job up, and a claim from this process finds the agent at its
+        limit in the database.
+        """
+        if payload and self._per_agent.get(payload, 0) >= self._config.max_concurrency_per_agent:
+            if self._running:
+                self._maybe_refresh_backlog()
+            return
+        self.wake()
+
     def wake(self) -> None:
         """Claim and start due jobs soon; coalesces while a poll is running. Never raises."""
         if not self._running:
             return
+        self._maybe_refresh_backlog()
+        self._claims.wake()
+
+    def _maybe_refresh_backlog(self) -> None:
         if self._backpressure is not None and self._backpressure.refresh_due():
             self._backpressure.begin_refresh()
             defer.Deferred.fromCoroutine(self._refresh_backlog())
-        self._claims.wake()
 
     async def _refresh_backlog(self) -> None:
         """Count the due backlog for the backpressure gate; never raises. Runs beside the

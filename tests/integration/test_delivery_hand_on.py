@@ -310,3 +310,58 @@ async def test_stopped_or_saturated_service_does_not_hand_on(db):
         assert len(sink.received) == len(sent) == 6
     finally:
         await sink.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_notify_naming_an_agent_whose_slots_are_busy_claims_nothing(db, monkeypatch):
+    """A delivery NOTIFY naming an agent with all its local slots busy starts no claim (its busy
+    slots hand on); one naming another agent, or no agent, does."""
+    svc = _worker(db, _clock())
+    probe = _Probe(monkeypatch, svc)
+    await svc.start()  # one claim at start (nothing due)
+    try:
+        await svc._claims.wait_idle()
+        base = probe.claims
+        svc._per_agent["busy@agents.test"] = svc._config.max_concurrency_per_agent
+        svc._on_notify("busy@agents.test")
+        await svc._claims.wait_idle()
+        assert probe.claims == base
+        for payload in ("idle@agents.test", ""):
+            svc._on_notify(payload)
+            await svc._claims.wait_idle()
+        assert probe.claims == base + 2
+    finally:
+        svc._per_agent.clear()
+        await svc.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_inbound_notify_names_the_single_cloud_agent(db):
+    """The accept transaction's delivery NOTIFY carries the agent address when exactly one cloud
+    agent received a copy, and an empty payload for several."""
+    from e2a.inbound import InboundPipeline
+    from e2a.store.events import CHANNEL_DELIVERY, EventListener
+    from tests.integration.test_backpressure_inbound import TRACE, CountingVerifier, Envelope
+
+    events = EventListener(db.dsn, reactor)
+    await events.start()
+    got: list[str] = []
+    unsubscribe = events.subscribe(CHANNEL_DELIVERY, got.append)
+    try:
+        user_id, _key, _secret = await _user(db)
+        one = await _agent(db, user_id, URL, local="one")
+        two = await _agent(db, user_id, URL, local="two")
+        pipeline = InboundPipeline(
+            db, CountingVerifier(), TEST_MASTER_KEY, "mx.test", "mx.test", to_trace=lambda _v: TRACE
+        )
+        raw = b"From: a@example.org\r\nTo: x@acme.test\r\nSubject: s\r\nMessage-ID: <m1@example.org>\r\n\r\nhi\r\n"
+        await pipeline.accept(Envelope((one,)), raw)
+        await pipeline.accept(Envelope((one, two)), raw.replace(b"<m1@", b"<m2@"))
+        for _ in range(200):  # real time, bounded: NOTIFYs arrive on another connection
+            if len(got) >= 2:
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)
+        assert got == [one, ""]
+    finally:
+        unsubscribe()
+        events.stop()
