@@ -24,6 +24,7 @@ from e2a.messageview import MessageView
 from e2a.store import messages
 from e2a.store.accounts import SecretCache, newest_secret_txn
 from e2a.store.database import Database, Txn
+from e2a.store.deliveries import ClaimedJob
 from e2a.store.events import CHANNEL_DELIVERY, CHANNEL_INBOUND
 
 log = Logger()
@@ -49,6 +50,23 @@ class TraceInput:
     domain_check: str  # "spf=…; dkim=…; dmarc=…"
     verified: bool
     from_address: str | None  # §2.1 valid From address, None when invalid
+
+
+class FreshJobs(Protocol):
+    """This process's webhook worker (:class:`e2a.delivery.worker.DeliveryService`), which can
+    take a fresh job straight from the accept instead of through NOTIFY and a claim."""
+
+    def reserve_fresh(self, agent_id: str, in_flight_everywhere: int) -> datetime | None: ...
+
+    def release_fresh(self, agent_id: str) -> None: ...
+
+    def start_fresh(self, job: ClaimedJob) -> None: ...
+
+
+@dataclass(frozen=True)
+class StoredCopy:
+    delivery_id: str | None  # the webhook job of a cloud agent's copy
+    auth_headers: dict[str, str]
 
 
 class Verifier(Protocol):
@@ -84,6 +102,8 @@ class InboundPipeline:
         self.to_trace = to_trace or trace_from_verdict
         self._secrets = SecretCache()
         self.backpressure = backpressure
+        # Set by the composition root once the webhook worker runs (e2a.service).
+        self.fresh_jobs: FreshJobs | None = None
 
     async def accept(self, envelope: EnvelopeLike, raw: bytes) -> str:
         """Store one copy per recipient agent; returns the first copy's ``msg_…`` id.
@@ -112,9 +132,28 @@ class InboundPipeline:
         # run_batched: the reads (one statement per recipient) go out at once, every write of
         # every copy (messages, delivery jobs, NOTIFYs) in ONE query that PostgreSQL commits
         # as one transaction; this returns only after that commit (mail.md §1.7 item 4).
-        return await self.db.run_batched(
-            "accept_inbound", self._accept_txn, envelope, view, stripped, trace, received_at
-        )
+        # A cloud copy whose agent has a free webhook slot in this process is inserted already
+        # leased to it (``fresh``) and attempted right after the commit: no NOTIFY, no claim.
+        fresh: list[ClaimedJob] = []
+        try:
+            first_id = await self.db.run_batched(
+                "accept_inbound", self._accept_txn, envelope, view, stripped, trace, received_at, fresh
+            )
+        except BaseException:
+            self._release(fresh)
+            raise
+        assert self.fresh_jobs is not None or not fresh
+        for job in fresh:
+            self.fresh_jobs.start_fresh(job)  # type: ignore[union-attr]
+        return first_id
+
+    def _release(self, fresh: list[ClaimedJob]) -> None:
+        """Give back the slots reserved by an attempt of the accept transaction that did not
+        commit (it failed, or run_batched is running it again)."""
+        if self.fresh_jobs is not None:
+            for job in fresh:
+                self.fresh_jobs.release_fresh(job.agent_id)
+        fresh.clear()
 
     async def _any_cloud_recipient(self, recipients: Sequence[str]) -> bool:
         """One indexed lookup, made only while the gate is holding: local agents' mail goes to
@@ -133,13 +172,15 @@ class InboundPipeline:
         stripped: bytes,
         trace: TraceInput,
         received_at: datetime,
+        fresh: list[ClaimedJob],
     ) -> str:
+        self._release(fresh)  # a retried transaction starts afresh
         first_id = ""
         cloud_agents: list[str] = []
         candidates = view.thread_candidates()
         for recipient in envelope.recipients:
             agent = await messages.inbound_context_txn(
-                txn, recipient, view.message_id_token, envelope.mail_from, candidates
+                txn, recipient, view.message_id_token, envelope.mail_from, candidates, received_at
             )
             if agent is None:
                 continue  # deleted between RCPT and end of data: nothing to deliver to
@@ -179,7 +220,11 @@ class InboundPipeline:
                 message_id=message_id,
                 stored=stored,
             )
-            await store_copy_txn(
+            lease_until = None
+            if self.fresh_jobs is not None and agent["agent_mode"] == "cloud" and agent["webhook_status"] != "disabled":
+                lease_until = self.fresh_jobs.reserve_fresh(agent["id"], agent["in_flight"])
+            display_from = view.display_sender()
+            copy = await store_copy_txn(
                 txn,
                 agent=agent,
                 view=view,
@@ -187,14 +232,26 @@ class InboundPipeline:
                 secret=secret,
                 stored=stored,
                 route="smtp",
-                display_from=view.display_sender(),
+                display_from=display_from,
                 envelope_from=envelope.mail_from,
                 client_ip=envelope.client_ip,
                 conversation_id=agent["conversation_id"],
                 received_at=received_at,
                 notify_delivery=False,
+                lease_until=lease_until,
             )
-            if agent["agent_mode"] == "cloud":
+            if lease_until is not None:
+                assert copy.delivery_id is not None
+                fresh.append(
+                    ClaimedJob(
+                        copy.delivery_id,
+                        message_id,
+                        agent["id"],
+                        0,
+                        _attempt_row(agent, message_id, view, display_from, stored, copy, received_at),
+                    )
+                )
+            elif agent["agent_mode"] == "cloud":
                 cloud_agents.append(agent["id"])
             first_id = first_id or message_id
         if cloud_agents:
@@ -220,10 +277,13 @@ async def store_copy_txn(
     conversation_id: str,
     received_at: datetime,
     notify_delivery: bool,
-) -> None:
+    lease_until: datetime | None = None,
+) -> StoredCopy:
     """Insert one signed inbound copy and announce it: a delivery job for a cloud agent (the
-    NOTIFY on the delivery channel is sent here or, for a batch, once by the caller), a
+    NOTIFY on the delivery channel is sent here or, for a batch, once by the caller; a job
+    inserted leased until ``lease_until`` is this process's to attempt and needs none), a
     per-message NOTIFY for a local agent's WebSockets. SMTP and internal mail share this."""
+    headers = authheaders.auth_headers(fields, secret)
     await messages.insert_inbound_txn(
         txn,
         {
@@ -244,26 +304,68 @@ async def store_copy_txn(
             "references_ids": view.references,
             "conversation_id": conversation_id,
             "raw_message": stored,
-            "auth_headers": authheaders.auth_headers(fields, secret),
+            "auth_headers": headers,
             "created_at": received_at,
         },
     )
+    delivery_id = None
     if agent["agent_mode"] == "cloud":
-        await enqueue_delivery_txn(txn, fields.message_id, agent)
-        if notify_delivery:
+        delivery_id = await enqueue_delivery_txn(txn, fields.message_id, agent, lease_until)
+        if notify_delivery and lease_until is None:
             await txn.notify(CHANNEL_DELIVERY, "")
     else:
         await txn.notify(CHANNEL_INBOUND, f"{agent['id']}\t{fields.message_id}")
+    return StoredCopy(delivery_id, headers)
 
 
-async def enqueue_delivery_txn(txn: Txn, message_id: str, agent: dict[str, Any]) -> str:
-    """A webhook delivery job: pending and due now, or paused while the webhook is disabled."""
+def _attempt_row(
+    agent: dict[str, Any],
+    message_id: str,
+    view: MessageView,
+    display_from: str,
+    stored: bytes,
+    copy: StoredCopy,
+    received_at: datetime,
+) -> dict[str, Any]:
+    """What a claim would read for this copy's first attempt (``deliveries._ATTEMPT_COLUMNS``),
+    from what the accept already holds: the attempt needs no read of its own."""
+    return {
+        "id": copy.delivery_id,
+        "message_id": message_id,
+        "agent_id": agent["id"],
+        "attempts": 0,
+        "m_id": message_id,
+        "conversation_id": agent["conversation_id"],
+        "display_from": display_from,
+        "to_addrs": view.to_addresses(),
+        "cc_addrs": view.cc_addresses(),
+        "recipient": agent["id"],
+        "raw_message": stored,
+        "auth_headers": copy.auth_headers,
+        "created_at": received_at,
+        "a_id": agent["id"],
+        "agent_mode": agent["agent_mode"],
+        "webhook_url": agent["webhook_url"],
+        "webhook_status": agent["webhook_status"],
+        "secret_ids": agent["secret_ids"],
+        "secrets": agent["secrets"],
+    }
+
+
+async def enqueue_delivery_txn(
+    txn: Txn, message_id: str, agent: dict[str, Any], lease_until: datetime | None = None
+) -> str:
+    """A webhook delivery job: pending and due now (leased to this process's worker until
+    ``lease_until`` when given), or paused while the webhook is disabled."""
     delivery_id = ids.new_delivery_id()
     paused = agent["webhook_status"] == "disabled"
     await txn.execute(
-        "INSERT INTO deliveries (id, message_id, agent_id, webhook_url, status, next_attempt_at)"
-        " VALUES (%s, %s, %s, %s, %s, CASE WHEN %s THEN NULL ELSE now() END)",
-        (delivery_id, message_id, agent["id"], agent["webhook_url"], "paused" if paused else "pending", paused),
+        "INSERT INTO deliveries (id, message_id, agent_id, webhook_url, status, next_attempt_at, leased_until)"
+        " VALUES (%s, %s, %s, %s, %s, CASE WHEN %s THEN NULL ELSE now() END, %s)",
+        (
+            delivery_id, message_id, agent["id"], agent["webhook_url"], "paused" if paused else "pending", paused,
+            None if paused else lease_until,
+        ),
     )
     return delivery_id
 

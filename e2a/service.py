@@ -251,6 +251,9 @@ class E2AService(service.Service):
         )
         await self.delivery.start()
         self._stoppers.append(self.delivery.stop)
+        if self.inbound is not None:
+            # Fresh webhook jobs go from the accept straight to this worker (e2a.inbound).
+            self.inbound.fresh_jobs = self.delivery
 
         from e2a.outbound.relay import RouteConfig
         from e2a.outbound.worker import OutboundService, RetryConfig

@@ -18,6 +18,13 @@ process is saturated (``max_in_flight``) nothing is handed on, so the claim's ol
 order across agents decides who gets a freed slot, and a few busy agents cannot keep the
 others waiting.
 
+Fresh jobs skip the queue's wake-up path: when the inbound pipeline accepts mail for a cloud
+agent that has a free slot here (:meth:`DeliveryService.reserve_fresh`, counting the agent's
+leases in every process), the job row is inserted already leased to this process and attempted
+right after the commit (:meth:`DeliveryService.start_fresh`) — no NOTIFY, no claim. A slot
+whose delivered attempt found nothing more of its agent to hand on frees itself without a
+wake-up (nothing waits for it), unless a NOTIFY for that agent was skipped meanwhile.
+
 Correctness never depends on process memory: the attempt count, the next due time and the
 lease live in the row; a process that dies mid-attempt leaves a lease that expires after
 ``timeout + 30 s``, and the job is retried (at-least-once, same ``webhook-id``).
@@ -51,6 +58,11 @@ log = Logger()
 #: Lease = webhooks.timeout (headers) + timeout (body read) + this margin; the spec's
 #: "timeout + 30 s" with room for the bounded body read.
 LEASE_MARGIN = 30.0
+
+#: What a delivered attempt returns when its hand-on found no due job of its agent: the slot
+#: frees without waking the claim loop (nothing of that agent is waiting, and other agents'
+#: jobs never wait for this agent's slot).
+_AGENT_IDLE = object()
 
 
 class DeliveryService:
@@ -123,6 +135,13 @@ class DeliveryService:
         self._claims = ClaimLoop(self._claim_and_start, lambda: self._running, "webhook delivery")
         self._in_flight: dict[str, defer.Deferred[None]] = {}
         self._per_agent: dict[str, int] = {}
+        # Agents for which a NOTIFY's claim was skipped because all their slots were busy: the
+        # next of their slots to free without a hand-on must wake the claim loop (the job may
+        # have committed after that slot's hand-on statement read the queue).
+        self._notify_skipped: set[str] = set()
+        # Slots reserved for fresh jobs whose accept transaction has not committed yet
+        # (reserve_fresh); they count in _per_agent and against max_in_flight.
+        self._reserved: dict[str, int] = {}
         self._backpressure = backpressure
 
     # ------------------------------------------------------------------ lifecycle
@@ -192,6 +211,7 @@ class DeliveryService:
         """
         if payload and self._per_agent.get(payload, 0) >= self._config.max_concurrency_per_agent:
             if self._running:
+                self._notify_skipped.add(payload)
                 self._maybe_refresh_backlog()
             return
         self.wake()
@@ -222,7 +242,7 @@ class DeliveryService:
         bp.update(n)
 
     async def _claim_and_start(self) -> tuple[int, int]:
-        limit = self._max_in_flight - len(self._in_flight)
+        limit = self._max_in_flight - len(self._in_flight) - sum(self._reserved.values())
         if limit <= 0:
             return 0, 0
         jobs = await deliveries.claim_due(
@@ -242,8 +262,67 @@ class DeliveryService:
         return (
             not self._stopping
             and (self._running or self._once > 0)
-            and len(self._in_flight) < self._max_in_flight
+            and len(self._in_flight) + sum(self._reserved.values()) < self._max_in_flight
         )
+
+    # ------------------------------------------------------------------ fresh jobs from accept
+
+    def reserve_fresh(self, agent_id: str, in_flight_everywhere: int) -> datetime | None:
+        """Reserve a slot for a job the inbound pipeline is about to commit; returns the lease
+        expiry to write into the new row, or None (the job then goes through the queue).
+
+        Why: a message accepted while its agent's webhook has a free slot can be attempted by
+        this process straight after the commit — the row is inserted already leased, so no
+        NOTIFY, wake-up and claim statement stand between the 250 and the POST, and no other
+        process can take it. ``in_flight_everywhere`` is the agent's leased attempts in the
+        database (every process), read by the accept's context statement: together with the
+        reservations not yet committed here, the per-agent limit holds as for a claim. Every
+        reservation must end in :meth:`start_fresh` (committed) or :meth:`release_fresh`.
+        """
+        if not self._running or self._stopping:
+            return None
+        limit = self._config.max_concurrency_per_agent
+        pending = self._reserved.get(agent_id, 0)
+        if self._per_agent.get(agent_id, 0) >= limit or in_flight_everywhere + pending >= limit:
+            return None
+        if len(self._in_flight) + sum(self._reserved.values()) >= self._max_in_flight:
+            return None
+        self._reserved[agent_id] = pending + 1
+        self._per_agent[agent_id] = self._per_agent.get(agent_id, 0) + 1
+        return self._now() + timedelta(seconds=self._lease_seconds)
+
+    def release_fresh(self, agent_id: str) -> None:
+        """The accept transaction did not commit (or is being retried): give the slot back."""
+        self._unreserve(agent_id)
+        self._drop_agent_slot(agent_id)
+
+    def start_fresh(self, job: ClaimedJob) -> None:
+        """The accept transaction committed the leased row: attempt it in the reserved slot.
+
+        After :meth:`stop` began the job is left to its lease (another process, or this one
+        after a restart, retries it once the lease runs out): an attempt must not start on a
+        worker that is shutting down.
+        """
+        self._unreserve(job.agent_id)
+        self._drop_agent_slot(job.agent_id)
+        if not self._running or self._stopping:
+            log.info("fresh webhook job {delivery_id} left to its lease at shutdown", delivery_id=job.id)
+            return
+        self._start_attempt(job)
+
+    def _unreserve(self, agent_id: str) -> None:
+        count = self._reserved.get(agent_id, 0)
+        if count <= 1:
+            self._reserved.pop(agent_id, None)
+        else:
+            self._reserved[agent_id] = count - 1
+
+    def _drop_agent_slot(self, agent_id: str) -> None:
+        count = self._per_agent.get(agent_id, 1)
+        if count <= 1:
+            self._per_agent.pop(agent_id, None)
+        else:
+            self._per_agent[agent_id] = count - 1
 
     def _start_attempt(self, job: ClaimedJob) -> defer.Deferred[int]:
         """Start ``job`` in a slot; fires with how many attempts the slot ran before it was
@@ -259,17 +338,20 @@ class DeliveryService:
 
         def finished(result: Any) -> None:
             self._in_flight.pop(job.id, None)
-            count = self._per_agent.get(job.agent_id, 1)
-            if count <= 1:
-                self._per_agent.pop(job.agent_id, None)
-            else:
-                self._per_agent[job.agent_id] = count - 1
+            self._drop_agent_slot(job.agent_id)
             if isinstance(result, ClaimedJob):
                 # Handed on: the record statement leased this agent's next job for this very
                 # slot. The per-agent and per-process counts are unchanged, so nothing new is
                 # claimable because of this finish: no wake-up needed.
                 self._run_in_slot(result, slot_done, ran_before + 1)
                 return
+            if result is _AGENT_IDLE and job.agent_id not in self._notify_skipped:
+                # The hand-on statement found no due job of this agent, and the process was not
+                # saturated (else no hand-on is tried): nothing waits for this slot. Without
+                # this, every message delivered while the webhook keeps up cost a claim pass.
+                slot_done.callback(ran_before + 1)
+                return
+            self._notify_skipped.discard(job.agent_id)
             # A slot freed: jobs held back by a concurrency limit may be claimable now. Wake on
             # every freed slot (wake() coalesces): waking only when this agent was at its limit
             # let a backlog stall until the next safety poll once several attempts ended together.
@@ -302,8 +384,9 @@ class DeliveryService:
 
     # ------------------------------------------------------------------ one attempt
 
-    async def _attempt(self, job: ClaimedJob) -> ClaimedJob | None:
-        """Run one attempt; returns the job its slot was handed on to, if any. Never raises."""
+    async def _attempt(self, job: ClaimedJob) -> Any:
+        """Run one attempt; returns the job its slot was handed on to, ``_AGENT_IDLE`` when the
+        hand-on found nothing due for the agent, else None. Never raises."""
         try:
             return await self._attempt_unguarded(job)
         except defer.CancelledError:
@@ -313,7 +396,7 @@ class DeliveryService:
             log.failure("webhook attempt {delivery_id} failed unexpectedly", delivery_id=job.id)
         return None
 
-    async def _attempt_unguarded(self, job: ClaimedJob) -> ClaimedJob | None:
+    async def _attempt_unguarded(self, job: ClaimedJob) -> Any:
         ctx = await deliveries.load_attempt(self._db, job, self._master_key, self._secrets)
         if ctx is None:
             await deliveries.record_failed(self._db, job, None, "message or agent gone", self._now(), attempted=False)
@@ -344,8 +427,9 @@ class DeliveryService:
         result = await self.client.post(ctx.webhook_url, request.body, request.headers)
         return await self._record(job, ctx.webhook_url, result)
 
-    async def _record(self, job: ClaimedJob, url: str, result: AttemptResult) -> ClaimedJob | None:
-        """Write the attempt's outcome; returns the job the slot is handed on to (2xx only)."""
+    async def _record(self, job: ClaimedJob, url: str, result: AttemptResult) -> Any:
+        """Write the attempt's outcome; returns the job the slot is handed on to or
+        ``_AGENT_IDLE`` (2xx with a hand-on tried), else None."""
         now = self._now()
         if result.status is not None:
             outcome = backoff.classify_status(result.status)
@@ -358,7 +442,7 @@ class DeliveryService:
                         self._db, job, result.status, url, now,
                         self._lease_seconds, self._config.max_concurrency_per_agent,
                     )
-                    return next_job
+                    return next_job if next_job is not None else _AGENT_IDLE
                 await deliveries.record_delivered(self._db, job, result.status, url, now)
                 return None
             if outcome == backoff.GONE:

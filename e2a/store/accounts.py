@@ -398,12 +398,17 @@ async def active_secrets_txn(txn: Txn, master_key: bytes, user_id: str) -> list[
     return [secret for _id, secret in await _active_secrets_with_ids_txn(txn, master_key, user_id)]
 
 
-#: SQL (LATERAL-joinable, needs ``a.user_id`` in scope) for the signing secret of mail.md §3.3:
-#: the newest one. The same ordering as :func:`newest_secret_txn`.
-NEWEST_SECRET_LATERAL = (
-    "SELECT id, secret FROM signing_secrets WHERE user_id = a.user_id"
-    " ORDER BY created_at DESC, id DESC LIMIT 1"
-)
+#: Signing secrets that sign a webhook attempt, newest first (mail.md §3.3: rotation overlap).
+MAX_WEBHOOK_SECRETS = 5
+
+#: SQL (LATERAL-joinable, needs ``a.user_id`` in scope and a ``%(max_secrets)s`` parameter): the
+#: owner's newest signing secrets as (``secret_ids``, ``secrets``) arrays, newest first — element
+#: 1 signs the X-E2A-Auth set (mail.md §3.3), all of them sign a webhook (rotation overlap). The
+#: same ordering as :func:`newest_secret_txn`. NULL arrays when the user has no secret.
+NEWEST_SECRETS_LATERAL = """SELECT array_agg(t.id ORDER BY t.created_at DESC, t.id DESC) AS secret_ids,
+           array_agg(t.secret ORDER BY t.created_at DESC, t.id DESC) AS secrets
+    FROM (SELECT id, secret, created_at FROM signing_secrets WHERE user_id = a.user_id
+          ORDER BY created_at DESC, id DESC LIMIT %(max_secrets)s) t"""
 
 
 class SecretCache:

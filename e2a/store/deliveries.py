@@ -28,7 +28,7 @@ from typing import Any
 
 from e2a import ids
 from e2a.errors import Conflict, NotFound
-from e2a.store.accounts import SecretCache, active_secrets_txn
+from e2a.store.accounts import MAX_WEBHOOK_SECRETS, NEWEST_SECRETS_LATERAL, SecretCache, active_secrets_txn
 from e2a.store.database import Database, Prepared, Txn
 from e2a.store.events import CHANNEL_DELIVERY
 from e2a.timefmt import ts_frac
@@ -126,8 +126,7 @@ class ClaimedJob:
         return self.attempts + 1
 
 
-#: Signing secrets sent with each attempt, newest first (mail.md §3.3: rotation overlap).
-MAX_SECRETS = 5
+MAX_SECRETS = MAX_WEBHOOK_SECRETS
 
 # Shared by the two statements that lease jobs (``_CLAIM`` and ``_DELIVERED_CLAIM_NEXT``).
 #
@@ -160,10 +159,7 @@ _ATTEMPT_COLUMNS = """j.id, j.message_id, j.agent_id, j.attempts,
 _ATTEMPT_JOINS = """LEFT JOIN messages m ON m.id = j.message_id AND m.agent_id = j.agent_id AND m.direction = 'inbound'
 LEFT JOIN agents a ON a.id = j.agent_id AND m.id IS NOT NULL
 LEFT JOIN LATERAL (
-    SELECT array_agg(t.id ORDER BY t.created_at DESC, t.id DESC) AS secret_ids,
-           array_agg(t.secret ORDER BY t.created_at DESC, t.id DESC) AS secrets
-    FROM (SELECT id, secret, created_at FROM signing_secrets WHERE user_id = a.user_id
-          ORDER BY created_at DESC, id DESC LIMIT %(max_secrets)s) t
+    """ + NEWEST_SECRETS_LATERAL + """
 ) s ON a.user_id IS NOT NULL"""
 
 # One statement claims the jobs AND reads what their attempts need (one autocommit round trip

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from e2a.store.accounts import NEWEST_SECRET_LATERAL
+from e2a.store.accounts import MAX_WEBHOOK_SECRETS, NEWEST_SECRETS_LATERAL
 from e2a.store.database import Database, Prepared, Txn
 
 # RFC 1047 duplicate suppression: a sender that lost our reply to its final dot resends the
@@ -102,7 +102,11 @@ async def find_duplicate_txn(txn: Txn, agent_id: str, email_message_id: str, env
 _INBOUND_CONTEXT = Prepared(
     "e2a_inbound_context",
     "SELECT a.id, a.user_id, a.agent_mode, a.webhook_url, a.webhook_status,"
-    " s.id AS secret_id, s.secret AS secret,"
+    " s.secret_ids[1] AS secret_id, s.secrets[1] AS secret, s.secret_ids, s.secrets,"
+    # The agent's webhook attempts in flight in every process (leases), for the hand-off of a
+    # fresh job to this process's worker (e2a.inbound): same count as the claim's.
+    " CASE WHEN a.agent_mode = 'cloud' THEN (SELECT count(*) FROM deliveries f WHERE f.agent_id = a.id"
+    "  AND f.status = 'pending' AND f.leased_until > %(now)s) ELSE 0 END AS in_flight,"
     " CASE WHEN %(mid)s = '' THEN NULL ELSE ("
     + _duplicate_select(agent="a.id", mid="%(mid)s", sender="%(sender)s", window="%(window)s")
     + ") END AS duplicate_id,"
@@ -110,18 +114,25 @@ _INBOUND_CONTEXT = Prepared(
     "  COALESCE((SELECT conversation_id FROM messages WHERE "
     + _CONVERSATION_WHERE.format(agent="a.id", c="%(c)s::text[]", bases="%(bases)s::text[]")
     + "   ORDER BY created_at DESC LIMIT 1), '') END AS conversation_id"
-    f" FROM agents a LEFT JOIN LATERAL ({NEWEST_SECRET_LATERAL}) s ON true"
+    f" FROM agents a LEFT JOIN LATERAL ({NEWEST_SECRETS_LATERAL}) s ON true"
     " WHERE lower(a.id) = lower(%(rcpt)s)",
 )
 
 
 async def inbound_context_txn(
-    txn: Txn, recipient: str, email_message_id: str, envelope_from: str, candidates: list[str]
+    txn: Txn,
+    recipient: str,
+    email_message_id: str,
+    envelope_from: str,
+    candidates: list[str],
+    now: datetime,
 ) -> dict[str, Any] | None:
     """Everything accepting one inbound copy needs to read, in ONE statement (one round trip).
 
     The agent of ``recipient`` (``id, user_id, agent_mode, webhook_url, webhook_status``), its
-    owner's newest signing secret (``secret_id``/``secret``, None when the user has none), the
+    owner's newest signing secret (``secret_id``/``secret``, None when the user has none) and
+    newest few (``secret_ids``/``secrets`` arrays, for a webhook attempt started from here),
+    the agent's webhook attempts in flight at ``now`` (``in_flight``, 0 for a local agent), the
     RFC 1047 duplicate (``duplicate_id``, as :func:`find_duplicate_txn`) and the conversation
     id (``conversation_id``, ``""`` when none, as :func:`find_conversation_txn`). None when the
     agent no longer exists.
@@ -129,6 +140,8 @@ async def inbound_context_txn(
     return await txn.fetchone_prepared(
         _INBOUND_CONTEXT,
         {
+            "now": now,
+            "max_secrets": MAX_WEBHOOK_SECRETS,
             "rcpt": recipient,
             "mid": email_message_id,
             "sender": envelope_from,

@@ -6,7 +6,7 @@ finished together, only the first woke the worker; its claim still saw the other
 the chain died and the backlog moved only on the 1 s safety poll. Runs the real
 DeliveryService on a task.Clock with an in-memory queue (claims and record-and-lease
 statements see a snapshot taken when the statement starts, commits of concurrent attempts are
-staggered, as in PostgreSQL). Run twice: with the hand-on leasing nothing (so only the
+staggered, as in PostgreSQL). Run twice: without the hand-on (a 2xx only records, so only the
 wake-ups of freed slots drain the backlog, the original regression) and with it leasing the
 agent's next job (the claim loop then runs only at the start and at the end)."""
 
@@ -60,10 +60,15 @@ def test_backlog_drains_without_safety_poll(monkeypatch, hand_on):
         in_flight = busy(exclude=job.id)  # the statement's snapshot, the finishing job left out
         await task.deferLater(clock, next(stagger), lambda: None)
         jobs[job.id]["done"] = True
-        if not hand_on or in_flight >= per_agent:
+        if in_flight >= per_agent:
             return True, None
         nxt = lease(1)
         return True, (nxt[0] if nxt else None)
+
+    async def record_delivered(db: Any, job: ClaimedJob, code: int, url: str, now: Any) -> bool:
+        await task.deferLater(clock, next(stagger), lambda: None)
+        jobs[job.id]["done"] = True
+        return True
 
     class FakeClient:
         async def post(self, url: str, body: bytes, headers: Any) -> AttemptResult:
@@ -78,7 +83,10 @@ def test_backlog_drains_without_safety_poll(monkeypatch, hand_on):
 
     monkeypatch.setattr(worker.deliveries, "claim_due", claim_due)
     monkeypatch.setattr(worker.deliveries, "record_delivered_and_claim_next", record_delivered_and_claim_next)
+    monkeypatch.setattr(worker.deliveries, "record_delivered", record_delivered)
     svc = worker.DeliveryService(None, None, None, WebhooksConfig(), False, b"k" * 32, clock, clock, client=FakeClient())
+    if not hand_on:
+        svc._may_hand_on = lambda: False  # type: ignore[method-assign]
 
     async def attempt(job: ClaimedJob) -> ClaimedJob | None:
         return await svc._record(job, "u", await svc.client.post("u", b"", []))

@@ -1,0 +1,244 @@
+"""Fresh webhook jobs handed from the accept transaction to this process's worker
+(``InboundPipeline.fresh_jobs`` → ``DeliveryService.reserve_fresh``/``start_fresh``)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import pytest_twisted
+
+from twisted.internet import reactor, task
+
+from e2a.delivery import worker
+from e2a.inbound import InboundPipeline
+from e2a.store import deliveries
+from e2a.store.accounts import SecretCache
+from e2a.store.database import Database
+from e2a.store.deliveries import ClaimedJob
+from tests.integration.test_backpressure_inbound import TRACE, CountingVerifier, Envelope
+from tests.integration.test_delivery_hand_on import _Probe, _worker
+from tests.integration.test_webhook_delivery import _agent, _clock, _sink, _user
+from tests.support.apiserver import TEST_MASTER_KEY
+
+URL = "http://127.0.0.1:9/hook"
+LEASE = 50.0
+
+
+def _raw(n: int) -> bytes:
+    return (
+        b"From: Alice <alice@example.com>\r\nTo: bot@acme.test\r\nSubject: hi\r\n"
+        + f"Message-ID: <m{n}@example.com>\r\n\r\nHello {n}\r\n".encode()
+    )
+
+
+class RecordingFreshJobs:
+    """A worker stand-in: reserves while ``free`` > 0, records what is started or released."""
+
+    def __init__(self, free: int = 10) -> None:
+        self.free = free
+        self.reserved: list[tuple[str, int]] = []
+        self.released: list[str] = []
+        self.started: list[ClaimedJob] = []
+
+    def reserve_fresh(self, agent_id: str, in_flight_everywhere: int) -> datetime | None:
+        self.reserved.append((agent_id, in_flight_everywhere))
+        if self.free <= 0:
+            return None
+        self.free -= 1
+        return datetime.now(UTC) + timedelta(seconds=LEASE)
+
+    def release_fresh(self, agent_id: str) -> None:
+        self.released.append(agent_id)
+
+    def start_fresh(self, job: ClaimedJob) -> None:
+        self.started.append(job)
+
+
+def _pipeline(db: Database, fresh: Any) -> InboundPipeline:
+    pipeline = InboundPipeline(db, CountingVerifier(), TEST_MASTER_KEY, "mx.test", "mx.test", to_trace=lambda _v: TRACE)
+    pipeline.fresh_jobs = fresh
+    return pipeline
+
+
+@pytest_twisted.ensureDeferred
+async def test_fresh_job_is_committed_leased_and_carries_what_a_claim_would_read(db):
+    """The accept inserts the job leased and hands over an attempt context equal to the one a
+    claim of the same row builds (so the first attempt needs no read of its own)."""
+    user_id, _key, _secret = await _user(db)
+    agent = await _agent(db, user_id, URL)
+    fresh = RecordingFreshJobs()
+    msg_id = await _pipeline(db, fresh).accept(Envelope((agent,)), _raw(1))
+    (job,) = fresh.started
+    assert (job.message_id, job.agent_id, job.attempts) == (msg_id, agent, 0)
+    assert fresh.reserved == [(agent, 0)] and fresh.released == []
+    row = await db.fetchone("SELECT status, leased_until, attempts FROM deliveries WHERE id = %s", (job.id,))
+    assert row["status"] == "pending" and row["leased_until"] is not None and row["attempts"] == 0
+
+    cache = SecretCache()
+    handed = await deliveries.load_attempt(db, job, TEST_MASTER_KEY, cache)
+    await db.execute("UPDATE deliveries SET leased_until = NULL WHERE id = %s", (job.id,))
+    now = datetime.now(UTC) + timedelta(seconds=1)
+    (claimed,) = await deliveries.claim_due(db, now, 10, LEASE, 4)
+    assert claimed.id == job.id
+    assert handed == await deliveries.load_attempt(db, claimed, TEST_MASTER_KEY, cache)
+
+
+@pytest_twisted.ensureDeferred
+async def test_context_counts_the_agents_leased_attempts_everywhere(db):
+    """The in-flight figure given to reserve_fresh is the agent's leased pending rows in the
+    database (any process), so the per-agent limit holds across processes."""
+    user_id, _key, _secret = await _user(db)
+    agent = await _agent(db, user_id, URL)
+    fresh = RecordingFreshJobs(free=0)  # refuse: the jobs stay queued, unleased
+    pipeline = _pipeline(db, fresh)
+    for n in range(3):
+        await pipeline.accept(Envelope((agent,)), _raw(n))
+    await db.execute(
+        "UPDATE deliveries SET leased_until = now() + interval '1 minute'"
+        " WHERE id IN (SELECT id FROM deliveries ORDER BY created_at LIMIT 2)"
+    )
+    await pipeline.accept(Envelope((agent,)), _raw(9))
+    assert [n for _a, n in fresh.reserved] == [0, 0, 0, 2]
+    queued = await db.fetchone("SELECT count(*) AS n FROM deliveries WHERE leased_until IS NULL")
+    assert queued["n"] == 2 and fresh.started == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_reservation_is_released_when_the_accept_does_not_commit(db):
+    """A failed write gives the reserved slot back and starts nothing; nothing is stored."""
+    user_id, _key, _secret = await _user(db)
+    agent = await _agent(db, user_id, URL)
+    fresh = RecordingFreshJobs()
+    await db.execute(
+        "CREATE FUNCTION test_refuse_delivery() RETURNS trigger LANGUAGE plpgsql AS"
+        " $$ BEGIN RAISE EXCEPTION 'refused'; END $$"
+    )
+    await db.execute(
+        "CREATE TRIGGER test_refuse BEFORE INSERT ON deliveries FOR EACH ROW EXECUTE FUNCTION test_refuse_delivery()"
+    )
+    with pytest.raises(Exception, match="refused"):
+        await _pipeline(db, fresh).accept(Envelope((agent,)), _raw(1))
+    assert fresh.released == [agent] and fresh.started == []
+    assert (await db.fetchone("SELECT count(*) AS n FROM messages"))["n"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_worker_reservations_respect_every_limit():
+    """reserve_fresh: the local per-agent count, the database's in-flight count plus
+    uncommitted reservations, max_in_flight, and never once stopping; release and start keep
+    the bookkeeping exact."""
+    svc = _worker(None, _clock(), max_in_flight=5)  # type: ignore[arg-type]
+    svc._running = True
+    a, b = "a@acme.test", "b@acme.test"
+    assert all(svc.reserve_fresh(a, 0) is not None for _ in range(4))
+    assert svc.reserve_fresh(a, 0) is None  # local per-agent limit (4)
+    assert svc.reserve_fresh(b, 3) is not None  # 3 elsewhere + 0 pending < 4
+    assert svc.reserve_fresh(b, 3) is None  # 3 elsewhere + 1 pending
+    assert svc.reserve_fresh("c@acme.test", 0) is None  # max_in_flight: 5 reserved
+    for _ in range(4):
+        svc.release_fresh(a)
+    svc.release_fresh(b)
+    assert svc._per_agent == {} and svc._reserved == {}
+    lease_until = svc.reserve_fresh(a, 0)
+    assert lease_until == datetime.fromtimestamp(svc._clock.seconds(), UTC) + timedelta(seconds=svc._lease_seconds)
+    svc._stopping = True
+    assert svc.reserve_fresh(b, 0) is None
+    svc.start_fresh(ClaimedJob("dlv_x", "msg_x", a, 0))  # stopping: left to its lease
+    assert svc._per_agent == {} and svc._reserved == {} and svc._in_flight == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_accepted_mail_is_delivered_without_claims_or_notify(db, monkeypatch):
+    """With the real worker, each accepted message is POSTed once straight from the accept: no
+    claim statement beyond the start-up pass, ≤ 4 attempts at once, all delivered and read."""
+    sink = await _sink()
+    svc = None
+    try:
+        user_id, _key, _secret = await _user(db)
+        agent = await _agent(db, user_id, sink.url())
+        svc = _worker(db, _clock())
+        probe = _Probe(monkeypatch, svc)
+        await svc.start()
+        await svc._claims.wait_idle()
+        claims_at_start = probe.claims
+        pipeline = _pipeline(db, svc)
+        sent = [await pipeline.accept(Envelope((agent,)), _raw(n)) for n in range(6)]
+        for _ in range(500):  # real time, bounded
+            done = (await db.fetchone("SELECT count(*) AS n FROM deliveries WHERE status = 'delivered'"))["n"]
+            if done == 6 and not svc._in_flight:
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)
+        assert sorted(r.headers["webhook-id"] for r in sink.received) == sorted(sent)
+        assert probe.claims == claims_at_start  # no NOTIFY (none is subscribed here) and no claim
+        assert probe.most_posting <= 4
+        assert svc._per_agent == {} and svc._reserved == {}
+        unread = await db.fetchone("SELECT count(*) AS n FROM messages WHERE status <> 'read'")
+        assert unread["n"] == 0
+    finally:
+        if svc is not None:
+            await svc.stop()
+        await sink.stop()
+
+
+def test_worker_module_exposes_the_fresh_job_api():
+    """The pipeline's FreshJobs protocol is what DeliveryService provides."""
+    for name in ("reserve_fresh", "release_fresh", "start_fresh"):
+        assert callable(getattr(worker.DeliveryService, name))
+
+
+@pytest_twisted.ensureDeferred
+async def test_slot_freed_after_a_skipped_notify_wakes_the_claim_loop(db, monkeypatch):
+    """A NOTIFY skipped because the agent's slots were busy makes the next slot that frees
+    without a hand-on wake the claim loop; otherwise a delivered attempt whose hand-on found
+    nothing frees its slot quietly."""
+    from e2a.config import WebhooksConfig
+    from e2a.delivery.worker import DeliveryService
+    from e2a.mailauth.dns import DnsClient
+    from tests.integration.test_webhook_delivery import _message
+
+    sink = await _sink()
+    svc = None
+    try:
+        user_id, _key, secret = await _user(db)
+        agent = await _agent(db, user_id, sink.url())
+        await _message(db, user_id, agent, secret)
+        cfg = WebhooksConfig(allow_private=True, max_concurrency_per_agent=1)
+        dns = DnsClient([("127.0.0.1", 9)], timeout=1, reactor=reactor)
+        svc = DeliveryService(db, None, dns, cfg, False, TEST_MASTER_KEY, reactor, _clock(), rng=lambda: 0.5)
+        probe = _Probe(monkeypatch, svc)
+        real_post = svc.client.post
+        notified: list[bool] = []
+
+        async def post(*args: Any) -> Any:
+            if not notified:  # while the only slot is busy, a NOTIFY for its agent arrives
+                notified.append(True)
+                svc._on_notify(agent)
+                assert agent in svc._notify_skipped and probe.claims == 1
+            return await real_post(*args)
+
+        svc.client.post = post  # type: ignore[method-assign]
+        await svc.start()  # the start-up claim takes the job
+        for _ in range(500):  # real time, bounded
+            if not svc._in_flight and probe.claims >= 2:
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)
+        await svc._claims.wait_idle()
+        assert probe.claims == 2  # start-up + the wake of the freed slot
+        assert svc._notify_skipped == set()
+
+        # Without a skipped NOTIFY the same kind of finish wakes nobody.
+        await _message(db, user_id, agent, secret)
+        svc.wake()
+        for _ in range(500):
+            done = (await db.fetchone("SELECT count(*) AS n FROM deliveries WHERE status = 'delivered'"))["n"]
+            if done == 2 and not svc._in_flight:
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)
+        await svc._claims.wait_idle()
+        assert probe.claims == 3  # only the explicit wake
+    finally:
+        if svc is not None:
+            await svc.stop()
+        await sink.stop()
