@@ -10,7 +10,7 @@ only delivers on commit.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -61,6 +61,15 @@ class FreshJobs(Protocol):
     def release_fresh(self, agent_id: str) -> None: ...
 
     def start_fresh(self, job: ClaimedJob) -> None: ...
+
+
+@dataclass
+class _FreshJobs:
+    """The slots one accept reserved (agent per reservation, recorded before any await so a
+    failure anywhere releases them) and the committed jobs that will use them."""
+
+    reserved: list[str] = field(default_factory=list)
+    jobs: list[ClaimedJob] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -133,8 +142,8 @@ class InboundPipeline:
         # every copy (messages, delivery jobs, NOTIFYs) in ONE query that PostgreSQL commits
         # as one transaction; this returns only after that commit (mail.md §1.7 item 4).
         # A cloud copy whose agent has a free webhook slot in this process is inserted already
-        # leased to it (``fresh``) and attempted right after the commit: no NOTIFY, no claim.
-        fresh: list[ClaimedJob] = []
+        # leased to it and attempted right after the commit: no NOTIFY, no claim.
+        fresh = _FreshJobs()
         try:
             first_id = await self.db.run_batched(
                 "accept_inbound", self._accept_txn, envelope, view, stripped, trace, received_at, fresh
@@ -142,18 +151,19 @@ class InboundPipeline:
         except BaseException:
             self._release(fresh)
             raise
-        assert self.fresh_jobs is not None or not fresh
-        for job in fresh:
+        assert self.fresh_jobs is not None or not fresh.jobs
+        for job in fresh.jobs:
             self.fresh_jobs.start_fresh(job)  # type: ignore[union-attr]
         return first_id
 
-    def _release(self, fresh: list[ClaimedJob]) -> None:
+    def _release(self, fresh: _FreshJobs) -> None:
         """Give back the slots reserved by an attempt of the accept transaction that did not
         commit (it failed, or run_batched is running it again)."""
         if self.fresh_jobs is not None:
-            for job in fresh:
-                self.fresh_jobs.release_fresh(job.agent_id)
-        fresh.clear()
+            for agent_id in fresh.reserved:
+                self.fresh_jobs.release_fresh(agent_id)
+        fresh.reserved.clear()
+        fresh.jobs.clear()
 
     async def _any_cloud_recipient(self, recipients: Sequence[str]) -> bool:
         """One indexed lookup, made only while the gate is holding: local agents' mail goes to
@@ -172,7 +182,7 @@ class InboundPipeline:
         stripped: bytes,
         trace: TraceInput,
         received_at: datetime,
-        fresh: list[ClaimedJob],
+        fresh: _FreshJobs,
     ) -> str:
         self._release(fresh)  # a retried transaction starts afresh
         first_id = ""
@@ -223,6 +233,8 @@ class InboundPipeline:
             lease_until = None
             if self.fresh_jobs is not None and agent["agent_mode"] == "cloud" and agent["webhook_status"] != "disabled":
                 lease_until = self.fresh_jobs.reserve_fresh(agent["id"], agent["in_flight"])
+                if lease_until is not None:
+                    fresh.reserved.append(agent["id"])  # before any await: released on failure
             display_from = view.display_sender()
             copy = await store_copy_txn(
                 txn,
@@ -242,7 +254,7 @@ class InboundPipeline:
             )
             if lease_until is not None:
                 assert copy.delivery_id is not None
-                fresh.append(
+                fresh.jobs.append(
                     ClaimedJob(
                         copy.delivery_id,
                         message_id,

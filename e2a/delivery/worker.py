@@ -135,10 +135,15 @@ class DeliveryService:
         self._claims = ClaimLoop(self._claim_and_start, lambda: self._running, "webhook delivery")
         self._in_flight: dict[str, defer.Deferred[None]] = {}
         self._per_agent: dict[str, int] = {}
-        # Agents for which a NOTIFY's claim was skipped because all their slots were busy: the
-        # next of their slots to free without a hand-on must wake the claim loop (the job may
-        # have committed after that slot's hand-on statement read the queue).
-        self._notify_skipped: set[str] = set()
+        # Agents that may have a due job no busy slot of theirs is coming for: a NOTIFY's claim
+        # was skipped because all their slots were busy, or a claimed job was given back. The
+        # next of their slots to free without a hand-on wakes the claim loop (the job may have
+        # committed after that slot's hand-on statement read the queue).
+        self._maybe_waiting: set[str] = set()
+        # Bumped by every NOTIFY and claim pass: a slot whose hand-on found nothing may only free
+        # quietly if nothing happened while its statement ran (a job may have committed after
+        # its snapshot, or a claim may have filled the process and held other agents back).
+        self._epoch = 0
         # Slots reserved for fresh jobs whose accept transaction has not committed yet
         # (reserve_fresh); they count in _per_agent and against max_in_flight.
         self._reserved: dict[str, int] = {}
@@ -209,9 +214,10 @@ class DeliveryService:
         its own hand-ons pick the job up, and a claim from this process finds the agent at its
         limit in the database.
         """
+        self._epoch += 1
         if payload and self._per_agent.get(payload, 0) >= self._config.max_concurrency_per_agent:
             if self._running:
-                self._notify_skipped.add(payload)
+                self._maybe_waiting.add(payload)
                 self._maybe_refresh_backlog()
             return
         self.wake()
@@ -242,15 +248,43 @@ class DeliveryService:
         bp.update(n)
 
     async def _claim_and_start(self) -> tuple[int, int]:
+        self._epoch += 1
         limit = self._max_in_flight - len(self._in_flight) - sum(self._reserved.values())
         if limit <= 0:
             return 0, 0
         jobs = await deliveries.claim_due(
             self._db, self._now(), limit, self._lease_seconds, self._config.max_concurrency_per_agent
         )
+        started = [self._start_attempt(job) for job in self._within_limits(jobs)]
+        return len(started), limit
+
+    def _within_limits(self, jobs: list[ClaimedJob]) -> list[ClaimedJob]:
+        """The claimed jobs this process may start now; the others are given back.
+
+        The claim counts leases in the database, so it cannot see a slot reserved here for a
+        fresh job whose accept has not committed yet (or one reserved while the claim ran):
+        starting every claimed job could put more than ``max_concurrency_per_agent`` attempts
+        of one agent in flight in this process. Such a job is unleased again at once and its
+        agent marked, so the next of its slots to free wakes the claim loop.
+        """
+        limit = self._config.max_concurrency_per_agent
+        out: list[ClaimedJob] = []
+        planned: dict[str, int] = {}
         for job in jobs:
-            self._start_attempt(job)
-        return len(jobs), limit
+            busy = self._per_agent.get(job.agent_id, 0) + planned.get(job.agent_id, 0)
+            if busy >= limit:
+                self._maybe_waiting.add(job.agent_id)
+                defer.Deferred.fromCoroutine(self._give_back(job))
+                continue
+            planned[job.agent_id] = planned.get(job.agent_id, 0) + 1
+            out.append(job)
+        return out
+
+    async def _give_back(self, job: ClaimedJob) -> None:
+        try:
+            await deliveries.release_lease(self._db, job)
+        except Exception:
+            log.failure("giving back webhook job {delivery_id} failed (its lease will expire)", delivery_id=job.id)
 
     def _may_hand_on(self) -> bool:
         """Whether a delivered attempt may lease its agent's next job for its slot.
@@ -292,9 +326,16 @@ class DeliveryService:
         return self._now() + timedelta(seconds=self._lease_seconds)
 
     def release_fresh(self, agent_id: str) -> None:
-        """The accept transaction did not commit (or is being retried): give the slot back."""
+        """The accept transaction did not commit (or is being retried): give the slot back.
+
+        The reservation may have made its agent look busy (a NOTIFY skipped) or filled the
+        process (claims held back), so the claim loop is woken; this only happens when an
+        accept fails or is retried.
+        """
         self._unreserve(agent_id)
         self._drop_agent_slot(agent_id)
+        self._maybe_waiting.discard(agent_id)
+        self.wake()
 
     def start_fresh(self, job: ClaimedJob) -> None:
         """The accept transaction committed the leased row: attempt it in the reserved slot.
@@ -306,7 +347,10 @@ class DeliveryService:
         self._unreserve(job.agent_id)
         self._drop_agent_slot(job.agent_id)
         if not self._running or self._stopping:
-            log.info("fresh webhook job {delivery_id} left to its lease at shutdown", delivery_id=job.id)
+            # Committed after stop() began (a session that outlived the SMTP shutdown grace):
+            # give the lease back so the next start (or another process) claims it at once.
+            log.info("fresh webhook job {delivery_id} given back at shutdown", delivery_id=job.id)
+            defer.Deferred.fromCoroutine(self._give_back(job))
             return
         self._start_attempt(job)
 
@@ -345,13 +389,14 @@ class DeliveryService:
                 # claimable because of this finish: no wake-up needed.
                 self._run_in_slot(result, slot_done, ran_before + 1)
                 return
-            if result is _AGENT_IDLE and job.agent_id not in self._notify_skipped:
-                # The hand-on statement found no due job of this agent, and the process was not
-                # saturated (else no hand-on is tried): nothing waits for this slot. Without
-                # this, every message delivered while the webhook keeps up cost a claim pass.
+            if result is _AGENT_IDLE and job.agent_id not in self._maybe_waiting:
+                # The hand-on statement found no due job of this agent, the process was not
+                # saturated and no NOTIFY or claim came while it ran (_record checks): nothing
+                # waits for this slot. Without this, every message delivered while the webhook
+                # keeps up cost a claim pass.
                 slot_done.callback(ran_before + 1)
                 return
-            self._notify_skipped.discard(job.agent_id)
+            self._maybe_waiting.discard(job.agent_id)
             # A slot freed: jobs held back by a concurrency limit may be claimable now. Wake on
             # every freed slot (wake() coalesces): waking only when this agent was at its limit
             # let a backlog stall until the next safety poll once several attempts ended together.
@@ -372,11 +417,11 @@ class DeliveryService:
         """
         self._once += 1
         try:
-            limit = self._max_in_flight - len(self._in_flight)
+            limit = self._max_in_flight - len(self._in_flight) - sum(self._reserved.values())
             jobs = await deliveries.claim_due(
                 self._db, self._now(), limit, self._lease_seconds, self._config.max_concurrency_per_agent
             )
-            slots = [self._start_attempt(job) for job in jobs]
+            slots = [self._start_attempt(job) for job in self._within_limits(jobs)]
             results = await defer.gatherResults(slots) if slots else []
             return sum(results)
         finally:
@@ -438,11 +483,20 @@ class DeliveryService:
                 # built and published in the reactor thread for every message (the outcome is
                 # in the deliveries row and the API).
                 if self._may_hand_on():
+                    epoch = self._epoch
                     _matched, next_job = await deliveries.record_delivered_and_claim_next(
                         self._db, job, result.status, url, now,
                         self._lease_seconds, self._config.max_concurrency_per_agent,
                     )
-                    return next_job if next_job is not None else _AGENT_IDLE
+                    if next_job is not None:
+                        return next_job
+                    # Nothing of this agent was due in the statement's snapshot. The slot may
+                    # free quietly only if no NOTIFY or claim pass happened meanwhile (a job may
+                    # have committed after the snapshot; a claim may have filled the process)
+                    # and the process is not saturated now (this slot still counts).
+                    if epoch == self._epoch and self._may_hand_on():
+                        return _AGENT_IDLE
+                    return None
                 await deliveries.record_delivered(self._db, job, result.status, url, now)
                 return None
             if outcome == backoff.GONE:

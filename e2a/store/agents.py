@@ -274,10 +274,14 @@ async def _update_txn(txn: Txn, user_id: str, key: str, update: AgentUpdate) -> 
         [plan.values[c] for c in columns] + [current.id],
     )
     if plan.activate_webhook:
-        # mail.md §4.5: every paused delivery becomes pending, attempts reset, due now.
+        # mail.md §4.5: every paused delivery becomes pending, attempts reset, due now. A row a
+        # 410 paused while another of its attempts was still in flight keeps that attempt's
+        # live lease: clearing it would let a claim POST the same message a second time while
+        # the first attempt is still running.
         await txn.execute(
             "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = now(),"
-            " leased_until = NULL WHERE agent_id = %s AND status = 'paused'",
+            " leased_until = CASE WHEN leased_until > now() THEN leased_until END"
+            " WHERE agent_id = %s AND status = 'paused'",
             (current.id,),
         )
         if txn.rowcount:

@@ -50,6 +50,7 @@ __all__ = [
     "record_paused",
     "record_retry",
     "redeliver",
+    "release_lease",
 ]
 
 DELIVERY_STATUSES = ("pending", "delivered", "failed", "paused")
@@ -431,6 +432,17 @@ async def record_delivered_and_claim_next(
     if row["id"] is None:
         return delivered, None
     return delivered, ClaimedJob(row["id"], row["message_id"], row["agent_id"], row["attempts"], row)
+
+
+async def release_lease(db: Database, job: ClaimedJob) -> bool:
+    """Give a leased job back without attempting it (the worker could not start it now): it is
+    claimable again at once. Guarded like every finishing write."""
+    return await _finish(
+        db,
+        "UPDATE deliveries SET leased_until = NULL"
+        " WHERE id = %(id)s AND attempts = %(attempts)s AND status = 'pending' RETURNING id",
+        {"id": job.id, "attempts": job.attempts},
+    )
 
 
 async def record_retry(

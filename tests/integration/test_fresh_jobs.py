@@ -215,7 +215,7 @@ async def test_slot_freed_after_a_skipped_notify_wakes_the_claim_loop(db, monkey
             if not notified:  # while the only slot is busy, a NOTIFY for its agent arrives
                 notified.append(True)
                 svc._on_notify(agent)
-                assert agent in svc._notify_skipped and probe.claims == 1
+                assert agent in svc._maybe_waiting and probe.claims == 1
             return await real_post(*args)
 
         svc.client.post = post  # type: ignore[method-assign]
@@ -226,7 +226,7 @@ async def test_slot_freed_after_a_skipped_notify_wakes_the_claim_loop(db, monkey
             await task.deferLater(reactor, 0.01, lambda: None)
         await svc._claims.wait_idle()
         assert probe.claims == 2  # start-up + the wake of the freed slot
-        assert svc._notify_skipped == set()
+        assert svc._maybe_waiting == set()
 
         # Without a skipped NOTIFY the same kind of finish wakes nobody.
         await _message(db, user_id, agent, secret)
@@ -242,3 +242,121 @@ async def test_slot_freed_after_a_skipped_notify_wakes_the_claim_loop(db, monkey
         if svc is not None:
             await svc.stop()
         await sink.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_claimed_jobs_beyond_a_local_reservation_are_given_back(db, monkeypatch):
+    """A claim cannot see a slot reserved for an accept still committing: the claimed job that
+    would exceed the agent's limit in this process is unleased at once, not started."""
+    from tests.integration.test_webhook_delivery import _message
+
+    sink = await _sink()
+    svc = None
+    try:
+        user_id, _key, secret = await _user(db)
+        agent = await _agent(db, user_id, sink.url())
+        for _ in range(4):
+            await _message(db, user_id, agent, secret)
+        svc = _worker(db, _clock())
+        probe = _Probe(monkeypatch, svc)
+        svc._running = True  # reserve as a started service would, without its poll loop
+        assert svc.reserve_fresh(agent, 0) is not None  # an accept is committing meanwhile
+        svc._running = False
+        ran = await svc.run_once()  # the claim leases all 4; only 3 fit beside the reservation
+        # The fourth was given back unstarted and then taken by a hand-on of one of the 3 slots.
+        assert ran == 4 and probe.most_posting == 3
+        assert svc._maybe_waiting == set()  # marked at the give-back, consumed by the next freed slot
+        delivered = await db.fetchone("SELECT count(*) AS n FROM deliveries WHERE status = 'delivered'")
+        assert delivered["n"] == 4 and len(sink.received) == 4
+        svc.release_fresh(agent)
+        assert svc._per_agent == {} and svc._reserved == {}
+    finally:
+        if svc is not None:
+            await svc.stop()
+        await sink.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reservation_is_released_when_storing_the_copy_raises(db, monkeypatch):
+    """A failure inside store_copy_txn (after the reservation, before the job exists) still
+    gives the slot back."""
+    import e2a.inbound as inbound
+
+    user_id, _key, _secret = await _user(db)
+    agent = await _agent(db, user_id, URL)
+    fresh = RecordingFreshJobs()
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("connection broke while preparing the insert")
+
+    monkeypatch.setattr(inbound, "store_copy_txn", broken)
+    with pytest.raises(RuntimeError):
+        await _pipeline(db, fresh).accept(Envelope((agent,)), _raw(1))
+    assert [a for a, _n in fresh.reserved] == [agent] and fresh.released == [agent] and fresh.started == []
+
+
+@pytest.mark.parametrize("what", ["quiet", "notify", "claim", "saturated"])
+@pytest_twisted.ensureDeferred
+async def test_hand_on_that_found_nothing_frees_quietly_only_when_nothing_happened(monkeypatch, what):
+    """_record returns _AGENT_IDLE (free the slot without a wake-up) only when no NOTIFY or
+    claim pass happened while the hand-on statement ran and the process is not saturated."""
+    from e2a.delivery.webhook import AttemptResult
+
+    svc = _worker(None, _clock(), max_in_flight=1 if what == "saturated" else 64)  # type: ignore[arg-type]
+    svc._running = True
+    job = ClaimedJob("dlv_1", "msg_1", "a@acme.test", 0)
+    svc._in_flight[job.id] = None  # type: ignore[assignment]  # this slot, still counted
+
+    async def statement(*args: Any) -> tuple[bool, None]:
+        if what == "notify":
+            svc._on_notify("")  # e.g. a redelivery committed after the statement's snapshot
+        elif what == "claim":
+            svc._epoch += 1  # a claim pass started (it may fill the process)
+        return True, None
+
+    monkeypatch.setattr(worker.deliveries, "record_delivered_and_claim_next", statement)
+    monkeypatch.setattr(svc, "wake", lambda: None)
+    if what == "saturated":
+        svc._max_in_flight = 2  # room to try the hand-on, then a fresh reservation fills it
+        svc._reserved["b@acme.test"] = 1
+        monkeypatch.setattr(svc, "_may_hand_on", iter([True, False]).__next__)
+    result = await svc._record(job, URL, AttemptResult(200))
+    assert (result is worker._AGENT_IDLE) == (what == "quiet")
+
+
+@pytest_twisted.ensureDeferred
+async def test_fresh_job_committed_after_stop_is_given_back(db):
+    """An accept that commits after the worker stopped leaves a claimable job, not a lease."""
+    user_id, _key, _secret = await _user(db)
+    agent = await _agent(db, user_id, URL)
+    svc = _worker(db, _clock())
+    await svc.start()
+    pipeline = _pipeline(db, svc)
+    real_start = svc.start_fresh
+    stopped: list[bool] = []
+
+    def start_after_stop(job: ClaimedJob) -> None:
+        stopped.append(True)
+        real_start(job)
+
+    svc.start_fresh = start_after_stop  # type: ignore[method-assign]
+    original_run_batched = db.run_batched
+
+    async def commit_then_stop(*args: Any, **kwargs: Any) -> Any:
+        result = await original_run_batched(*args, **kwargs)
+        await svc.stop()  # the worker stops between the commit and start_fresh
+        return result
+
+    db.run_batched = commit_then_stop  # type: ignore[method-assign]
+    try:
+        await pipeline.accept(Envelope((agent,)), _raw(1))
+    finally:
+        db.run_batched = original_run_batched  # type: ignore[method-assign]
+    assert stopped == [True]
+    for _ in range(200):
+        row = await db.fetchone("SELECT leased_until, status FROM deliveries")
+        if row["leased_until"] is None:
+            break
+        await task.deferLater(reactor, 0.01, lambda: None)
+    assert row["leased_until"] is None and row["status"] == "pending"
+    assert svc._per_agent == {} and svc._reserved == {}

@@ -304,6 +304,27 @@ async def test_update_webhook_releases_paused_deliveries(db):
 
 
 @pytest_twisted.ensureDeferred
+async def test_update_webhook_keeps_the_live_lease_of_an_attempt_still_running(db):
+    """A row a 410 paused while another of its attempts was in flight keeps that attempt's
+    lease when released (no second POST while the first runs); an expired lease is cleared."""
+    alice = await make_cloud_agent(db)
+    await db.execute(
+        "INSERT INTO deliveries (id, message_id, agent_id, status, attempts, leased_until) VALUES"
+        " ('dlv_live', 'msg_1', 'bot@agents.test', 'paused', 0, now() + interval '1 minute'),"
+        " ('dlv_old', 'msg_1', 'bot@agents.test', 'paused', 0, now() - interval '1 minute')"
+    )
+    await agent_store.update_agent(db, alice, "bot@agents.test", agent_store.AgentUpdate(webhook_url="https://h.example/x"))
+    rows = {
+        r["id"]: r
+        for r in await db.fetchall(
+            "SELECT id, status, leased_until > now() AS live FROM deliveries WHERE id IN ('dlv_live', 'dlv_old')"
+        )
+    }
+    assert rows["dlv_live"]["status"] == rows["dlv_old"]["status"] == "pending"
+    assert rows["dlv_live"]["live"] is True and rows["dlv_old"]["live"] is None
+
+
+@pytest_twisted.ensureDeferred
 async def test_update_to_local_fails_open_deliveries(db):
     """Switching to local mode fails pending/paused deliveries and clears the webhook."""
     alice = await make_cloud_agent(db)
