@@ -140,9 +140,10 @@ class DeliveryService:
         # next of their slots to free without a hand-on wakes the claim loop (the job may have
         # committed after that slot's hand-on statement read the queue).
         self._maybe_waiting: set[str] = set()
-        # Bumped by every NOTIFY and claim pass: a slot whose hand-on found nothing may only free
-        # quietly if nothing happened while its statement ran (a job may have committed after
-        # its snapshot, or a claim may have filled the process and held other agents back).
+        # Bumped by every NOTIFY that names no agent (redeliveries, re-enabled webhooks, mail to
+        # several agents): a slot whose hand-on found nothing may only free quietly if none came
+        # while its statement ran (the job may have committed after the statement's snapshot).
+        # A NOTIFY naming an agent marks that agent in _maybe_waiting instead.
         self._epoch = 0
         # Slots reserved for fresh jobs whose accept transaction has not committed yet
         # (reserve_fresh); they count in _per_agent and against max_in_flight.
@@ -214,10 +215,17 @@ class DeliveryService:
         its own hand-ons pick the job up, and a claim from this process finds the agent at its
         limit in the database.
         """
-        self._epoch += 1
-        if payload and self._per_agent.get(payload, 0) >= self._config.max_concurrency_per_agent:
+        if not payload:
+            self._epoch += 1
+            self.wake()
+            return
+        busy = self._per_agent.get(payload, 0)
+        if busy > 0 and self._running:
+            # A slot of this agent may be running a hand-on whose snapshot predates this job:
+            # the next of its slots to free without a hand-on must wake the claim loop.
+            self._maybe_waiting.add(payload)
+        if busy >= self._config.max_concurrency_per_agent:
             if self._running:
-                self._maybe_waiting.add(payload)
                 self._maybe_refresh_backlog()
             return
         self.wake()
@@ -248,7 +256,6 @@ class DeliveryService:
         bp.update(n)
 
     async def _claim_and_start(self) -> tuple[int, int]:
-        self._epoch += 1
         limit = self._max_in_flight - len(self._in_flight) - sum(self._reserved.values())
         if limit <= 0:
             return 0, 0
@@ -491,9 +498,10 @@ class DeliveryService:
                     if next_job is not None:
                         return next_job
                     # Nothing of this agent was due in the statement's snapshot. The slot may
-                    # free quietly only if no NOTIFY or claim pass happened meanwhile (a job may
-                    # have committed after the snapshot; a claim may have filled the process)
-                    # and the process is not saturated now (this slot still counts).
+                    # free quietly only if no agent-less NOTIFY came meanwhile (a job may have
+                    # committed after the snapshot; NOTIFYs naming this agent mark it in
+                    # _maybe_waiting) and the process is not saturated now (this slot still
+                    # counts; a claim or reservation may have filled it meanwhile).
                     if epoch == self._epoch and self._may_hand_on():
                         return _AGENT_IDLE
                     return None

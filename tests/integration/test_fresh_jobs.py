@@ -295,11 +295,12 @@ async def test_reservation_is_released_when_storing_the_copy_raises(db, monkeypa
     assert [a for a, _n in fresh.reserved] == [agent] and fresh.released == [agent] and fresh.started == []
 
 
-@pytest.mark.parametrize("what", ["quiet", "notify", "claim", "saturated"])
+@pytest.mark.parametrize("what", ["quiet", "notify", "notify_agent", "saturated"])
 @pytest_twisted.ensureDeferred
 async def test_hand_on_that_found_nothing_frees_quietly_only_when_nothing_happened(monkeypatch, what):
-    """_record returns _AGENT_IDLE (free the slot without a wake-up) only when no NOTIFY or
-    claim pass happened while the hand-on statement ran and the process is not saturated."""
+    """_record returns _AGENT_IDLE (free the slot without a wake-up) only when no agent-less
+    NOTIFY came while the hand-on statement ran and the process is not saturated; a NOTIFY
+    naming the agent marks it so the freed slot wakes the claim loop anyway."""
     from e2a.delivery.webhook import AttemptResult
 
     svc = _worker(None, _clock(), max_in_flight=1 if what == "saturated" else 64)  # type: ignore[arg-type]
@@ -310,8 +311,9 @@ async def test_hand_on_that_found_nothing_frees_quietly_only_when_nothing_happen
     async def statement(*args: Any) -> tuple[bool, None]:
         if what == "notify":
             svc._on_notify("")  # e.g. a redelivery committed after the statement's snapshot
-        elif what == "claim":
-            svc._epoch += 1  # a claim pass started (it may fill the process)
+        elif what == "notify_agent":
+            svc._per_agent[job.agent_id] = 1  # this slot
+            svc._on_notify(job.agent_id)
         return True, None
 
     monkeypatch.setattr(worker.deliveries, "record_delivered_and_claim_next", statement)
@@ -321,7 +323,8 @@ async def test_hand_on_that_found_nothing_frees_quietly_only_when_nothing_happen
         svc._reserved["b@acme.test"] = 1
         monkeypatch.setattr(svc, "_may_hand_on", iter([True, False]).__next__)
     result = await svc._record(job, URL, AttemptResult(200))
-    assert (result is worker._AGENT_IDLE) == (what == "quiet")
+    assert (result is worker._AGENT_IDLE) == (what in ("quiet", "notify_agent"))
+    assert (job.agent_id in svc._maybe_waiting) == (what == "notify_agent")
 
 
 @pytest_twisted.ensureDeferred
