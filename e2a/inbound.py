@@ -64,7 +64,7 @@ class FreshJobs(Protocol):
 
 
 @dataclass
-class _FreshJobs:
+class _Reservations:
     """The slots one accept reserved (agent per reservation, recorded before any await so a
     failure anywhere releases them) and the committed jobs that will use them."""
 
@@ -143,7 +143,7 @@ class InboundPipeline:
         # as one transaction; this returns only after that commit (mail.md §1.7 item 4).
         # A cloud copy whose agent has a free webhook slot in this process is inserted already
         # leased to it and attempted right after the commit: no NOTIFY, no claim.
-        fresh = _FreshJobs()
+        fresh = _Reservations()
         try:
             first_id = await self.db.run_batched(
                 "accept_inbound", self._accept_txn, envelope, view, stripped, trace, received_at, fresh
@@ -156,7 +156,7 @@ class InboundPipeline:
             self.fresh_jobs.start_fresh(job)  # type: ignore[union-attr]
         return first_id
 
-    def _release(self, fresh: _FreshJobs) -> None:
+    def _release(self, fresh: _Reservations) -> None:
         """Give back the slots reserved by an attempt of the accept transaction that did not
         commit (it failed, or run_batched is running it again)."""
         if self.fresh_jobs is not None:
@@ -182,7 +182,7 @@ class InboundPipeline:
         stripped: bytes,
         trace: TraceInput,
         received_at: datetime,
-        fresh: _FreshJobs,
+        fresh: _Reservations,
     ) -> str:
         self._release(fresh)  # a retried transaction starts afresh
         first_id = ""
