@@ -44,6 +44,7 @@ from smtp_ingest import (  # noqa: E402,F401 - re-exported
     build_mail,
     dkim_key,
     dns_records,
+    e2a_bench_config,
     free_port,
     http_json,
     loadavg,
@@ -54,6 +55,7 @@ from smtp_ingest import (  # noqa: E402,F401 - re-exported
     read_listening,
     summarize_profile,
     tree_cpu,
+    twistd_command,
     wait_smtp,
 )
 
@@ -128,20 +130,7 @@ class E2AStack:
 
     def base_config(self) -> dict[str, Any]:
         """The ingest bench's e2a config (see smtp_ingest.Stack.start) for this stack's ports."""
-        return {
-            "data_dir": str(self.tmp / "e2a-data"),
-            "shared_domain": SHARED_DOMAIN,
-            "processes": self.processes,
-            "database": {"url": self.dsn},
-            "dns": {"nameservers": [f"{LOOPBACK}:{self.dns_port}"], "timeout": 5},
-            "http": {"listen_addr": f"{LOOPBACK}:{self.e2a_http}"},
-            "smtp": {
-                "listen_addr": f"{LOOPBACK}:{self.e2a_smtp}",
-                "domain": SMTP_DOMAIN,
-                "max_connections_per_ip": 200,
-                "max_messages_per_session": 100000,
-            },
-        }
+        return e2a_bench_config(self.tmp, self.dsn, self.dns_port, self.e2a_http, self.e2a_smtp, self.processes)
 
     def start_e2a(self, overrides: dict[str, Any], log: Any) -> None:
         """``twistd -n e2a`` with base config + ``overrides``; bootstrap a user (key + secret)."""
@@ -151,12 +140,7 @@ class E2AStack:
         self.config_path = self.tmp / "e2a.yaml"
         self.config_path.write_text(json.dumps(config))  # JSON is YAML
         log("starting e2a (twistd -n e2a) …" if not self.floor else "starting e2a via floor_twistd.py (DIAGNOSTIC) …")
-        twistd = [sys.executable, str(BENCH / "floor_twistd.py")] if self.floor else [str(bindir / "twistd")]
-        self.e2a = self.spawn(
-            [*twistd, "-n", "--pidfile=", f"--logfile={self.tmp / 'e2a.log'}",
-             "e2a", "--config", str(self.config_path)],
-            "e2a.stdout",
-        )
+        self.e2a = self.spawn(twistd_command(self.floor, self.tmp / "e2a.log", self.config_path), "e2a.stdout")
         wait_smtp(self.e2a_smtp, self.e2a, "e2a")
         out = subprocess.run(
             [str(bindir / "e2a-admin"), "--config", str(self.config_path), "bootstrap",

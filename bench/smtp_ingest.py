@@ -268,6 +268,34 @@ def loadavg() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
+def e2a_bench_config(tmp: Path, dsn: str, dns_port: int, http_port: int, smtp_port: int,
+                     processes: int) -> dict[str, Any]:
+    """The e2a config both benches start from (end_to_end.py merges its overrides into it)."""
+    return {
+        "data_dir": str(tmp / "e2a-data"),
+        "shared_domain": SHARED_DOMAIN,
+        "processes": processes,
+        "database": {"url": dsn},
+        "dns": {"nameservers": [f"{LOOPBACK}:{dns_port}"], "timeout": 5},
+        "http": {"listen_addr": f"{LOOPBACK}:{http_port}"},
+        # One client IP opens up to 32 sessions and sends up to 400 messages on one
+        # session: raise the per-IP limits (defaults 20 / 100) so they never interfere.
+        "smtp": {
+            "listen_addr": f"{LOOPBACK}:{smtp_port}",
+            "domain": SMTP_DOMAIN,
+            "max_connections_per_ip": 200,
+            "max_messages_per_session": 100000,
+        },
+    }
+
+
+def twistd_command(floor: bool, logfile: Path, config: Path) -> list[str]:
+    """``twistd -n e2a`` (or, with ``floor``, the same through bench/floor_twistd.py)."""
+    python = sys.executable
+    twistd = [python, str(REPO / "bench" / "floor_twistd.py")] if floor else [str(Path(python).parent / "twistd")]
+    return [*twistd, "-n", "--pidfile=", f"--logfile={logfile}", "e2a", "--config", str(config)]
+
+
 @dataclass
 class Stack:
     tmp: Path
@@ -304,31 +332,11 @@ class Stack:
         self.dns_port = read_listening(self.dns, "DNS server")
 
         self.e2a_smtp, self.e2a_http = free_port(), free_port()
-        config = {
-            "data_dir": str(self.tmp / "e2a-data"),
-            "shared_domain": SHARED_DOMAIN,
-            "processes": self.processes,
-            "database": {"url": self.dsn},
-            "dns": {"nameservers": [f"{LOOPBACK}:{self.dns_port}"], "timeout": 5},
-            "http": {"listen_addr": f"{LOOPBACK}:{self.e2a_http}"},
-            # One client IP opens up to 32 sessions and sends up to 400 messages on one
-            # session: raise the per-IP limits (defaults 20 / 100) so they never interfere.
-            "smtp": {
-                "listen_addr": f"{LOOPBACK}:{self.e2a_smtp}",
-                "domain": SMTP_DOMAIN,
-                "max_connections_per_ip": 200,
-                "max_messages_per_session": 100000,
-            },
-        }
+        config = e2a_bench_config(self.tmp, self.dsn, self.dns_port, self.e2a_http, self.e2a_smtp, self.processes)
         cfg = self.tmp / "e2a.yaml"
         cfg.write_text(json.dumps(config))  # JSON is YAML
         log("starting e2a (twistd -n e2a) …" if not self.floor else "starting e2a via floor_twistd.py (DIAGNOSTIC) …")
-        twistd = [python, str(REPO / "bench" / "floor_twistd.py")] if self.floor else [str(bindir / "twistd")]
-        self.e2a = self._spawn(
-            [*twistd, "-n", "--pidfile=", f"--logfile={self.tmp / 'e2a.log'}",
-             "e2a", "--config", str(cfg)],
-            "e2a.stdout",
-        )
+        self.e2a = self._spawn(twistd_command(self.floor, self.tmp / "e2a.log", cfg), "e2a.stdout")
         wait_smtp(self.e2a_smtp, self.e2a, "e2a")
         out = subprocess.run(
             [str(bindir / "e2a-admin"), "--config", str(cfg), "bootstrap", "--email", "bench@example.com", "--json"],

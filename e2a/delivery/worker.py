@@ -362,18 +362,10 @@ class DeliveryService:
         self._start_attempt(job)
 
     def _unreserve(self, agent_id: str) -> None:
-        count = self._reserved.get(agent_id, 0)
-        if count <= 1:
-            self._reserved.pop(agent_id, None)
-        else:
-            self._reserved[agent_id] = count - 1
+        _decrement(self._reserved, agent_id)
 
     def _drop_agent_slot(self, agent_id: str) -> None:
-        count = self._per_agent.get(agent_id, 1)
-        if count <= 1:
-            self._per_agent.pop(agent_id, None)
-        else:
-            self._per_agent[agent_id] = count - 1
+        _decrement(self._per_agent, agent_id)
 
     def _start_attempt(self, job: ClaimedJob) -> defer.Deferred[int]:
         """Start ``job`` in a slot; fires with how many attempts the slot ran before it was
@@ -532,6 +524,15 @@ class DeliveryService:
         log.info("webhook {message_id} attempt {attempt} failed ({error}); retry in {delay:.1f} s",
                  message_id=job.message_id, attempt=job.attempt, error=result.error, delay=delay)
         return None
+
+
+def _decrement(counts: dict[str, int], key: str) -> None:
+    """One less for ``key``; the entry goes when it reaches zero (the dicts stay small)."""
+    count = counts.get(key, 0)
+    if count <= 1:
+        counts.pop(key, None)
+    else:
+        counts[key] = count - 1
 
 
 def _webhook_message(ctx: AttemptContext) -> WebhookMessage:
