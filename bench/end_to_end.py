@@ -33,10 +33,10 @@ message count and by wall-clock caps.
 
 Run from the repository root::
 
-    /tmp/venv/bin/python bench/end_to_end.py --runs 3          # matrix ×3 + fan-out ×3, ~5 min
-    /tmp/venv/bin/python bench/end_to_end.py --quick           # smoke run, well under a minute
-    /tmp/venv/bin/python bench/end_to_end.py --soak 20000      # memory soak only, ~3-5 min
-    /tmp/venv/bin/python bench/end_to_end.py --runs 1 --concurrency 8 --messages 1500 --no-fanout \\
+    .venv/bin/python bench/end_to_end.py --runs 3          # matrix ×3 + fan-out ×3, ~5 min
+    .venv/bin/python bench/end_to_end.py --quick           # smoke run, well under a minute
+    .venv/bin/python bench/end_to_end.py --soak 20000      # memory soak only, ~3-5 min
+    .venv/bin/python bench/end_to_end.py --runs 1 --concurrency 8 --messages 1500 --no-fanout \\
         --profile bench/results/e2e-prof --profile-gil          # py-spy on e2a during its c8 rounds
 
 Prints a table of medians and writes JSON to ``bench/results/end_to_end-<time>.json``.

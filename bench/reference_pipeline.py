@@ -18,7 +18,7 @@ can match sink receipts to its sends; the stock ESMTP 250 text carries no id.
 
 Run (the benchmark does this for you; the secret comes from ``BENCH_WEBHOOK_SECRET``)::
 
-    python bench/reference_pipeline.py --dsn "host=… dbname=e2a" --webhook-url http://127.0.0.1:PORT/ref
+    .venv/bin/python bench/reference_pipeline.py --dsn "host=… dbname=e2a" --webhook-url http://127.0.0.1:PORT/ref
 
 It prints ``LISTENING <port>`` once it accepts connections; SIGTERM stops it. Loopback only: it
 binds 127.0.0.1 and refuses a webhook URL that is not ``http://127.0.0.1:…``.
@@ -60,7 +60,7 @@ UPDATE = f"UPDATE {TABLE} SET delivered_at = now() WHERE id = %s"
 
 
 def sign(secret: bytes, webhook_id: str, timestamp: int, body: bytes) -> str:
-    """Standard Webhooks ``v1,`` signature (the same shape e2a sends, mail.md §4.2)."""
+    """Standard Webhooks ``v1,`` signature (the same shape e2a sends, docs/webhooks.md)."""
     mac = hmac.new(secret, f"{webhook_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
     return "v1," + base64.b64encode(mac).decode("ascii")
 

@@ -9,7 +9,7 @@ noise.
 
 Run (the benchmark does this for you)::
 
-    python bench/reference_smtp.py --dsn "host=/tmp/… port=5432 user=postgres dbname=e2a" --port 0
+    .venv/bin/python bench/reference_smtp.py --dsn "host=… port=5432 user=postgres dbname=e2a" --port 0
 
 It prints ``LISTENING <port>`` on stdout once it accepts connections; SIGTERM stops it.
 Loopback only: it binds 127.0.0.1 and nothing else.

@@ -27,9 +27,9 @@ the signature covering From/To/Subject/Date/MIME headers and the body; only the 
 
 Run from the repository root::
 
-    /tmp/venv/bin/python bench/smtp_ingest.py --runs 3          # the full matrix, ~5-10 min
-    /tmp/venv/bin/python bench/smtp_ingest.py --quick           # smoke run, well under a minute
-    /tmp/venv/bin/python bench/smtp_ingest.py --runs 1 --sizes 100k --concurrency 8 \\
+    .venv/bin/python bench/smtp_ingest.py --runs 3          # the full matrix, ~5-10 min
+    .venv/bin/python bench/smtp_ingest.py --quick           # smoke run, well under a minute
+    .venv/bin/python bench/smtp_ingest.py --runs 1 --sizes 100k --concurrency 8 \\
         --profile bench/results/profile                          # py-spy on e2a during those rounds
 
 Prints a table of medians (over runs) and writes JSON to ``bench/results/``. Every loop is
@@ -796,7 +796,7 @@ def main(argv: list[str] | None = None) -> int:
             f"dns {stack.dns_port}; load {loadavg():.2f}")
         profiler = Profiler(Path(args.profile), stack.e2a.pid, args.profile_gil) if args.profile else None
         if profiler is not None and not Path(profiler.exe).exists():
-            raise SystemExit("--profile needs py-spy: /tmp/venv/bin/pip install py-spy")
+            raise SystemExit("--profile needs py-spy: .venv/bin/pip install py-spy")
         profile_conc = max([c for c in concs if c <= 8] or concs)
         id_base = uuid.uuid4().hex[:10]
 

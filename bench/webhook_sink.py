@@ -5,7 +5,7 @@ the benchmark client's reactor. For every POST it records ``time.monotonic()`` (
 the same clock in every process of the machine, so the client can subtract its own 250 times)
 under the ``webhook-id`` header, and answers ``200`` with an empty body.
 
-* Standard Webhooks signature (mail.md §4.2: ``v1,`` base64 HMAC-SHA256 with the 64 ASCII
+* Standard Webhooks signature (docs/webhooks.md: ``v1,`` base64 HMAC-SHA256 with the 64 ASCII
   characters of the secret over ``id.timestamp.body``; ±5 min tolerance) is verified on every
   ``--verify-every``-th request (and always on the first), with the secret from
   ``BENCH_WEBHOOK_SECRET``.

@@ -62,6 +62,11 @@ class HttpConfig:
     listen_addr: str = ":8080"
     public_url: str = ""
     trusted_proxies: tuple[str, ...] = ()
+    # Slow-client limits (docs/configuration.md, "Limits and security"); per process.
+    max_connections: int = 1000
+    max_connections_per_ip: int = 64
+    header_timeout: int = 20
+    request_timeout: int = 120
 
 
 @dataclass(frozen=True)
@@ -484,6 +489,73 @@ def load_config(
     return config
 
 
+@dataclass(frozen=True)
+class ConfigSources:
+    """Where a configuration came from: the YAML file read (None: defaults and environment only)
+    and the names of the non-empty ``E2A_*`` variables that set keys. Logged at start and shown by
+    ``e2a-admin check-config`` so the two can be compared (values are never listed: some are secrets).
+    """
+
+    file: str | None
+    env_keys: tuple[str, ...]
+
+
+def known_env_names() -> set[str]:
+    """Every environment variable ``load_config`` reads (keys, the three aliases, ``E2A_CONFIG``)."""
+    names = {"E2A_CONFIG"}
+    for f in fields(Config):
+        if f.name not in SECTIONS:
+            names.add(env_name(f.name))
+    for section, cls in SECTIONS.items():
+        names.update(env_name(f"{section}.{f.name}") for f in fields(cls))
+    return names
+
+
+def config_sources(
+    path: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> ConfigSources:
+    """The sources ``load_config`` with the same arguments reads (same precedence rules)."""
+    environ = os.environ if environ is None else environ
+    explicit = path or environ.get("E2A_CONFIG") or None
+    candidate = Path(explicit) if explicit else (cwd or Path.cwd()) / "e2a.yaml"
+    file = str(candidate.absolute()) if (explicit or candidate.exists()) else None
+    env_keys = tuple(sorted(n for n in known_env_names() if environ.get(n, "") != ""))
+    return ConfigSources(file, env_keys)
+
+
+#: Written by a running server into its data dir (removed at a clean stop): the sources and the
+#: values ``e2a-admin check-config`` compares with its own, so the two never silently disagree.
+RUN_RECORD = "server.json"
+#: The keys of the running-server record that check-config compares.
+RUN_RECORD_COMPARED = ("config_file", "env_keys", "shared_domain", "smtp_domain", "mail_domain", "env")
+
+
+def run_record(config: Config, sources: ConfigSources, pid: int, started_at: str) -> dict[str, Any]:
+    """The running-server record (no secrets: names of variables, never their values)."""
+    return {
+        "pid": pid,
+        "started_at": started_at,
+        "config_file": sources.file,
+        "env_keys": list(sources.env_keys),
+        "env": config.env,
+        "shared_domain": config.shared_domain,
+        "smtp_domain": config.smtp.domain,
+        "mail_domain": config.mail_domain,
+    }
+
+
+def run_record_differences(mine: Mapping[str, Any], running: Mapping[str, Any]) -> list[str]:
+    """One line per compared key whose value differs between this command and the running server."""
+    out = []
+    for key in RUN_RECORD_COMPARED:
+        a, b = mine.get(key), running.get(key)
+        if a != b:
+            out.append(f"{key}: the running server (pid {running.get('pid')}) has {b!r}, this command has {a!r}")
+    return out
+
+
 def validate(config: Config) -> list[str]:
     """Value and production-mode rules (config.md §3); returns problems, never raises."""
     problems: list[str] = []
@@ -511,6 +583,10 @@ def validate(config: Config) -> list[str]:
         "smtp.max_errors": config.smtp.max_errors,
         "smtp.max_messages_per_session": config.smtp.max_messages_per_session,
         "smtp.store_timeout": config.smtp.store_timeout,
+        "http.max_connections": config.http.max_connections,
+        "http.max_connections_per_ip": config.http.max_connections_per_ip,
+        "http.header_timeout": config.http.header_timeout,
+        "http.request_timeout": config.http.request_timeout,
         "database.pool_size": config.database.pool_size,
         "dns.timeout": config.dns.timeout,
         "webhooks.timeout": config.webhooks.timeout,
@@ -527,6 +603,10 @@ def validate(config: Config) -> list[str]:
     for key, value in (("outbound_smtp.port", config.outbound_smtp.port), ("outbound.mx_port", config.outbound.mx_port)):
         if not 0 < value <= 65535:
             problems.append(f"{key}: must be a TCP port (1-65535)")
+    if config.http.max_connections_per_ip > config.http.max_connections > 0:
+        problems.append("http.max_connections_per_ip: must not exceed http.max_connections")
+    if config.http.request_timeout < config.http.header_timeout > 0:
+        problems.append("http.request_timeout: must be at least http.header_timeout")
     for cidr in config.http.trusted_proxies:
         try:
             ipaddress.ip_network(cidr, strict=False)

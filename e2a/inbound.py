@@ -9,18 +9,22 @@ only delivers on commit.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from e2a import ids
+from e2a import ids, maillog
+from e2a.abort import AbortSignal
 from e2a.delivery.backpressure import Backpressure
 from e2a.mailauth import authheaders
 from e2a.mailauth.verdict import sender_value
 from e2a.messageview import MessageView
+from e2a.metrics import metrics_of
 from e2a.store import messages
 from e2a.store.accounts import SecretCache, newest_secret_txn
 from e2a.store.database import Database, Txn
@@ -84,6 +88,24 @@ class Verifier(Protocol):
     ) -> Any: ...
 
 
+# A header section above this many octets is parsed in a worker thread (address lists are
+# pure-Python parsing, bounded per field by e2a.messageview but still ~ms per KiB).
+LARGE_HEADER_SECTION = 8 * 1024
+
+
+def _parsed_view(fields: Sequence[authheaders.HeaderField]) -> MessageView:
+    """The message's one view with every address field parsed (mail.md §1.7 item 1)."""
+    return MessageView.from_fields(fields).parse()
+
+
+async def _guarded(abort: AbortSignal | None, d: Deferred[Any]) -> Any:
+    """Await a step that commits nothing; an abort cancels it (:meth:`AbortSignal.guard`)."""
+    if abort is None:
+        return await d
+    abort.check()
+    return await abort.guard(d)
+
+
 def smtp_protocol(envelope: EnvelopeLike) -> str:
     if envelope.tls:
         return "ESMTPS"
@@ -101,6 +123,7 @@ class InboundPipeline:
         now: Callable[[], datetime] | None = None,
         to_trace: Callable[[Any], TraceInput] | None = None,
         backpressure: Backpressure | None = None,
+        in_thread: Callable[..., Deferred[Any]] | None = None,
     ) -> None:
         self.db = db
         self.verifier = verifier
@@ -111,29 +134,48 @@ class InboundPipeline:
         self.to_trace = to_trace or trace_from_verdict
         self._secrets = SecretCache()
         self.backpressure = backpressure
+        # ``in_thread(fn, *args)``: run a pure function in a worker thread (the mail-auth pool);
+        # a large header section is parsed there, not on the reactor (issue 15.3).
+        self.in_thread = in_thread
         # Set by the composition root once the webhook worker runs (e2a.service).
         self.fresh_jobs: FreshJobs | None = None
 
     async def accept(self, envelope: EnvelopeLike, raw: bytes) -> str:
         """Store one copy per recipient agent; returns the first copy's ``msg_…`` id.
 
-        While the webhook backlog is above its high-water mark (:mod:`e2a.delivery.backpressure`),
-        mail with a cloud-agent recipient first waits — before verification and storage, so
-        before the 250 — until the backlog drains or the gate's ``max_wait`` passes.
+        While the webhook backlog of one of its recipient agents is above its high-water mark
+        (:mod:`e2a.delivery.backpressure`, per agent), the mail first waits — before
+        verification and storage, so before the 250 — until that backlog drains or the
+        gate's ``max_wait`` passes. Other agents' backlogs never hold it.
+
+        ``envelope.abort`` (set on ``smtp.store_timeout``, :mod:`e2a.abort`) is honoured: the
+        waits before the transaction are cancelled, the transaction stops at its next statement
+        or has its statement cancelled; this then raises :class:`~e2a.abort.Aborted`, unless
+        the commit had already happened — then it returns the id as usual.
 
         Raises:
             TransientError (and subclasses): nothing was committed; the sender should retry.
         """
+        abort: AbortSignal | None = getattr(envelope, "abort", None)
+        if abort is not None:
+            abort.handled = True
+        started = time.perf_counter()  # for the mail-flow log line: end of DATA → commit
         bp = self.backpressure
-        if bp is not None and bp.holding and await self._any_cloud_recipient(envelope.recipients):
-            await bp.wait()
-        fields, _body_offset = authheaders.split_header_section(raw)
-        view = MessageView.from_fields(fields)
+        if bp is not None and bp.holds(envelope.recipients):
+            await _guarded(abort, bp.wait(envelope.recipients))
+        fields, body_offset = authheaders.split_header_section(raw)
+        if self.in_thread is not None and body_offset > LARGE_HEADER_SECTION:
+            view = await _guarded(abort, self.in_thread(_parsed_view, fields))
+        else:
+            view = _parsed_view(fields)
         assert self.verifier is not None
         # Hand over the fields split above: the verifier's §2.1 From check then does not split
         # the header section a second time (from_address_of_fields).
-        verdict = await self.verifier.verify(
-            raw, envelope.client_ip, envelope.helo, envelope.mail_from, header_fields=fields
+        verdict = await _guarded(
+            abort,
+            Deferred.fromCoroutine(
+                self.verifier.verify(raw, envelope.client_ip, envelope.helo, envelope.mail_from, header_fields=fields)
+            ),
         )
         trace = self.to_trace(verdict)
         stripped = authheaders.strip_fields(raw, fields, self.authserv_id)
@@ -146,11 +188,16 @@ class InboundPipeline:
         fresh = _Reservations()
         try:
             first_id = await self.db.run_batched(
-                "accept_inbound", self._accept_txn, envelope, view, stripped, trace, received_at, fresh
+                "accept_inbound", self._accept_txn, envelope, view, stripped, trace, received_at, fresh, abort=abort
             )
         except BaseException:
             self._release(fresh)
             raise
+        maillog.accepted(
+            message_id=first_id, client_ip=envelope.client_ip, mail_from=envelope.mail_from,
+            agents=envelope.recipients, domain_check=trace.domain_check, size=len(raw),
+            ms=(time.perf_counter() - started) * 1000,
+        )
         assert self.fresh_jobs is not None or not fresh.jobs
         for job in fresh.jobs:
             self.fresh_jobs.start_fresh(job)  # type: ignore[union-attr]
@@ -164,15 +211,6 @@ class InboundPipeline:
                 self.fresh_jobs.release_fresh(agent_id)
         fresh.reserved.clear()
         fresh.jobs.clear()
-
-    async def _any_cloud_recipient(self, recipients: Sequence[str]) -> bool:
-        """One indexed lookup, made only while the gate is holding: local agents' mail goes to
-        WebSockets, adds nothing to the webhook backlog and need not wait."""
-        row = await self.db.fetchone(
-            "SELECT EXISTS (SELECT 1 FROM agents WHERE lower(id) = ANY(%s) AND agent_mode = 'cloud') AS cloud",
-            ([r.lower() for r in recipients],),
-        )
-        return bool(row and row["cloud"])
 
     async def _accept_txn(
         self,
@@ -188,9 +226,15 @@ class InboundPipeline:
         first_id = ""
         cloud_agents: list[str] = []
         candidates = view.thread_candidates()
+        sender = sender_value(trace.from_address, envelope.mail_from)
+        # A resend is suppressed only when it carries the same verdict from the same client:
+        # a forged copy that arrived first must not stand in for the genuine one (issue 15.5).
+        verdict = messages.Verdict(
+            envelope.client_ip, trace.domain_check, "true" if trace.verified else "false", sender
+        )
         for recipient in envelope.recipients:
             agent = await messages.inbound_context_txn(
-                txn, recipient, view.message_id_token, envelope.mail_from, candidates, received_at
+                txn, recipient, view.message_id_token, envelope.mail_from, candidates, received_at, verdict
             )
             if agent is None:
                 continue  # deleted between RCPT and end of data: nothing to deliver to
@@ -222,7 +266,7 @@ class InboundPipeline:
             secret = self._secrets.decrypt(self.master_key, agent["secret_id"], agent["secret"])
             fields = authheaders.build_fields(
                 verified=trace.verified,
-                sender=sender_value(trace.from_address, envelope.mail_from),
+                sender=sender,
                 entity_type="human",
                 domain_check=trace.domain_check,
                 delegation="",
@@ -252,6 +296,7 @@ class InboundPipeline:
                 notify_delivery=False,
                 lease_until=lease_until,
             )
+            await metrics_of(self).stored_copy_txn(txn, "smtp", agent["id"])
             if lease_until is not None:
                 assert copy.delivery_id is not None
                 fresh.jobs.append(

@@ -10,13 +10,16 @@ including the stdout/stderr redirection and the "Server Shut Down" line.
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 from typing import IO, Any
 
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
     jsonFileLogObserver,
@@ -24,6 +27,7 @@ from twisted.logger import (
     timeFormatRFC3339,
 )
 from twisted.python.logfile import LogFile
+from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 
 from e2a.config import Config
 
@@ -120,3 +124,91 @@ def twistd_log_observer(config: Config, twistd_options: Any, reactor: Any) -> IL
     if out is None:
         return None
     return build_log_observer(config, out)
+
+
+# ---------------------------------------------------------------- quiet client connections
+#
+# Twisted factories log "Starting factory <… at 0x…>" / "Stopping factory …" whenever they start
+# and stop, and client factories do so for every outgoing connection: one webhook POST or relay
+# session would add two lines of noise to the mail-flow lines (docs/logging.md). Server factories
+# set ``noisy = False`` where they are defined; client connections go through these helpers.
+
+
+class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
+    noisy = False
+
+
+def quiet_pool(pool: HTTPConnectionPool) -> HTTPConnectionPool:
+    """``pool`` with a factory that does not log each new connection (Twisted's documented
+    extension point is the pool's ``_factory`` attribute)."""
+    pool._factory = _QuietHTTP11ClientFactory
+    return pool
+
+
+class _OneShotFactory(Factory):
+    noisy = False
+
+    def __init__(self, proto: Protocol) -> None:
+        self._proto = proto
+
+    def buildProtocol(self, addr: Any) -> Protocol:  # noqa: N802 - Twisted API
+        return self._proto
+
+
+def quiet_connect(endpoint: Any, proto: Protocol) -> Any:
+    """``endpoints.connectProtocol`` without the two factory log lines per connection."""
+    return endpoint.connect(_OneShotFactory(proto))
+
+
+# ---------------------------------------------------------------- processes: N, structured relay
+#
+# With ``processes: N`` a child writes plain text lines that the parent relays into its own log
+# (e2a.processes). Text would flatten the mail-flow events (e2a.maillog) and lose their fields in
+# a JSON log, so a child writes those events as one marked JSON line instead, and the parent
+# re-emits them with every field (plus ``process``), in whatever format the parent logs.
+
+STRUCTURED_MARK = "@e2a-event "
+_STRUCTURED_NAMESPACES = ("e2a.mail",)
+
+
+def _plain_fields(event: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in event.items():
+        if key.startswith("log_") and key not in ("log_format", "log_namespace"):
+            continue
+        if isinstance(value, str | int | float | bool | type(None)) or (
+            isinstance(value, list) and all(isinstance(v, str | int | float) for v in value)
+        ):
+            out[key] = value
+    return out
+
+
+def child_log_observer(config: Config, out: IO[Any]) -> ILogObserver:
+    """A child process's observer: text lines, except mail-flow events as marked JSON lines."""
+    text = build_log_observer(config, out, log_format="text", time_format=None)
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") in _STRUCTURED_NAMESPACES:
+            level = event.get("log_level")
+            if level is not None and level < log_level(config.logging.level):
+                return
+            out.write(STRUCTURED_MARK + json.dumps(_plain_fields(event), separators=(",", ":")) + "\n")
+            out.flush()
+            return
+        text(event)
+
+    return observe
+
+
+def relay_structured(line: str, index: int) -> bool:
+    """Re-emit a child's marked line (``child_log_observer``) in this process; False if unmarked."""
+    if not line.startswith(STRUCTURED_MARK):
+        return False
+    try:
+        fields = json.loads(line[len(STRUCTURED_MARK):])
+        fmt = str(fields.pop("log_format"))
+        namespace = str(fields.pop("log_namespace", "e2a.mail"))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return False
+    Logger(namespace=namespace).info("[process {process}] " + fmt, process=index, **fields)
+    return True

@@ -41,6 +41,7 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 from e2a.config import Config
+from e2a.logsetup import relay_structured
 
 log = Logger()
 
@@ -143,6 +144,8 @@ class _Child(protocol.ProcessProtocol):
             text = text[2:]  # the child logs without timestamps; ours is on the line
         if not text:
             return
+        if fd == 1 and relay_structured(text, self.index):
+            return  # a mail-flow event, re-emitted with its fields (e2a.logsetup)
         if fd == 2:
             level = "error"  # stderr: an interpreter crash, never routine
         else:
@@ -300,11 +303,12 @@ def child_main() -> int:
     from twisted.internet import reactor, stdio
     from twisted.logger import globalLogBeginner
 
-    from e2a.logsetup import build_log_observer
+    from e2a.logsetup import child_log_observer
 
     # logging.level applies here; the format does not: the parent relays these lines into its own
-    # log (text or JSON), adding the timestamp, so the pipe always carries plain text.
-    observer = build_log_observer(spec.config, sys.stdout, log_format="text", time_format=None)
+    # log (text or JSON), adding the timestamp, so the pipe carries plain text (mail-flow events
+    # as marked JSON lines, so the parent keeps their fields).
+    observer = child_log_observer(spec.config, sys.stdout)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     from e2a.service import E2AService
 

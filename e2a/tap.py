@@ -15,6 +15,15 @@ class Options(usage.Options):
         ["smtp", None, None, "Override smtp.listen_addr (host:port)."],
     ]
 
+    def opt_version(self) -> None:
+        """Print e2a's version (and Twisted's) and exit."""
+        import twisted
+
+        from e2a import __version__
+
+        print(f"e2a {__version__} (Twisted {twisted.__version__})")
+        sys.exit(0)
+
 
 def makeService(options: Options) -> Any:  # noqa: N802 - twistd API
     import dataclasses
@@ -39,4 +48,8 @@ def makeService(options: Options) -> Any:  # noqa: N802 - twistd API
     from e2a.logsetup import twistd_log_observer
 
     observer = twistd_log_observer(config, getattr(options, "parent", None), reactor)
-    return build_service(config, reactor, log_observer=observer)
+    svc = build_service(config, reactor, log_observer=observer)
+    from e2a.config import config_sources
+
+    svc.config_sources = config_sources(options["config"])  # for the start-up log block
+    return svc

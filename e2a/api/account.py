@@ -14,6 +14,8 @@ from klein import Klein
 from twisted.internet import threads
 from twisted.web.server import Request
 
+from e2a import ids
+from e2a.api import wire
 from e2a.api.auth import Principal, authenticate
 from e2a.api.http import JSON_CAP, encode_json, get_str, json_body, json_headers, query_arg, write_json
 from e2a.errors import BadRequest, NotFound
@@ -92,6 +94,7 @@ def install(router: Klein, deps: Any) -> None:
     @router.route("/api/v1/keys/<key_id>", methods=["DELETE"])
     async def revoke_key(request: Request, key_id: str) -> bytes:
         principal = await user_principal(request)
+        key_id = wire.path_id(key_id, ids.KEY_ID_RE, "key_not_found", "API key")
         await accounts.revoke_api_key(db, principal.user_id, key_id)
         return no_content(request)
 
@@ -124,6 +127,7 @@ def install(router: Klein, deps: Any) -> None:
     @router.route("/api/v1/users/me/signing-secrets/<secret_id>", methods=["DELETE"])
     async def delete_secret(request: Request, secret_id: str) -> bytes:
         principal = await user_principal(request)
+        secret_id = wire.path_id(secret_id, ids.SECRET_ID_RE, "signing_secret_not_found", "signing secret")
         await accounts.delete_signing_secret(db, principal.user_id, secret_id)
         return no_content(request)
 

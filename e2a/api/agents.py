@@ -16,6 +16,7 @@ from twisted.web.server import Request
 from e2a.api import wire
 from e2a.api.auth import Principal, authenticate
 from e2a.api.http import (
+    AGENT_HEADER_FIELDS,
     JSON_CAP,
     client_ip,
     get_bool,
@@ -98,22 +99,76 @@ def parse_update(body: dict[str, Any]) -> AgentUpdate:
     )
 
 
+async def check_webhook_url(deps: Any, url: str) -> None:
+    """api.md §4.2 #7 webhook URL rules (SSRF): shared by the API and the web console."""
+    config = deps.config
+    await ssrf.validate_webhook_url(
+        deps.dns,
+        url,
+        production=config.production,
+        allow_private=config.webhooks.allow_private,
+    )
+
+
+def shared_domain_of(config: Any) -> str:
+    if not config.shared_domain:
+        return ""
+    return wire.path_domain(config.shared_domain) or config.shared_domain.lower()
+
+
+async def register_agent(
+    deps: Any, user_id: str, *, slug: str, email: str, name: str, webhook_url: str, agent_mode: str
+) -> Any:
+    """api.md §4.2 checks 4-10 (after the rate limit, authentication and JSON types), in that
+    order; the API route and the web console both register through here. Returns the Agent."""
+    db = deps.db
+    # 4. slug: shared domain configured; slug valid
+    via_slug = slug != ""
+    shared = shared_domain_of(deps.config)
+    if via_slug:
+        if not shared:
+            raise BadRequest(
+                "slug registration is disabled (no shared domain)", code="shared_domain_disabled"
+            )
+        wire.check_slug(slug)
+        email = f"{slug}@{shared}"
+    # 5. address present
+    if not email.strip():
+        raise BadRequest("email is required (or slug)", code="missing_field")
+    # 6. address syntax; name
+    address, domain = wire.normalise_agent_address(email)
+    wire.check_agent_name(name)
+    # 7. webhook URL rules
+    if webhook_url:
+        await check_webhook_url(deps, webhook_url)
+    # 8. custom domain owned and verified; the shared domain only through a slug
+    if not via_slug:
+        await agent_store.check_agent_domain(db, user_id, domain)
+    # 9. mode
+    mode = agent_mode or "cloud"
+    if mode not in wire.AGENT_MODES:
+        raise BadRequest("agent_mode must be cloud or local", code="invalid_field")
+    if mode == "cloud" and not webhook_url:
+        raise BadRequest("a cloud-mode agent needs a webhook_url", code="webhook_url_required")
+    # 10. address free (the unique index decides, case-insensitively, across users)
+    return await agent_store.create_agent(
+        db,
+        user_id,
+        address,
+        domain,
+        via_slug=via_slug,
+        name=name,
+        agent_mode=mode,
+        webhook_url=webhook_url,
+    )
+
+
 def install(router: Klein, deps: Any) -> None:
     db = deps.db
     config = deps.config
 
     async def check_webhook(url: str) -> None:
-        await ssrf.validate_webhook_url(
-            deps.dns,
-            url,
-            production=config.production,
-            allow_private=config.webhooks.allow_private,
-        )
-
-    def shared_domain() -> str:
-        if not config.shared_domain:
-            return ""
-        return wire.path_domain(config.shared_domain) or config.shared_domain.lower()
+        await check_webhook_url(deps, url)
 
     @router.route("/api/v1/agents", methods=["GET"])
     async def list_agents(request: Request) -> bytes:
@@ -136,50 +191,14 @@ def install(router: Klein, deps: Any) -> None:
         principal: Principal = await authenticate(request, db)
         principal.require_user_scope()
         # 3. JSON (types included)
-        body = json_body(request, JSON_CAP, optional=True)
+        body = json_body(request, JSON_CAP, optional=True, header_fields=AGENT_HEADER_FIELDS)
         slug = get_str(body, "slug")
         email = get_str(body, "email")
         name = get_str(body, "name")
         webhook_url = get_str(body, "webhook_url")
         agent_mode = get_str(body, "agent_mode")
-        # 4. slug: shared domain configured; slug valid
-        via_slug = slug != ""
-        shared = shared_domain()
-        if via_slug:
-            if not shared:
-                raise BadRequest(
-                    "slug registration is disabled (no shared domain)", code="shared_domain_disabled"
-                )
-            wire.check_slug(slug)
-            email = f"{slug}@{shared}"
-        # 5. address present
-        if not email.strip():
-            raise BadRequest("email is required (or slug)", code="missing_field")
-        # 6. address syntax; name
-        address, domain = wire.normalise_agent_address(email)
-        wire.check_agent_name(name)
-        # 7. webhook URL rules
-        if webhook_url:
-            await check_webhook(webhook_url)
-        # 8. custom domain owned and verified; the shared domain only through a slug
-        if not via_slug:
-            await agent_store.check_agent_domain(db, principal.user_id, domain)
-        # 9. mode
-        mode = agent_mode or "cloud"
-        if mode not in wire.AGENT_MODES:
-            raise BadRequest("agent_mode must be cloud or local", code="invalid_field")
-        if mode == "cloud" and not webhook_url:
-            raise BadRequest("a cloud-mode agent needs a webhook_url", code="webhook_url_required")
-        # 10. address free (the unique index decides, case-insensitively, across users)
-        agent = await agent_store.create_agent(
-            db,
-            principal.user_id,
-            address,
-            domain,
-            via_slug=via_slug,
-            name=name,
-            agent_mode=mode,
-            webhook_url=webhook_url,
+        agent = await register_agent(
+            deps, principal.user_id, slug=slug, email=email, name=name, webhook_url=webhook_url, agent_mode=agent_mode
         )
         return write_json(request, 201, {"id": agent.id, "domain": agent.domain, "email": agent.id})
 
@@ -201,7 +220,7 @@ def install(router: Klein, deps: Any) -> None:
         key = wire.path_agent_key(email)
         if await agent_store.get_agent(db, principal.user_id, key) is None:
             raise agent_not_found()
-        body = json_body(request, JSON_CAP, optional=True)
+        body = json_body(request, JSON_CAP, optional=True, header_fields=AGENT_HEADER_FIELDS)
         update = parse_update(body)
         if update.webhook_url:
             await check_webhook(update.webhook_url)

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from e2a import __version__
+from e2a import __version__, metrics
 from e2a.api.http import CappedRequest, write_json
 from e2a.config import Config
 from e2a.errors import E2AError, TransientError, Unavailable
@@ -50,14 +50,30 @@ class ApiApp:
         self.deps = deps
         self.router = Klein()
         self._install_error_handlers()
-        from e2a.api import account, agents, deliveries, domains, feedback, messages, send, service_routes, ws
+        from e2a.api import (
+            account,
+            agents,
+            deliveries,
+            domains,
+            feedback,
+            magiclink_pages,
+            messages,
+            review,
+            send,
+            service_routes,
+            ws,
+        )
 
-        for module in (service_routes, agents, domains, account, messages, feedback, deliveries, ws, send):
+        for module in (service_routes, agents, domains, account, messages, feedback, deliveries, ws, send, review,
+                       magiclink_pages):
             module.install(self.router, deps)
+        metrics.install(self.router, deps)  # GET /metrics (e2a.metrics)
+        from e2a.console import routes as console_routes  # the web console (HTML, not API)
+
+        console_routes.install(self.router, deps)
 
     def _install_error_handlers(self) -> None:
         router = self.router
-        production = self.deps.config.production
 
         @router.handle_errors(E2AError)
         def e2a_error(request: Request, failure: Any) -> bytes:
@@ -87,11 +103,12 @@ class ApiApp:
 
         @router.handle_errors(Exception)
         def internal(request: Request, failure: Any) -> bytes:
+            # The failure's text stays in the log, in every mode: it can be a database error
+            # quoting SQL, parameters or schema, which a client must never see.
             log.failure("unhandled error in {method} {path}", failure, method=request.method, path=request.path)
-            message = "internal error"
-            if not production:
-                message = f"internal error: {failure.getErrorMessage()}"
-            return write_json(request, 500, {"error": {"code": "internal_error", "message": message}})
+            return write_json(
+                request, 500, {"error": {"code": "internal_error", "message": "internal error (details in the server log)"}}
+            )
 
     def resource(self) -> Any:
         return _Utf8UrlResource(self.router.resource(), self.router.url_map)
@@ -120,7 +137,9 @@ class _Utf8UrlResource(Resource):
         from urllib.parse import unquote_to_bytes
 
         try:
-            unquote_to_bytes(request.uri).decode("utf-8")
+            # A magic-link query holds only the token, which its page judges (400 invalid link).
+            target = request.path if request.path in MAGIC_LINK_PATHS else request.uri
+            unquote_to_bytes(target).decode("utf-8")
         except UnicodeDecodeError:
             return write_json(request, 404, {"error": {"code": "not_found", "message": "URL is not valid UTF-8"}})
         if request.method == b"HEAD" and request.path not in HEAD_PATHS:
@@ -133,6 +152,8 @@ class _Utf8UrlResource(Resource):
                 )
         return self.inner.render(request)
 
+
+MAGIC_LINK_PATHS = frozenset({b"/api/v1/approve", b"/api/v1/reject"})
 
 # api.md §1: the only paths that answer HEAD.
 HEAD_PATHS = frozenset({b"/api/health", b"/api/v1/approve", b"/api/v1/reject"})

@@ -8,6 +8,7 @@ from klein import Klein
 
 from twisted.web.server import Request
 
+from e2a import ids
 from e2a.api import wire
 from e2a.api.auth import authenticate
 from e2a.api.http import query_arg, write_json
@@ -34,7 +35,7 @@ def install(router: Klein, deps: Any) -> None:
         status = query_arg(request, "status") or "all"
         if status not in DELIVERY_FILTERS:
             raise BadRequest("status must be pending, delivered, failed, paused or all", code="invalid_field")
-        message_id = query_arg(request, "message_id") or ""
+        message_id = wire.query_id(query_arg(request, "message_id"), ids.MESSAGE_ID_RE, "message_id") or ""
         bound = _cursor_filter(status, message_id)
         token = query_arg(request, "token")
         before = wire.decode_cursor(token, bound, agent["id"]) if token else None
@@ -50,6 +51,7 @@ def install(router: Klein, deps: Any) -> None:
     async def redeliver(request: Request, email: str, message_id: str) -> bytes:
         principal = await authenticate(request, db)
         agent = await visible_agent(db, principal, email)
+        message_id = wire.path_id(message_id, ids.MESSAGE_ID_RE, "message_not_found", "message")
         delivery_id = await deliveries.redeliver(db, agent["id"], message_id)
         return write_json(
             request, 202, {"status": "queued", "delivery_id": delivery_id, "message_id": message_id}

@@ -67,6 +67,12 @@ class CappedRequest(Request):
 
     def _refuse_oversize(self) -> None:
         self.body_truncated = True
+        if self._cap == FORM_CAP:  # magic-link pages answer HTML with their headers (api.md §8)
+            from e2a.api.magiclink_pages import oversize_response
+
+            self.channel.transport.write(oversize_response(self._cap))
+            self.channel.transport.loseConnection()
+            return
         body = json.dumps(
             {"error": {"code": "body_too_large", "message": f"request body exceeds {self._cap} bytes"}},
             separators=(",", ":"),
@@ -101,8 +107,24 @@ def read_body(request: Request, cap: int) -> bytes:
     return request.content.read()
 
 
-def parse_json_object(body: bytes, *, optional: bool = False) -> dict[str, Any]:
-    """Decode a JSON object body per api.md §0.6 (empty allowed when optional; last key wins)."""
+#: Header-bound fields (api.md §0.11) of the agent routes and of send/reply: a NUL in them is
+#: left to the field's own check (``invalid_header_value``, at the step the route's check order
+#: gives it) instead of the blanket ``invalid_request_body`` below. Dotted names reach into
+#: list items: ``attachments.filename`` is the ``filename`` of every attachment object.
+AGENT_HEADER_FIELDS = frozenset({"name"})
+MAIL_HEADER_FIELDS = frozenset(
+    {"subject", "conversation_id", "attachments.filename", "attachments.content_type"}
+)
+
+
+def parse_json_object(
+    body: bytes, *, optional: bool = False, header_fields: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """Decode a JSON object body per api.md §0.6 (empty allowed when optional; last key wins).
+
+    ``header_fields``: paths whose strings may hold NUL here because the route validates them
+    as header-bound text before anything is stored (a route passing a field here must do so).
+    """
     if optional and not body.strip():
         return {}
     try:
@@ -112,25 +134,33 @@ def parse_json_object(body: bytes, *, optional: bool = False) -> dict[str, Any]:
         raise BadRequest("request body is not valid JSON", code="invalid_request_body") from None
     if not isinstance(value, dict):
         raise BadRequest("request body must be a JSON object", code="invalid_request_body")
-    if not _storable(value):
+    if not _storable(value, nul_ok=header_fields):
         raise BadRequest("request body contains NUL or unpaired surrogate characters", code="invalid_request_body")
     # null = absent
     return {k: v for k, v in value.items() if v is not None}
 
 
-def _storable(value: Any, depth: int = 0) -> bool:
-    """No string anywhere holds NUL or a lone surrogate (PostgreSQL text and UTF-8 refuse them)."""
+def _storable(value: Any, depth: int = 0, path: str = "", nul_ok: frozenset[str] = frozenset()) -> bool:
+    """No string anywhere holds NUL (except at a ``nul_ok`` path) or a lone surrogate
+    (PostgreSQL text and UTF-8 refuse them)."""
     if isinstance(value, str):
-        return "\x00" not in value and not any("\ud800" <= ch <= "\udfff" for ch in value)
+        if "\x00" in value and path not in nul_ok:
+            return False
+        return not any("\ud800" <= ch <= "\udfff" for ch in value)
     if isinstance(value, dict):
-        return all(_storable(k, depth) and _storable(v, depth + 1) for k, v in value.items())
+        return all(
+            _storable(k, depth) and _storable(v, depth + 1, f"{path}.{k}" if path else k, nul_ok)
+            for k, v in value.items()
+        )
     if isinstance(value, list):
-        return all(_storable(v, depth + 1) for v in value)
+        return all(_storable(v, depth + 1, path, nul_ok) for v in value)
     return True
 
 
-def json_body(request: Request, cap: int = JSON_CAP, *, optional: bool = False) -> dict[str, Any]:
-    return parse_json_object(read_body(request, cap), optional=optional)
+def json_body(
+    request: Request, cap: int = JSON_CAP, *, optional: bool = False, header_fields: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    return parse_json_object(read_body(request, cap), optional=optional, header_fields=header_fields)
 
 
 def get_str(body: dict[str, Any], name: str, default: str = "") -> str:

@@ -9,6 +9,7 @@ from klein import Klein
 
 from twisted.web.server import Request
 
+from e2a import ids
 from e2a.api import wire
 from e2a.api.auth import Principal, authenticate
 from e2a.api.http import query_arg, write_json
@@ -100,7 +101,11 @@ def install(router: Klein, deps: Any) -> None:
         principal = await authenticate(request, db)
         await poll_limited(principal)
         agent = await visible_agent(db, principal, email)
-        record = await messages.read_inbound(db, agent["id"], message_id)
+        message_id = wire.path_id(message_id, ids.MESSAGE_ID_RE, "message_not_found", "message")
+        mark_read = query_arg(request, "mark_read")
+        if mark_read not in (None, "true", "false"):
+            raise BadRequest("mark_read must be true or false", code="invalid_field")
+        record = await messages.read_inbound(db, agent["id"], message_id, mark_read=mark_read != "false")
         if record is None:
             raise NotFound("message not found", code="message_not_found")
         body = detail_json(record)

@@ -8,9 +8,20 @@ from klein import Klein
 
 from twisted.web.server import Request
 
+from e2a import ids
 from e2a.api import wire
 from e2a.api.auth import Principal, authenticate
-from e2a.api.http import SEND_CAP, get_bool, get_str, get_str_list, json_body, query_arg, read_body, write_json
+from e2a.api.http import (
+    MAIL_HEADER_FIELDS,
+    SEND_CAP,
+    get_bool,
+    get_str,
+    get_str_list,
+    json_body,
+    query_arg,
+    read_body,
+    write_json,
+)
 from e2a.errors import BadRequest, NotFound
 from e2a.outbound import compose
 from e2a.outbound.send import Draft, SendService
@@ -105,7 +116,7 @@ def install(router: Klein, deps: Any) -> None:
     @router.route("/api/v1/send", methods=["POST"])
     async def send(request: Request) -> bytes:
         principal = await authenticate(request, db)
-        body = json_body(request, SEND_CAP)
+        body = json_body(request, SEND_CAP, header_fields=MAIL_HEADER_FIELDS)
         subject, text = get_str(body, "subject"), get_str(body, "body")
         html = get_str(body, "html_body")
         to, cc, bcc = get_str_list(body, "to"), get_str_list(body, "cc"), get_str_list(body, "bcc")
@@ -131,6 +142,7 @@ def install(router: Klein, deps: Any) -> None:
     async def reply(request: Request, email: str, message_id: str) -> bytes:
         principal = await authenticate(request, db)
         agent = await _agent(principal, email)
+        message_id = wire.path_id(message_id, ids.MESSAGE_ID_RE, "message_not_found", "message")
         original = await db.fetchone(
             "SELECT raw_message, subject, display_from, conversation_id, email_message_id FROM messages"
             " WHERE id = %s AND agent_id = %s AND direction = 'inbound'",
@@ -143,7 +155,7 @@ def install(router: Klein, deps: Any) -> None:
         raw_body = read_body(request, SEND_CAP)
         from e2a.api.http import parse_json_object
 
-        body = parse_json_object(raw_body)
+        body = parse_json_object(raw_body, header_fields=MAIL_HEADER_FIELDS)
         text, html = get_str(body, "body"), get_str(body, "html_body")
         reply_all = bool(get_bool(body, "reply_all", False))
         cc, bcc = get_str_list(body, "cc"), get_str_list(body, "bcc")
@@ -217,8 +229,10 @@ def install(router: Klein, deps: Any) -> None:
     @router.route("/api/v1/messages/<message_id>", methods=["GET"])
     async def get_outbound(request: Request, message_id: str) -> bytes:
         principal = await authenticate(request, db)
+        message_id = wire.path_id(message_id, ids.MESSAGE_ID_RE, "message_not_found", "message")
         row = await db.fetchone(
-            f"SELECT {_OUTBOUND_COLUMNS} FROM messages WHERE id = %s AND user_id = %s AND direction = 'outbound'",
+            f"SELECT {_OUTBOUND_COLUMNS} FROM messages WHERE id = %s AND user_id = %s AND direction = 'outbound'"
+            " AND type <> 'notify'",  # reviewer notifications (e2a.store.notifications) are e2a's own mail
             (message_id, principal.user_id),
         )
         if row is None or not principal.may_see_agent(row["agent_id"]):

@@ -1,7 +1,8 @@
-"""Service endpoints: health, readiness, info (api.md §3)."""
+"""Service endpoints: health, readiness, info (api.md §3) and the OpenAPI document."""
 
 from __future__ import annotations
 
+from importlib import resources
 from typing import Any
 
 from klein import Klein
@@ -10,8 +11,13 @@ from twisted.internet import defer
 from twisted.web.server import Request
 
 from e2a import __version__
-from e2a.api.http import write_json
+from e2a.api.http import json_headers, write_json
 from e2a.store import migrate
+
+
+def openapi_document() -> bytes:
+    """The shipped OpenAPI document (e2a/api/openapi.json), read once at start-up."""
+    return resources.files("e2a.api").joinpath("openapi.json").read_bytes()
 
 
 def install(router: Klein, deps: Any) -> None:
@@ -35,6 +41,13 @@ def install(router: Klein, deps: Any) -> None:
         if checks == {"database": "ok", "migrations": "ok"}:
             return write_json(request, 200, {"status": "ready"}, authenticated=False)
         return write_json(request, 503, {"status": "not_ready", "checks": checks}, authenticated=False)
+
+    openapi = openapi_document()
+
+    @router.route("/api/openapi.json", methods=["GET"])
+    def openapi_json(request: Request) -> bytes:
+        json_headers(request, 200, authenticated=False)
+        return openapi
 
     @router.route("/api/v1/info", methods=["GET"])
     def info(request: Request) -> bytes:

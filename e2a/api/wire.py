@@ -21,7 +21,7 @@ from typing import Any
 
 import idna
 
-from e2a.errors import BadRequest
+from e2a.errors import BadRequest, NotFound
 from e2a.timefmt import ts_frac as format_ts_frac
 
 __all__ = [
@@ -47,6 +47,8 @@ __all__ = [
     "parse_reviewers",
     "path_agent_key",
     "path_domain",
+    "path_id",
+    "query_id",
     "slug_error",
 ]
 
@@ -225,11 +227,36 @@ def path_agent_key(raw: str) -> str:
     IDNA-normalised when it can be, so a U-label path finds the A-label agent; anything
     unparsable is compared as given (and simply finds nothing).
     """
+    if has_control_chars(raw) or any("\ud800" <= ch <= "\udfff" for ch in raw):
+        # No agent address holds a control character, and a NUL must never reach SQL (the
+        # driver refuses it, which would be a 500): "no such agent", like any other miss.
+        raise NotFound("agent not found", code="agent_not_found")
     local, sep, domain_raw = raw.rpartition("@")
     if not sep:
         return raw.lower()
     domain, _problem = _domain_problem(domain_raw)
     return f"{local}@{domain if domain is not None else domain_raw}".lower()
+
+
+def path_id(raw: str, pattern: re.Pattern[str], code: str, what: str) -> str:
+    """A ``msg_``/``apk_``/``wsec_``/``dlv_`` id from a path (api.md §0.4: exact lookups).
+
+    Anything not of the id's exact form cannot name an object, so it is the route's 404 without
+    a query — which also keeps NUL and other bytes PostgreSQL refuses out of SQL.
+    """
+    if pattern.fullmatch(raw) is None:
+        raise NotFound(f"{what} not found", code=code)
+    return raw
+
+
+def query_id(raw: str | None, pattern: re.Pattern[str], name: str) -> str | None:
+    """An optional id filter from the query string: absent/empty → None, malformed → 400
+    ``invalid_field`` (it would match nothing, and NUL must not reach SQL)."""
+    if not raw:
+        return None
+    if pattern.fullmatch(raw) is None:
+        raise BadRequest(f"{name} is not a valid id", code="invalid_field")
+    return raw
 
 
 def _split_angle(text: str) -> tuple[str, str]:

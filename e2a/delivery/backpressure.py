@@ -1,4 +1,4 @@
-"""Backpressure from the webhook queue onto SMTP accept.
+"""Backpressure from the webhook queue onto SMTP accept, per recipient agent.
 
 WHY: SMTP can accept faster than webhooks drain. Without a brake the due backlog (and with it
 the time from commit to delivery) grows without bound: a 20,000-message soak at full speed
@@ -8,31 +8,34 @@ queue — hence commit→delivered latency — near ``high_water / drain rate``.
 
 How it works:
 
-* The estimate is the number of webhook jobs that are due now and not leased (pending,
-  ``next_attempt_at <= now``), read from the database with one ``LIMIT``-bounded count on
-  the ``deliveries_due_idx`` partial index (:func:`e2a.store.deliveries.count_due`), so every
-  process sees the same backlog. The :class:`~e2a.delivery.worker.DeliveryService` refreshes
-  it from its wake-ups (NOTIFY, attempt finished, 1 s safety poll), at most once per
-  ``refresh_interval``: not one query per message.
-* The gate has hysteresis (:func:`gate_closed`): it closes at ``high_water`` and reopens
-  only at ``low_water``, so accepts are released in bursts instead of one per refresh.
-* :meth:`Backpressure.wait` returns at once while the gate is open; otherwise it waits until
-  the gate opens or ``max_wait`` passes — then the message is accepted anyway. Backpressure
-  never turns into a 451: ``max_wait`` stays well under ``smtp.store_timeout`` (30 s).
+* The estimate is, per agent, the number of its webhook jobs that are due now and not leased
+  (pending, ``next_attempt_at <= now``), read from the database with one query that scans at
+  most ``scan_limit`` rows of the ``deliveries_due_idx`` partial index and groups them by agent
+  (:func:`e2a.store.deliveries.due_by_agent`), so every process sees the same backlogs. The
+  :class:`~e2a.delivery.worker.DeliveryService` refreshes it from its wake-ups (NOTIFY,
+  attempt finished, 1 s safety poll), at most once per ``refresh_interval``: not one query
+  per message.
+* Each agent has its own gate with hysteresis (:func:`gate_closed`): it closes at
+  ``high_water`` due jobs of that agent and reopens only at ``low_water``, so accepts are
+  released in bursts instead of one per refresh.
+* :meth:`Backpressure.wait` returns at once while the gates of the message's recipients are
+  open; otherwise it waits until they open or ``max_wait`` passes — then the message is
+  accepted anyway. Backpressure never turns into a 451: ``max_wait`` stays well under
+  ``smtp.store_timeout`` (30 s).
 * An estimate older than ``stale_after`` (the worker stopped, or the count keeps failing)
   counts as open: a broken estimate must never slow mail down.
 
-Only webhook jobs count (they exist only for cloud agents), and :class:`~e2a.inbound.InboundPipeline`
-waits only for messages with at least one cloud-agent recipient; mail for local agents goes
-to WebSockets and never waits.
-
-The gate is global, not per agent: one cloud agent with a slow webhook and a large due
-backlog holds every cloud-bound sender for up to ``max_wait`` per message. That is the
-price of a cheap, cross-process estimate; ``max_wait`` bounds it.
+Per agent, not global (issue 15.4): a global gate let one tenant whose webhook never answers
+(plus 150 mails to it) hold every other tenant's cloud-bound mail for ``max_wait`` each. Now a
+stuck receiver only slows mail addressed to itself. Only webhook jobs count (they exist only
+for cloud agents), so mail for local agents never waits. The scan limit keeps the count cheap;
+when the due backlog is larger than the scan, agents outside it are undercounted — the gate
+then errs on the open side, never on the side of slowing mail.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from twisted.internet import defer
@@ -43,6 +46,7 @@ __all__ = [
     "LOW_WATER",
     "MAX_WAIT",
     "REFRESH_INTERVAL",
+    "SCAN_LIMIT",
     "STALE_AFTER",
     "Backpressure",
     "gate_closed",
@@ -50,11 +54,13 @@ __all__ = [
 
 log = Logger()
 
-#: Due, unleased webhook jobs at which accepting cloud-bound mail starts to wait. At the
-#: measured ~300 webhooks/s of one process this is ~0.2 s of queue.
+#: Due, unleased webhook jobs of one agent at which accepting mail for that agent starts to
+#: wait. At the measured ~300 webhooks/s of one process this is ~0.2 s of queue.
 HIGH_WATER = 64
-#: The gate reopens once the backlog is down to this.
+#: The agent's gate reopens once its backlog is down to this.
 LOW_WATER = 32
+#: Most due rows one count reads (the cost bound of a refresh).
+SCAN_LIMIT = 16 * HIGH_WATER
 #: Longest one accept waits (seconds) before it goes ahead anyway; well under the default
 #: ``smtp.store_timeout`` of 30 s, which still has to cover verification and the commit.
 MAX_WAIT = 5.0
@@ -76,15 +82,30 @@ def gate_closed(closed: bool, backlog: int, high_water: int, low_water: int) -> 
     return closed
 
 
+def held_agents(held: set[str], backlogs: Mapping[str, int], high_water: int, low_water: int) -> set[str]:
+    """The per-agent rule: :func:`gate_closed` for every agent that is held or has a backlog
+    (an agent absent from ``backlogs`` has none)."""
+    return {
+        agent
+        for agent in held | set(backlogs)
+        if gate_closed(agent in held, backlogs.get(agent, 0), high_water, low_water)
+    }
+
+
+def _keys(agents: Iterable[str]) -> frozenset[str]:
+    return frozenset(a.lower() for a in agents)
+
+
 class Backpressure:
-    """The gate between the webhook backlog and SMTP accept (see the module docstring).
+    """The gates between each agent's webhook backlog and SMTP accept (see the module docstring).
 
     Args:
         clock: ``seconds()`` and ``callLater`` (the reactor, or a ``task.Clock`` in tests).
-        high_water, low_water: the hysteresis thresholds (due, unleased jobs).
+        high_water, low_water: the hysteresis thresholds (due, unleased jobs of one agent).
         max_wait: longest a single :meth:`wait` lasts, seconds.
         refresh_interval: least time between two counts (see :meth:`refresh_due`).
         stale_after: an estimate older than this is ignored.
+        scan_limit: most due rows one count reads.
     """
 
     def __init__(
@@ -96,22 +117,26 @@ class Backpressure:
         max_wait: float = MAX_WAIT,
         refresh_interval: float = REFRESH_INTERVAL,
         stale_after: float = STALE_AFTER,
+        scan_limit: int = SCAN_LIMIT,
     ) -> None:
         if not 0 <= low_water < high_water:
             raise ValueError("backpressure needs 0 <= low_water < high_water")
         if max_wait < 0:
             raise ValueError("backpressure max_wait must be >= 0")
+        if scan_limit < high_water:
+            raise ValueError("backpressure scan_limit must be >= high_water")
         self._clock = clock
         self.high_water = high_water
         self.low_water = low_water
         self.max_wait = max_wait
         self.refresh_interval = refresh_interval
         self.stale_after = stale_after
-        self.backlog = 0
-        self._closed = False
+        self.scan_limit = scan_limit
+        self.backlogs: dict[str, int] = {}  # lower-cased agent id -> due jobs (> low_water only)
+        self.held: set[str] = set()  # lower-cased agent ids whose gate is closed
         self._updated_at: float | None = None
         self._refreshing = False
-        self._waiters: dict[defer.Deferred[float], tuple[Any, float]] = {}
+        self._waiters: dict[defer.Deferred[float], tuple[Any, float, frozenset[str]]] = {}
         # Diagnostics: accepts that waited, and those released by max_wait rather than a drain.
         self.waited = 0
         self.expired = 0
@@ -120,9 +145,14 @@ class Backpressure:
     # ------------------------------------------------------------------ the estimate
 
     @property
-    def count_limit(self) -> int:
-        """The ``LIMIT`` of the count: enough to see the high-water mark, no more."""
-        return 2 * self.high_water
+    def backlog(self) -> int:
+        """The largest counted backlog of one agent (diagnostics)."""
+        return max(self.backlogs.values(), default=0)
+
+    @property
+    def min_count(self) -> int:
+        """Agents with fewer due jobs than this are all open: the count need not report them."""
+        return self.low_water + 1
 
     def refresh_due(self) -> bool:
         """True when a count should run now (none running, ``refresh_interval`` elapsed).
@@ -139,37 +169,46 @@ class Backpressure:
         """A count failed: keep the old estimate (it goes stale after ``stale_after``)."""
         self._refreshing = False
 
-    def update(self, backlog: int) -> None:
-        """Feed a fresh count; opening the gate releases every waiter."""
+    def update(self, backlogs: Mapping[str, int]) -> None:
+        """Feed a fresh count (agent id -> due jobs; absent agents have none); an agent whose
+        gate opens releases every waiter that waited only for open agents."""
         self._refreshing = False
         self._updated_at = self._clock.seconds()
-        self.backlog = backlog
-        was_closed = self._closed
-        self._closed = gate_closed(self._closed, backlog, self.high_water, self.low_water)
-        # No log line per transition: under sustained load the gate flips several times a
+        self.backlogs = {a.lower(): n for a, n in backlogs.items()}
+        before = self.held
+        self.held = held_agents(before, self.backlogs, self.high_water, self.low_water)
+        # No log line per transition: under sustained load a gate flips several times a
         # second (that is its job); only max-wait expiries are worth a (rate-limited) warning.
-        if was_closed and not self._closed:
-            self._release_all()
+        if before - self.held:
+            self._release(lambda agents: not (agents & self.held))
 
     def open(self) -> None:
         """Forget the estimate and release every waiter (the worker is stopping)."""
-        self._closed = False
+        self.held = set()
+        self.backlogs = {}
         self._updated_at = None
-        self._release_all()
+        self._release(lambda agents: True)
 
-    # ------------------------------------------------------------------ the gate
+    # ------------------------------------------------------------------ the gates
+
+    def _fresh(self) -> bool:
+        return self._updated_at is not None and self._clock.seconds() - self._updated_at <= self.stale_after
 
     @property
     def holding(self) -> bool:
-        """True when :meth:`wait` would wait: the gate is closed and the estimate is fresh."""
-        if not self._closed or self._updated_at is None:
-            return False
-        return self._clock.seconds() - self._updated_at <= self.stale_after
+        """True when some agent's gate is closed and the estimate is fresh (a cheap pre-check)."""
+        return bool(self.held) and self._fresh()
 
-    def wait(self) -> defer.Deferred[float]:
-        """Fires with the seconds waited: at once while open, else when the gate opens or after
-        ``max_wait``. Never fails; cancelling it (SMTP timeout or disconnect) just withdraws."""
-        if not self.holding or self.max_wait == 0:
+    def holds(self, agents: Iterable[str]) -> bool:
+        """True when :meth:`wait` for these recipients would wait."""
+        return self.holding and not self.held.isdisjoint(_keys(agents))
+
+    def wait(self, agents: Iterable[str]) -> defer.Deferred[float]:
+        """Fires with the seconds waited: at once while the gates of ``agents`` are open, else
+        when they open or after ``max_wait``. Never fails; cancelling it (SMTP timeout or
+        disconnect) just withdraws."""
+        keys = _keys(agents)
+        if not self.holds(keys) or self.max_wait == 0:
             return defer.succeed(0.0)
         self.waited += 1
         start = self._clock.seconds()
@@ -188,23 +227,26 @@ class Backpressure:
                 if self._warned_at is None or now - self._warned_at >= EXPIRY_LOG_INTERVAL:
                     self._warned_at = now
                     log.warn(
-                        "webhook backlog {n} stays above {low}: accepted after waiting {wait} s"
+                        "webhook backlog of {agents} stays above {low}: accepted after waiting {wait} s"
                         " ({expired} such accepts so far)",
-                        n=self.backlog, low=self.low_water, wait=self.max_wait, expired=self.expired,
+                        agents=sorted(keys & self.held), low=self.low_water, wait=self.max_wait,
+                        expired=self.expired,
                     )
                 d.callback(now - start)
 
-        self._waiters[d] = (self._clock.callLater(self.max_wait, expire), start)
+        self._waiters[d] = (self._clock.callLater(self.max_wait, expire), start, keys)
         return d
 
     @property
     def waiting(self) -> int:
         return len(self._waiters)
 
-    def _release_all(self) -> None:
-        waiters, self._waiters = self._waiters, {}
+    def _release(self, ready: Any) -> None:
         now = self._clock.seconds()
-        for d, (call, start) in waiters.items():
+        for d, (call, start, agents) in list(self._waiters.items()):
+            if not ready(agents):
+                continue
+            del self._waiters[d]
             if call.active():
                 call.cancel()
             d.callback(now - start)

@@ -92,6 +92,10 @@ _REFUSED_V6 = tuple(
         "fec0::/10",
         "ff00::/8",
         "64:ff9b:1::/48",
+        # IPv4-translated (RFC 2765 SIIT, ``::ffff:0:a.b.c.d``), next to the mapped range below:
+        # a translator would forward it to the embedded IPv4 address, and no public host has
+        # one, so the whole range is refused rather than judged by the address it carries.
+        "::ffff:0:0:0/96",
     )
 )
 _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
@@ -120,6 +124,16 @@ class ParsedUrl:
 
 def _refuse(message: str) -> BadRequest:
     return BadRequest(f"invalid webhook URL: {message}", code=ERROR_CODE)
+
+
+#: Appended in development to refusals that ``webhooks.allow_private`` would lift: a new
+#: operator pointing a webhook at a local receiver otherwise has no clue which key to set.
+#: Never in production, where the key is not allowed at all.
+ALLOW_PRIVATE_HINT = " (for a local test receiver in development, set webhooks.allow_private: true)"
+
+
+def _refuse_private(message: str, production: bool) -> BadRequest:
+    return _refuse(message if production else message + ALLOW_PRIVATE_HINT)
 
 
 def _has_forbidden_char(url: str) -> str | None:
@@ -290,14 +304,14 @@ def check_webhook_url(url: str, *, production: bool, allow_private: bool) -> Par
         except ValueError:
             raise _refuse("invalid IPv6 literal") from None
         if not allow_private:
-            raise _refuse("IP address literals are not allowed; use a DNS name")
+            raise _refuse_private("IP address literals are not allowed; use a DNS name", production)
         host, ip_literal = str(address), True
     else:
         try:
             host = _normalise_name(host_text)
         except _IPv4Shaped as shaped:
             if not allow_private:
-                raise _refuse("IP address literals are not allowed; use a DNS name") from None
+                raise _refuse_private("IP address literals are not allowed; use a DNS name", production) from None
             v4 = _parse_ipv4_literal(str(shaped))
             if v4 is None:
                 raise _refuse("invalid IPv4 literal") from None
@@ -305,7 +319,7 @@ def check_webhook_url(url: str, *, production: bool, allow_private: bool) -> Par
         if not ip_literal:
             if _is_localhost(host):
                 if not allow_private:
-                    raise _refuse(f"host {host!r} is not allowed")
+                    raise _refuse_private(f"host {host!r} is not allowed", production)
             else:
                 if "." not in host:
                     raise _refuse("host must be a fully qualified name (at least two labels)")
@@ -397,5 +411,10 @@ async def validate_webhook_url(
         BadRequest: ``invalid_webhook_url``.
     """
     parsed = check_webhook_url(url, production=production, allow_private=allow_private)
-    addresses = await resolve_webhook_host(dns, parsed.host, allow_private=allow_private)
+    try:
+        addresses = await resolve_webhook_host(dns, parsed.host, allow_private=allow_private)
+    except BadRequest as exc:
+        if production or BLOCKED_ADDRESS not in exc.message:
+            raise
+        raise BadRequest(exc.message + ALLOW_PRIVATE_HINT, code=ERROR_CODE) from exc.__cause__
     return replace(parsed, addresses=tuple(addresses))

@@ -43,6 +43,7 @@ from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from e2a import __version__
 from e2a.delivery.ssrf import BLOCKED_ADDRESS, ParsedUrl, check_webhook_url, resolve_webhook_host
 from e2a.errors import BadRequest
+from e2a.logsetup import quiet_pool
 from e2a.mailauth.authheaders import AuthFields, auth_headers, format_ts_frac, standard_webhook_signature
 from e2a.mailauth.dns import DnsClient, DnsTemporaryError
 
@@ -289,7 +290,7 @@ class WebhookClient:
         self._timeout = float(timeout)
         self._production = production
         self._allow_private = allow_private
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool = quiet_pool(HTTPConnectionPool(reactor, persistent=True))
         self._pool.maxPersistentPerHost = max(1, max_per_host)
         self._pool.retryAutomatically = False  # a POST is not idempotent: the queue retries
         self.connects: list[str] = []  # addresses dialled, the most recent ones (observability, tests)

@@ -40,11 +40,13 @@ from typing import Any
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from e2a import maillog
 from e2a.claimloop import ClaimLoop
 from e2a.config import WebhooksConfig
 from e2a.delivery import backoff
 from e2a.delivery.backpressure import Backpressure
 from e2a.delivery.webhook import AttemptResult, WebhookClient, WebhookMessage, build_request
+from e2a.metrics import metrics_of
 from e2a.store import deliveries
 from e2a.store.accounts import SecretCache
 from e2a.store.database import Database
@@ -248,12 +250,12 @@ class DeliveryService:
         bp = self._backpressure
         assert bp is not None
         try:
-            n = await deliveries.count_due(self._db, self._now(), bp.count_limit)
+            backlogs = await deliveries.due_by_agent(self._db, self._now(), bp.scan_limit, bp.min_count)
         except Exception:
             bp.refresh_failed()
             log.failure("counting the webhook backlog failed")
             return
-        bp.update(n)
+        bp.update(backlogs)
 
     async def _claim_and_start(self) -> tuple[int, int]:
         limit = self._max_in_flight - len(self._in_flight) - sum(self._reserved.values())
@@ -468,19 +470,29 @@ class DeliveryService:
                 self._db, job, None, "stored auth headers cannot be signed", self._now(), attempted=False
             )
             return None
+        started = self._clock.seconds()
         result = await self.client.post(ctx.webhook_url, request.body, request.headers)
-        return await self._record(job, ctx.webhook_url, result)
+        return await self._record(job, ctx.webhook_url, result, (self._clock.seconds() - started) * 1000)
 
-    async def _record(self, job: ClaimedJob, url: str, result: AttemptResult) -> Any:
+    async def _record(self, job: ClaimedJob, url: str, result: AttemptResult, ms: float = 0.0) -> Any:
         """Write the attempt's outcome; returns the job the slot is handed on to or
-        ``_AGENT_IDLE`` (2xx with a hand-on tried), else None."""
+        ``_AGENT_IDLE`` (2xx with a hand-on tried), else None. Logs one line per attempt
+        (e2a.maillog.webhook_attempt)."""
+        metrics_of(self).webhook_attempt(result)
         now = self._now()
+
+        def logged(outcome: str, next_retry_s: float | None = None) -> None:
+            maillog.webhook_attempt(
+                delivery_id=job.id, message_id=job.message_id, agent=job.agent_id, attempt=job.attempt,
+                status=result.status, outcome=outcome, ms=ms, next_retry_s=next_retry_s, error=result.error,
+            )
+
         if result.status is not None:
             outcome = backoff.classify_status(result.status)
             if outcome == backoff.DELIVERED:
-                # No log line per delivered webhook: even at debug level a Twisted log event is
-                # built and published in the reactor thread for every message (the outcome is
-                # in the deliveries row and the API).
+                # One info line per delivered webhook (docs/logging.md): operators asked to see
+                # mail flow; it costs one log event per message in the reactor thread.
+                logged("delivered")
                 if self._may_hand_on():
                     epoch = self._epoch
                     _matched, next_job = await deliveries.record_delivered_and_claim_next(
@@ -501,6 +513,7 @@ class DeliveryService:
                 return None
             if outcome == backoff.GONE:
                 await deliveries.record_gone(self._db, job, url, now)
+                logged("disabled")
                 log.warn("webhook of {agent_id} answered 410: disabled", agent_id=job.agent_id)
                 return None
         delay = backoff.next_delay(
@@ -515,14 +528,14 @@ class DeliveryService:
         )
         if delay is None:
             await deliveries.record_failed(self._db, job, result.status, result.error, now, attempted=True, url=url)
+            logged("failed")
             log.warn("webhook {message_id} failed after {attempt} attempts ({error})",
                      message_id=job.message_id, attempt=job.attempt, error=result.error)
             return None
         await deliveries.record_retry(
             self._db, job, result.status, result.error, url, now, now + timedelta(seconds=delay)
         )
-        log.info("webhook {message_id} attempt {attempt} failed ({error}); retry in {delay:.1f} s",
-                 message_id=job.message_id, attempt=job.attempt, error=result.error, delay=delay)
+        logged("retry", delay)
         return None
 
 

@@ -43,6 +43,7 @@ from twisted.python.failure import Failure
 from e2a.config import Config, OutboundConfig, OutboundSmtpConfig
 from e2a.delivery import backoff
 from e2a.delivery.ssrf import is_public_address
+from e2a.logsetup import quiet_connect
 from e2a.mailauth.dns import DnsTemporaryError
 from e2a.outbound.compose import smtp_data_bytes
 
@@ -686,7 +687,7 @@ class Relay:
             endpoint = endpoints.TCP4ClientEndpoint(self._reactor, plan.address, plan.port)
         if plan.implicit_tls:
             endpoint = endpoints.wrapClientTLS(_tls_creator(plan.tls_name, plan.verify), endpoint)
-        d = endpoints.connectProtocol(endpoint, proto)
+        d = quiet_connect(endpoint, proto)  # no "Starting factory" line per connection
         timer = self._clock.callLater(CONNECT_TIMEOUT, d.cancel)
         try:
             await d

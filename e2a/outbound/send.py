@@ -28,6 +28,7 @@ from e2a.config import Config
 from e2a.errors import BadRequest, E2AError, Forbidden, NotFound
 from e2a.inbound import accept_internal_txn
 from e2a.mailauth import dkimkeys
+from e2a.metrics import metrics_of
 from e2a.outbound import compose, dkimsign
 from e2a.store import agents as agents_store
 from e2a.store import ratelimits
@@ -63,7 +64,36 @@ class Draft:
         return "internal" if all(r == "internal" for r in self.routes.values()) else "smtp"
 
 
+@dataclass(frozen=True)
+class PreparedRelease:
+    """A draft composed (and signed when it leaves by SMTP) for release as ``message_id``."""
+
+    message_id: str
+    smtp_message_id: str
+    composed: bytes  # unsigned: the internal copies
+    smtp_bytes: bytes | None  # DKIM-signed: the relay queue; None when every recipient is internal
+    now: datetime
+
+    @property
+    def delivery_status(self) -> str:
+        return "queued" if self.smtp_bytes else "sent"
+
+
+def release_result(draft: Draft, prepared: PreparedRelease) -> dict[str, Any]:
+    """The 200 body of a release (api.md §6.1; §7.3 adds ``edited``)."""
+    return {
+        "status": "sent",
+        "message_id": prepared.message_id,
+        "smtp_message_id": prepared.smtp_message_id,
+        "method": draft.method,
+        "delivery_status": prepared.delivery_status,
+    }
+
+
 class SendService:
+    #: e2a.outbound.notify.ReviewerNotifier, set by the composition root; None = no notifications.
+    notifier: Any = None
+
     def __init__(self, db: Database, config: Config, master_key: bytes, clock: Any, reactor: Any, pool: Any) -> None:
         self.db = db
         self.config = config
@@ -131,6 +161,10 @@ class SendService:
         expires = now + timedelta(seconds=draft.agent.hitl_ttl_seconds)
         message_id = ids.new_message_id()
         c = draft.content
+        notice = None
+        if self.notifier is not None:  # mail.md §8.7: composed and signed before the transaction
+            r = draft.recipients
+            notice = await self.notifier.prepare(draft.agent, message_id, c.subject, r.to, r.cc, r.bcc, expires)
 
         async def _hold_txn(txn: Txn) -> None:
             await _insert_outbound_txn(
@@ -151,6 +185,7 @@ class SendService:
                         ]
                     ),
                     "approval_expires_at": expires,
+                    "hitl_expiration_action": draft.agent.hitl_expiration_action,
                     "method": "",
                     "delivery_status": "",
                 },
@@ -158,6 +193,8 @@ class SendService:
             await txn.execute(
                 "INSERT INTO approvals (message_id, action, actor) VALUES (%s, 'hold', 'api')", (message_id,)
             )
+            if notice is not None:
+                await self.notifier.queue_txn(txn, notice)  # never fails the hold
 
         await self.db.run("hold_outbound", _hold_txn)
         return {"status": "pending_approval", "message_id": message_id, "approval_expires_at": ts_frac(expires)}
@@ -167,12 +204,35 @@ class SendService:
     async def _release(self, draft: Draft) -> dict[str, Any]:
         now = self.now()
         message_id = ids.new_message_id()
-        mail_domain = self.config.mail_domain
-        smtp_message_id = ids.smtp_message_id(message_id, mail_domain)
+        prepared = await self.prepare_release(draft, message_id, now)
+
+        async def _release_txn(txn: Txn) -> None:
+            await _insert_outbound_txn(
+                txn,
+                draft,
+                message_id=message_id,
+                status="sent",
+                smtp_message_id=prepared.smtp_message_id,
+                composed=prepared.smtp_bytes,
+                created_at=now,
+                extra={"method": draft.method, "delivery_status": prepared.delivery_status},
+            )
+            await self.release_jobs_txn(txn, draft, prepared)
+
+        await self.db.run("release_outbound", _release_txn)
+        return release_result(draft, prepared)
+
+    async def prepare_release(self, draft: Draft, message_id: str, now: datetime) -> PreparedRelease:
+        """Compose (mail.md §7.4) and, for SMTP, DKIM-sign (§7.5) ``draft`` as ``message_id``.
+
+        Done before the release transaction (signing runs in a thread), so that transaction
+        only writes. The approval of a hold passes the held message's own id, keeping its
+        Message-ID ``<msg_…@M>``.
+        """
         c = draft.content
         composed = compose.compose_message(
             message_id=message_id,
-            mail_domain=mail_domain,
+            mail_domain=self.config.mail_domain,
             agent_address=draft.agent.id,
             agent_name=draft.agent.name,
             to=draft.recipients.to,
@@ -190,56 +250,45 @@ class SendService:
         smtp_bytes = None
         if draft.method == "smtp":
             smtp_bytes = await self._dkim_sign(composed, draft, now)
-        internal = [a for a, r in draft.routes.items() if r == "internal"]
+        return PreparedRelease(
+            message_id, ids.smtp_message_id(message_id, self.config.mail_domain), composed, smtp_bytes, now
+        )
+
+    async def release_jobs_txn(self, txn: Txn, draft: Draft, prepared: PreparedRelease) -> None:
+        """Inside the release transaction: one ``outbound_recipients`` row per envelope recipient,
+        the internal copies through the inbound pipeline, and the relay worker's wake-up."""
+        mail_domain = self.config.mail_domain
+        message_id, now = prepared.message_id, prepared.now
         if draft.type == "test":
             sender, delegation = f"noreply@{mail_domain}", ""
         else:
             sender, delegation = draft.agent.id, f"agent={draft.agent.id};human={draft.agent.user_id}"
-
-        async def _release_txn(txn: Txn) -> None:
-            await _insert_outbound_txn(
-                txn,
-                draft,
-                message_id=message_id,
-                status="sent",
-                smtp_message_id=smtp_message_id,
-                composed=smtp_bytes,
-                created_at=now,
-                extra={"method": draft.method, "delivery_status": "queued" if smtp_bytes else "sent"},
-            )
-            for kind, addresses in (("to", draft.recipients.to), ("cc", draft.recipients.cc), ("bcc", draft.recipients.bcc)):
-                for address in addresses:
-                    route = draft.routes[address]
-                    await txn.execute(
-                        "INSERT INTO outbound_recipients (message_id, address, kind, route, status, queued_at,"
-                        " updated_at, next_attempt_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                        (message_id, address, kind, route, "sent" if route == "internal" else "queued", now, now,
-                         None if route == "internal" else now),
-                    )
-            for address in internal:
-                await accept_internal_txn(
-                    txn,
-                    composed=composed,
-                    sender=sender,
-                    delegation=delegation,
-                    recipient=address,
-                    conversation_id=c.conversation_id,
-                    master_key=self.master_key,
-                    smtp_domain=self.config.smtp.domain,
-                    authserv_id=self.config.smtp.effective_authserv_id,
-                    received_at=now,
+        for kind, addresses in (("to", draft.recipients.to), ("cc", draft.recipients.cc), ("bcc", draft.recipients.bcc)):
+            for address in addresses:
+                route = draft.routes[address]
+                await txn.execute(
+                    "INSERT INTO outbound_recipients (message_id, address, kind, route, status, queued_at,"
+                    " updated_at, next_attempt_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                    (message_id, address, kind, route, "sent" if route == "internal" else "queued", now, now,
+                     None if route == "internal" else now),
                 )
-            if smtp_bytes:
-                await txn.notify(CHANNEL_OUTBOUND, message_id)
-
-        await self.db.run("release_outbound", _release_txn)
-        return {
-            "status": "sent",
-            "message_id": message_id,
-            "smtp_message_id": smtp_message_id,
-            "method": draft.method,
-            "delivery_status": "queued" if smtp_bytes else "sent",
-        }
+        for address in (a for a, r in draft.routes.items() if r == "internal"):
+            await accept_internal_txn(
+                txn,
+                composed=prepared.composed,
+                sender=sender,
+                delegation=delegation,
+                recipient=address,
+                conversation_id=draft.content.conversation_id,
+                master_key=self.master_key,
+                smtp_domain=self.config.smtp.domain,
+                authserv_id=self.config.smtp.effective_authserv_id,
+                received_at=now,
+            )
+            await metrics_of(self).internal_copy_txn(txn, address)
+        await metrics_of(self).released_txn(txn, draft.agent.id)
+        if prepared.smtp_bytes:
+            await txn.notify(CHANNEL_OUTBOUND, message_id)
 
     async def _dkim_sign(self, composed: bytes, draft: Draft, now: datetime) -> bytes:
         """mail.md §7.5: sign with the From domain's key; no key → unsigned, with a warning."""

@@ -23,8 +23,10 @@ from typing import Any
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from e2a import maillog
 from e2a.claimloop import ClaimLoop
 from e2a.config import OutboundConfig, WebhooksConfig
+from e2a.metrics import metrics_of
 from e2a.outbound import relay as relay_mod
 from e2a.outbound.relay import RecipientOutcome, Relay, RouteConfig
 from e2a.store import outbound as store
@@ -276,9 +278,10 @@ class OutboundService:
                 "relay of {message_id}: {lost} recipient outcome(s) not recorded (lease lost to another claim)",
                 message_id=message_id, lost=len(results) - changed,
             )
-        summary = {r.status for r in results}
-        log.info(
-            "relay of {message_id}: {summary} (attempt {attempt}); message now {status}",
-            message_id=message_id, summary=",".join(sorted(summary)),
-            attempt=max(r.attempt for r in rows), status=status,
-        )
+        for r in results:  # one line per recipient outcome (docs/logging.md)
+            metrics_of(self).outbound_recipient("smtp", r.status)
+            maillog.outbound_recipient(
+                message_id=message_id, recipient=r.row.address, status=r.status, attempt=r.row.attempt,
+                reply=r.reply, next_attempt_at=r.next_attempt_at,
+            )
+        log.debug("relay of {message_id}: message now {status}", message_id=message_id, status=status)

@@ -98,6 +98,7 @@ class DataScanner:
         self.header_malformed = False
         self._in_headers = True
         self._header_size = 0
+        self._header_lines = 0  # top-level header lines seen (the first may not be a continuation)
 
     # -- public -----------------------------------------------------------------------------
 
@@ -256,6 +257,12 @@ class DataScanner:
                 self._reject()
                 self._in_headers = False  # verdict 4 precedes 5: nothing more to learn
                 return
-            if not fragment and not self.header_malformed and not is_header_line(line):
+            first = self._header_lines == 0
+            self._header_lines += 1
+            if fragment or self.header_malformed:
+                continue
+            # A continuation with no field to continue would join the field written in front
+            # of the stored header section: e2a's own Received: (mail.md §1.8).
+            if not is_header_line(line) or (first and line[:1] in (b" ", b"\t")):
                 self.header_malformed = True
                 self._reject()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from e2a.abort import AbortSignal
+
 
 class EnvelopeError(ValueError):
     """Base for envelope refusals."""
@@ -45,6 +47,9 @@ class Envelope:
     tls: bool
     mail_from: str
     recipients: tuple[str, ...] = field(default_factory=tuple)
+    # Set by the session when ``store_timeout`` expires (e2a.abort): accept stops and reports
+    # its real outcome instead of being cancelled mid-commit.
+    abort: AbortSignal = field(default_factory=AbortSignal, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -48,8 +48,11 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 
+from e2a import maillog
+from e2a.abort import AbortSignal
 from e2a.config import SmtpConfig
 from e2a.errors import TransientError
+from e2a.metrics import metrics_of
 from e2a.smtp.dataparser import DataLimits, DataScanner, DataVerdict
 from e2a.smtp.envelope import (
     Envelope,
@@ -84,8 +87,15 @@ RecipientLookup = Callable[[str], Awaitable[str | None]]
 AcceptFn = Callable[[Envelope, bytes], Awaitable[str]]
 """``(envelope, raw) -> msg id of the first stored copy``; resolves only after COMMIT.
 
-Cancelled when ``store_timeout`` expires: the implementation must roll back then.
+When ``store_timeout`` expires the session sets ``envelope.abort`` (:class:`e2a.abort.AbortSignal`).
+An implementation that marks the signal ``handled`` must then stop promptly and resolve with
+its real outcome (raise when rolled back, return the id when the commit won the race); the
+reply follows that outcome. Otherwise the call is cancelled and the reply is 451.
 """
+
+# Seconds the session still waits, after setting the abort signal, for an accept that
+# promised to honour it; past this it is cancelled and answered 451 (logged as an error).
+ABORT_GRACE = 30.0
 
 # Bytes of a command line without CRLF before the session is dropped (mail.md §1.3).
 COMMAND_FLOOD_LIMIT = 65536
@@ -335,6 +345,7 @@ class SmtpSession(smtp.ESMTP):
         self._idle_call: IDelayedCall | None = None
         self._data_call: IDelayedCall | None = None
         self._session_call: IDelayedCall | None = None
+        self._store_call: IDelayedCall | None = None  # store_timeout / abort grace timer
 
     # -- twisted.mail hooks we neutralise -------------------------------------------------------
 
@@ -368,6 +379,7 @@ class SmtpSession(smtp.ESMTP):
         peer = self.transport.getPeer()
         self._client_ip = str(getattr(peer, "host", peer))
         refusal = self.factory.register(self)
+        metrics_of(self.factory).smtp_connection(refusal is None)
         if refusal is not None:
             self._close(refusal)
             return
@@ -613,15 +625,42 @@ class SmtpSession(smtp.ESMTP):
         on_result: Callable[[Any], None],
         *,
         store: bool = False,
+        abort: AbortSignal | None = None,
     ) -> None:
-        """Block the pump until ``deferred`` fires; ``on_result`` gets its value or Failure."""
+        """Block the pump until ``deferred`` fires; ``on_result`` gets its value or Failure.
+
+        With ``abort`` (storage), ``timeout`` sets the signal rather than cancelling: an accept
+        that honours it (``abort.handled``) is waited for, so the reply says whether the
+        message was really committed (mail.md §1.7 item 4); ``ABORT_GRACE`` bounds that wait.
+        """
         self._busy = True
         self._stop_idle()
         self._pending = deferred
         self._pending_is_store = store
-        deferred.addTimeout(timeout, self._clock)
+        if abort is None:
+            deferred.addTimeout(timeout, self._clock)
+        else:
+
+            def give_up() -> None:
+                self._store_call = None
+                log.error("accept ignored its abort for {grace} s; answering 451", grace=ABORT_GRACE)
+                deferred.cancel()
+
+            def timed_out() -> None:
+                self._store_call = None
+                abort.request()
+                if abort.handled:
+                    self._store_call = self._clock.callLater(ABORT_GRACE, give_up)
+                else:
+                    deferred.cancel()
+
+            self._store_call = self._clock.callLater(timeout, timed_out)
 
         def done(result: Any) -> None:
+            if abort is not None and self._store_call is not None:
+                if self._store_call.active():
+                    self._store_call.cancel()
+                self._store_call = None
             if self._pending is deferred:
                 self._pending = None
             if self._closing:
@@ -709,6 +748,8 @@ class SmtpSession(smtp.ESMTP):
                 _log_failure("recipient lookup for {address}", result, address=address)
                 self._reply(failure_reply(result))
             elif result is None:
+                maillog.refused(code=R_NO_RCPT.code, reason=f"{R_NO_RCPT.text}: {address}",
+                                client_ip=self._client_ip, mail_from=self._mail.address if self._mail else None)
                 self._reply(R_NO_RCPT)
             else:
                 canonical = str(result)
@@ -835,13 +876,11 @@ class SmtpSession(smtp.ESMTP):
         self._reset_transaction()
         verdict = scanner.verdict
         if verdict is not None:
-            log.info(
-                "message refused at end of data: {verdict} ({size} octets) from {ip}",
-                verdict=verdict.value,
-                size=scanner.size,
-                ip=self._client_ip,
-            )
-            self._reply(verdict_reply(verdict))
+            reply = verdict_reply(verdict)
+            maillog.refused(code=reply.code, reason=f"{reply.text} ({verdict.value})", client_ip=self._client_ip,
+                            mail_from=envelope.mail_from, size=scanner.size)
+            metrics_of(self.factory).smtp_message(reply.code)
+            self._reply(reply)
             self._restart_idle()
             return
         raw = scanner.content
@@ -849,17 +888,22 @@ class SmtpSession(smtp.ESMTP):
         def stored(result: Any) -> None:
             if isinstance(result, Failure):
                 _log_failure("accepting a message from {ip}", result, ip=self._client_ip)
-                self._reply(failure_reply(result))
+                reply = failure_reply(result)
+                maillog.refused(code=reply.code, reason=f"{reply.text} ({type(result.value).__name__})",
+                                client_ip=self._client_ip, mail_from=envelope.mail_from, size=len(raw))
+                metrics_of(self.factory).smtp_message(reply.code)
+                self._reply(reply)
                 return
             try:
                 reply = queued_reply(result)
             except ValueError:
                 log.error("accept returned an unusable message id {msg_id!r}", msg_id=result)
                 reply = R_TRANSIENT
+            metrics_of(self.factory).smtp_message(reply.code)
             self._reply(reply)
 
         d = _call_async(self.factory.accept, envelope, raw)
-        self._await(d, self._config.store_timeout, stored, store=True)
+        self._await(d, self._config.store_timeout, stored, store=True, abort=envelope.abort)
 
 
 # -- the factory -------------------------------------------------------------------------------

@@ -24,10 +24,11 @@ import psycopg2.errorcodes
 import psycopg2.extensions
 from txpostgres import txpostgres
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from e2a.abort import Aborted, AbortSignal
 from e2a.errors import TransientError
 
 log = Logger()
@@ -175,16 +176,27 @@ class Database:
             raise DatabaseUnavailable(f"cannot connect to the database: {e}".strip()) from e
         return conn
 
+    def discard_idle(self) -> None:
+        """Close the idle connections (the server restarted: they all point at the dead one), so
+        the next checkouts connect afresh instead of each failing once (e2a.store.embedded)."""
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            try:
+                conn.close()
+            except Exception:
+                pass
+
     def close(self) -> None:
         self._closed = True
         for conn in self._idle:
             conn.close()
         self._idle.clear()
 
-    async def _checkout(self) -> txpostgres.Connection:
+    async def _checkout(self, abort: AbortSignal | None = None) -> txpostgres.Connection:
         if self._closed:
             raise DatabaseUnavailable("database is shut down")
-        await self._semaphore.acquire()
+        acquired = self._semaphore.acquire()
+        await (acquired if abort is None else abort.guard(acquired))
         try:
             conn = self._idle.pop() if self._idle else None
             if conn is None or conn.closed:
@@ -204,12 +216,14 @@ class Database:
             self._idle.append(conn)
         self._semaphore.release()
 
-    async def _on_connection(self, desc: str, body: Callable[[txpostgres.Connection], Awaitable[T]]) -> T:
+    async def _on_connection(
+        self, desc: str, body: Callable[[txpostgres.Connection], Awaitable[T]], abort: AbortSignal | None = None
+    ) -> T:
         """Check a connection out, run ``body(conn)``, check it back in; the one place that
         retries serialization failures/deadlocks and maps a broken connection to
         :class:`DatabaseUnavailable` (and discards that connection)."""
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            conn = await self._checkout()
+            conn = await self._checkout(abort)
             broken = False
             try:
                 return await body(conn)
@@ -294,7 +308,9 @@ class Database:
     async def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> None:
         await self._single("execute", sql, params)
 
-    async def run_batched(self, desc: str, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+    async def run_batched(
+        self, desc: str, fn: Callable[..., Awaitable[T]], *args: Any, abort: AbortSignal | None = None, **kwargs: Any
+    ) -> T:
         """Run ``fn(batch, ...)``: reads at once, every write in ONE atomic round trip at the end.
 
         For transactions whose reads need no isolation beyond READ COMMITTED (each statement
@@ -306,18 +322,31 @@ class Database:
         commit. Retries the whole function on 40001/40P01 like :meth:`run`; after-commit hooks
         run once, after the commit.
 
+        ``abort``: once set, no further statement starts and the one in flight has its backend
+        query cancelled (PostgreSQL's cancel request); this then raises :class:`Aborted` — or
+        returns normally when the writes had already committed. Either way the answer is the
+        transaction's real outcome, known before this returns.
+
         Raises:
             DatabaseUnavailable: the connection failed; nothing was committed that we know of.
+            Aborted: ``abort`` was set and nothing was committed.
         """
         batches: list[BatchTxn] = []
 
         async def body(conn: txpostgres.Connection) -> T:
-            batches.append(BatchTxn(conn.cursor()))
-            result = await fn(batches[-1], *args, **kwargs)
-            await batches[-1].flush()
+            batch = BatchTxn(conn.cursor(), _BackendCanceller(conn, self._reactor, abort) if abort else None)
+            batches.append(batch)
+            try:
+                result = await fn(batch, *args, **kwargs)
+                await batch.flush()
+            finally:
+                if batch.canceller is not None:
+                    # The connection goes back to the pool only once a cancel request we sent
+                    # has been delivered: it must never hit the next user's statement.
+                    await batch.canceller.close()
             return result
 
-        result = await self._on_connection(desc, body)
+        result = await self._on_connection(desc, body, abort)
         self._run_hooks(desc, batches[-1].after_commit)
         return result
 
@@ -329,17 +358,79 @@ def _dict_rows(cursor: txpostgres.Cursor) -> list[dict[str, Any]]:
     return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
+class _BackendCanceller:
+    """Cancels the statement running on one connection when an :class:`AbortSignal` is set.
+
+    PostgreSQL's cancel request (libpq ``PQcancel``, through psycopg2 ``connection.cancel``)
+    opens a connection of its own and blocks, so it runs in a thread; a cancel that reaches an
+    idle backend is ignored by PostgreSQL. :meth:`statement` wraps every statement: none starts
+    once the signal is set, and a statement the cancel interrupted raises :class:`Aborted`.
+    """
+
+    def __init__(self, conn: txpostgres.Connection, reactor: Any, abort: AbortSignal) -> None:
+        self._conn = conn
+        self._reactor = reactor
+        self.abort = abort
+        self._running = False
+        self._sent: Deferred[None] | None = None
+
+    def _on_abort(self) -> None:
+        if self._running and self._sent is None:
+            pg = self._conn.pollable()
+            self._sent = threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), pg.cancel)
+            self._sent.addErrback(lambda f: log.warn("cancel request failed: {e}", e=str(f.value)))
+
+    async def statement(self, run: Callable[[], Awaitable[T]]) -> T:
+        """Run one statement under the signal (see the class docstring)."""
+        self.abort.check()
+        self._running = True
+        withdraw = self.abort.on_request(self._on_abort)
+        try:
+            return await run()
+        except (defer.CancelledError, psycopg2.extensions.QueryCanceledError):
+            if self.abort.requested:
+                raise Aborted("statement cancelled on abort, rolled back") from None
+            raise
+        finally:
+            self._running = False
+            withdraw()
+
+    async def close(self) -> None:
+        if self._sent is not None:
+            await self._sent
+
+
 class BatchTxn(Txn):
     """The ``txn`` of :meth:`Database.run_batched`: reads now, writes queued for one round trip.
 
     ``execute``/``notify`` only queue (client-side interpolated with psycopg2's ``mogrify``,
     which is what ``execute`` does anyway); :meth:`flush` sends the queue as one query.
-    ``rowcount`` of a queued write is not available.
+    ``rowcount`` of a queued write is not available. With a ``canceller`` (an abort signal)
+    every statement goes through :meth:`_BackendCanceller.statement`, and a read that returns
+    after the signal was set still raises :class:`Aborted` (only the commit may win the race).
     """
 
-    def __init__(self, cursor: txpostgres.Cursor) -> None:
+    def __init__(self, cursor: txpostgres.Cursor, canceller: _BackendCanceller | None = None) -> None:
         super().__init__(cursor)
         self._queued: list[bytes] = []
+        self.canceller = canceller
+
+    async def _run(self, sql: str | bytes, params: Sequence[Any] | dict[str, Any] | None = None) -> None:
+        if self.canceller is None:
+            await self._cursor.execute(sql, params)
+            return
+        await self.canceller.statement(lambda: self._cursor.execute(sql, params))
+
+    async def _prepared(self, statement: Prepared) -> str:
+        if self.canceller is None:
+            return await _prepared_sql(self._cursor, statement)
+        return await self.canceller.statement(lambda: _prepared_sql(self._cursor, statement))
+
+    async def fetchall(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        await self._run(sql, params)
+        if self.canceller is not None:
+            self.canceller.abort.check()
+        return _dict_rows(self._cursor)
 
     async def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> None:
         self._queued.append(self._cursor.mogrify(sql, params))
@@ -349,12 +440,14 @@ class BatchTxn(Txn):
 
     async def fetchall_prepared(self, statement: Prepared, params: dict[str, Any]) -> list[dict[str, Any]]:
         """Reads run at once, outside any transaction: the prepared form is used."""
-        await self._cursor.execute(await _prepared_sql(self._cursor, statement), params)
+        await self._run(await self._prepared(statement), params)
+        if self.canceller is not None:
+            self.canceller.abort.check()
         return _dict_rows(self._cursor)
 
     async def execute_prepared(self, statement: Prepared, params: dict[str, Any]) -> None:
         """Queue an ``EXECUTE`` (the ``PREPARE``, once per connection, runs now on its own)."""
-        self._queued.append(self._cursor.mogrify(await _prepared_sql(self._cursor, statement), params))
+        self._queued.append(self._cursor.mogrify(await self._prepared(statement), params))
 
     @property
     def rowcount(self) -> int:
@@ -365,7 +458,7 @@ class BatchTxn(Txn):
         if not self._queued:
             return
         queued, self._queued = self._queued, []
-        await self._cursor.execute(b";\n".join(queued))
+        await self._run(b";\n".join(queued))
 
 
 def quote_dsn_value(value: str) -> str:

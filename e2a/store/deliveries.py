@@ -40,6 +40,7 @@ __all__ = [
     "Delivery",
     "claim_due",
     "count_due",
+    "due_by_agent",
     "delivery_json",
     "list_deliveries",
     "load_attempt",
@@ -243,6 +244,25 @@ async def count_due(db: Database, now: datetime, cap: int) -> int:
     """How many pending deliveries are due at ``now`` and not leased, counting at most ``cap``."""
     row = await db.fetchone_prepared(_COUNT_DUE, {"now": now, "cap": cap})
     return 0 if row is None else int(row["n"])
+
+
+# The per-agent backlog for backpressure (issue 15.4): the same due, unleased rows, at most
+# ``scan`` of them read off ``deliveries_due_idx``, grouped by agent; only agents with at
+# least ``min`` of them are returned (the others' gates are open anyway).
+_DUE_BY_AGENT = Prepared(
+    "e2a_due_deliveries_by_agent",
+    "SELECT agent_id, count(*) AS n FROM (SELECT agent_id FROM deliveries"
+    " WHERE status = 'pending' AND next_attempt_at <= %(now)s"
+    " AND (leased_until IS NULL OR leased_until <= %(now)s)"
+    " LIMIT %(scan)s) due GROUP BY agent_id HAVING count(*) >= %(min)s",
+)
+
+
+async def due_by_agent(db: Database, now: datetime, scan: int, min_count: int) -> dict[str, int]:
+    """Due, unleased deliveries per agent among the first ``scan`` such rows (agents with
+    fewer than ``min_count`` left out)."""
+    rows = await db.fetchall_prepared(_DUE_BY_AGENT, {"now": now, "scan": scan, "min": min_count})
+    return {r["agent_id"]: int(r["n"]) for r in rows}
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ class EventListener:
         self._stopping = False
         self._retry_call: Any = None
         self._delay = 0.5
+        self._connecting = False
 
     def subscribe(self, channel: str, fn: Subscriber) -> Callable[[], None]:
         """Call ``fn(payload)`` for each NOTIFY on ``channel``; returns an unsubscribe function."""
@@ -69,7 +70,8 @@ class EventListener:
 
         def connection_lost(reason: Any, _orig: Any = original) -> None:
             _orig(reason)
-            if not self._stopping:
+            # only the current connection: a replaced one (reconnect_now) must not reconnect twice
+            if not self._stopping and self._conn is conn:
                 log.warn("LISTEN connection lost; reconnecting")
                 self._schedule_reconnect()
 
@@ -81,15 +83,45 @@ class EventListener:
         self._retry_call = self._clock.callLater(self._delay, self._reconnect)
         self._delay = min(self._delay * 2, 30.0)
 
+    def reconnect_now(self) -> None:
+        """The server is back (e2a.store.embedded restarted it): re-LISTEN now, not after the
+        back-off delay. A live connection is kept; a dead one that has not noticed is replaced."""
+        if self._stopping:
+            return
+        if self._conn is not None and not self._conn.closed:
+            # The old server's socket may not have reported EOF yet: probe it.
+            conn = self._conn
+
+            def probe_failed(_failure: Any) -> None:
+                if self._conn is conn and not self._stopping:
+                    self._conn = None
+                    try:
+                        conn.close()
+                    except Exception:
+                        pass
+                    self.reconnect_now()
+
+            conn.runOperation("SELECT 1").addErrback(probe_failed)
+            return
+        if self._retry_call is not None and self._retry_call.active():
+            self._retry_call.cancel()
+        elif self._connecting:
+            return
+        self._delay = 0.5
+        self._reconnect()
+
     def _reconnect(self) -> None:
         from twisted.internet.defer import Deferred
 
         async def attempt() -> None:
+            self._connecting = True
             try:
                 await self._connect()
             except (psycopg2.Error, OSError):
                 self._schedule_reconnect()
                 return
+            finally:
+                self._connecting = False
             for hook in list(self._reconnect_hooks):
                 try:
                     hook()

@@ -16,7 +16,10 @@ from e2a.store.database import Database, Prepared, Txn
 
 # RFC 1047 duplicate suppression: a sender that lost our reply to its final dot resends the
 # same message; within this window the same Message-ID from the same MAIL FROM to the same
-# agent is answered 250 with the first copy's id and not stored twice.
+# agent, from the same client IP and with the same verdict (domain check, verified, sender),
+# is answered 250 with the first copy's id and not stored twice. A copy whose verdict or
+# client differs is stored: else a forged copy sent first would stand in for the genuine
+# one (issue 15.5, docs/decisions.md).
 DUPLICATE_WINDOW_SECONDS = 3600
 
 
@@ -61,6 +64,8 @@ class InboundRecord:
 _DUPLICATE_WHERE = (
     "agent_id = {agent} AND direction = 'inbound' AND email_message_id = {mid}"
     " AND envelope_from = {sender} AND created_at > now() - make_interval(secs => {window})"
+    " AND client_ip = {ip} AND auth_headers->>'X-E2A-Auth-Domain-Check' = {check}"
+    " AND auth_headers->>'X-E2A-Auth-Verified' = {verified} AND auth_headers->>'X-E2A-Auth-Sender' = {auth_sender}"
 )
 
 _CONVERSATION_WHERE = (
@@ -90,12 +95,27 @@ def _duplicate_select(**placeholders: str) -> str:
     )
 
 
-async def find_duplicate_txn(txn: Txn, agent_id: str, email_message_id: str, envelope_from: str) -> str | None:
+@dataclass(frozen=True)
+class Verdict:
+    """What a copy must share with a stored one to be its duplicate, besides the envelope."""
+
+    client_ip: str
+    domain_check: str  # X-E2A-Auth-Domain-Check
+    verified: str  # X-E2A-Auth-Verified ("true" / "false")
+    sender: str  # X-E2A-Auth-Sender
+
+
+async def find_duplicate_txn(
+    txn: Txn, agent_id: str, email_message_id: str, envelope_from: str, verdict: Verdict
+) -> str | None:
     if not email_message_id:
         return None
     return await txn.fetchval(
-        _duplicate_select(agent="%s", mid="%s", sender="%s", window="%s"),
-        (agent_id, email_message_id, envelope_from, DUPLICATE_WINDOW_SECONDS),
+        _duplicate_select(
+            agent="%s", mid="%s", sender="%s", window="%s", ip="%s", check="%s", verified="%s", auth_sender="%s"
+        ),
+        (agent_id, email_message_id, envelope_from, DUPLICATE_WINDOW_SECONDS,
+         verdict.client_ip, verdict.domain_check, verdict.verified, verdict.sender),
     )
 
 
@@ -108,7 +128,10 @@ _INBOUND_CONTEXT = Prepared(
     " CASE WHEN a.agent_mode = 'cloud' THEN (SELECT count(*) FROM deliveries f WHERE f.agent_id = a.id"
     "  AND f.status = 'pending' AND f.leased_until > %(now)s) ELSE 0 END AS in_flight,"
     " CASE WHEN %(mid)s = '' THEN NULL ELSE ("
-    + _duplicate_select(agent="a.id", mid="%(mid)s", sender="%(sender)s", window="%(window)s")
+    + _duplicate_select(
+        agent="a.id", mid="%(mid)s", sender="%(sender)s", window="%(window)s", ip="%(ip)s",
+        check="%(check)s", verified="%(verified)s", auth_sender="%(auth_sender)s",
+    )
     + ") END AS duplicate_id,"
     " CASE WHEN %(n)s = 0 THEN '' ELSE"
     "  COALESCE((SELECT conversation_id FROM messages WHERE "
@@ -126,6 +149,7 @@ async def inbound_context_txn(
     envelope_from: str,
     candidates: list[str],
     now: datetime,
+    verdict: Verdict,
 ) -> dict[str, Any] | None:
     """Everything accepting one inbound copy needs to read, in ONE statement (one round trip).
 
@@ -133,7 +157,7 @@ async def inbound_context_txn(
     owner's newest signing secret (``secret_id``/``secret``, None when the user has none) and
     newest few (``secret_ids``/``secrets`` arrays, for a webhook attempt started from here),
     the agent's webhook attempts in flight at ``now`` (``in_flight``, 0 for a local agent), the
-    RFC 1047 duplicate (``duplicate_id``, as :func:`find_duplicate_txn`) and the conversation
+    RFC 1047 duplicate (``duplicate_id``, as :func:`find_duplicate_txn`: same ``verdict`` too) and the conversation
     id (``conversation_id``, ``""`` when none, as :func:`find_conversation_txn`). None when the
     agent no longer exists.
     """
@@ -146,6 +170,10 @@ async def inbound_context_txn(
             "mid": email_message_id,
             "sender": envelope_from,
             "window": DUPLICATE_WINDOW_SECONDS,
+            "ip": verdict.client_ip,
+            "check": verdict.domain_check,
+            "verified": verdict.verified,
+            "auth_sender": verdict.sender,
             "n": len(candidates),
             "c": candidates,
             "bases": provider_id_bases(candidates),
@@ -233,8 +261,17 @@ async def _read_inbound_txn(txn: Txn, agent_id: str, message_id: str) -> Inbound
     return None if row is None else InboundRecord.from_row(row)
 
 
-async def read_inbound(db: Database, agent_id: str, message_id: str) -> InboundRecord | None:
-    """Fetch one inbound message of the agent and mark it read (api.md §5.2)."""
+async def read_inbound(db: Database, agent_id: str, message_id: str, mark_read: bool = True) -> InboundRecord | None:
+    """Fetch one inbound message of the agent and mark it read (api.md §5.2); with
+    ``mark_read=False`` the status is left alone (the client acks after handling it)."""
+    if not mark_read:
+        row = await db.fetchone(
+            "SELECT id, agent_id, user_id, status, sender, display_from, recipient, subject, to_addrs,"
+            " cc_addrs, conversation_id, auth_headers, raw_message, created_at FROM messages"
+            " WHERE id = %s AND agent_id = %s AND direction = 'inbound'",
+            (message_id, agent_id),
+        )
+        return None if row is None else InboundRecord.from_row(row)
     return await db.run("read_inbound", _read_inbound_txn, agent_id, message_id)
 
 

@@ -84,3 +84,54 @@ class Agent:
     hitl_reviewers: tuple[str, ...]
     created_at: datetime
     domain_verified: bool
+
+
+@dataclass(frozen=True)
+class HeldAttachment:
+    """An attachment of a held message as stored: ``data`` stays base64 (api.md §2.2 shape)."""
+
+    filename: str
+    content_type: str
+    data: str
+
+
+@dataclass(frozen=True)
+class HeldMessage:
+    """An outbound message as the HITL review sees it (mail.md §8.2-§8.3).
+
+    Bodies and attachments are only present while ``status`` is ``pending_approval``: every
+    terminal transition removes them from the row, so ``body_text`` is then None too.
+    ``expiration_action`` is the agent's action at hold time (``""`` for holds older than
+    the column: use the agent's current setting).
+    """
+
+    id: str
+    agent_id: str  # the agent's address
+    user_id: str
+    type: str  # send | reply | test
+    status: str
+    subject: str
+    to: tuple[str, ...]
+    cc: tuple[str, ...]
+    bcc: tuple[str, ...]
+    body_text: str | None
+    body_html: str | None  # None when the message has no HTML body
+    attachments: tuple[HeldAttachment, ...]
+    conversation_id: str
+    in_reply_to: str
+    references: str
+    replied_message_id: str  # for replies: the Message-ID of the message replied to
+    approval_expires_at: datetime | None
+    created_at: datetime
+    edited: bool
+    reviewed_at: datetime | None
+    rejection_reason: str
+    expiration_action: str
+
+    @property
+    def agent_address(self) -> str:
+        return self.agent_id
+
+    @property
+    def is_pending(self) -> bool:
+        return self.status == "pending_approval"

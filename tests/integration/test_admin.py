@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -21,6 +22,19 @@ from e2a.store.database import Database
 from e2a.store.embedded import EmbeddedPostgres, EmbeddedSettings
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def tmp_path():
+    """A data dir parent the embedded server's system user can reach when run as root (pytest's
+    own temporary base is 0700 and e2a changes nothing outside its data dir)."""
+    import shutil
+
+    from tests.support.dirs import reachable_tmpdir
+
+    path = reachable_tmpdir("e2a-admin-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def run_admin(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -64,6 +78,9 @@ async def test_bootstrap_prints_three_lines_and_the_key_authenticates(tmp_path):
     m_secret = re.fullmatch(r"Signing secret: ([0-9a-f]{64}) \(id=(wsec_[0-9a-f]{32})\)", lines[2])
     assert m_user and m_key and m_secret, proc.stdout
     assert "only once" in proc.stderr
+    # the Standard Webhooks form (stderr: stdout stays the three lines of the contract)
+    whsec = "whsec_" + base64.b64encode(m_secret.group(1).encode("ascii")).decode("ascii")
+    assert f"Standard Webhooks libraries take the signing secret as: {whsec}\n" in proc.stderr
     master = resolve_master_key(Config(data_dir=str(tmp_path / "data")))
 
     async def check(db):
@@ -126,8 +143,60 @@ def test_check_config_json_shows_redacted_config_and_dns_records(tmp_path):
     report = json.loads(proc.stdout)
     assert report["ok"] is True and report["errors"] == []
     assert report["config"]["signing"]["hmac_secret"] == "***"
+    assert report["sources"] == {
+        "config_file": None, "env_keys": ["E2A_DATA_DIR", "E2A_HMAC_SECRET", "E2A_SHARED_DOMAIN", "E2A_SMTP_DOMAIN"]
+    }
     records = report["dns_records"]
-    assert records[0] == {"type": "MX", "name": "agents.example.net", "value": "mx.example.net", "priority": 10}
-    assert [r["name"] for r in records[1:]] == ["e2a._domainkey.agents.example.net", "e2a._domainkey.mx.example.net"]
-    assert all("generated at first start" in r["note"] for r in records[1:])
+    mx = records[0]
+    assert (mx["type"], mx["name"], mx["value"], mx["priority"]) == ("MX", "agents.example.net", "mx.example.net", 10)
+    assert mx["zone_line"] == "agents.example.net.\t3600\tIN\tMX\t10 mx.example.net."
+    assert [(r["domain"], r["purpose"]) for r in records] == [
+        ("agents.example.net", "mx"), ("agents.example.net", "spf"), ("agents.example.net", "dkim"),
+        ("agents.example.net", "dmarc"), ("mx.example.net", "spf"), ("mx.example.net", "dkim"),
+        ("mx.example.net", "dmarc"),
+    ]
+    dkim = [r for r in records if r["purpose"] == "dkim"]
+    assert [r["name"] for r in dkim] == ["e2a._domainkey.agents.example.net", "e2a._domainkey.mx.example.net"]
+    assert all("when the server starts" in r["note"] for r in dkim)
     assert not (tmp_path / "data" / "master.key").exists()  # checking creates nothing
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_config_text_prints_pasteable_records_and_custom_domain(tmp_path):
+    """Text output: zone-file lines per domain; --domain D prints D's records incl. the verification TXT."""
+    env = {"E2A_SHARED_DOMAIN": "agents.example.net", "E2A_SMTP_DOMAIN": "mx.example.net"}
+    proc = await threads.deferToThread(run_admin, tmp_path, "check-config", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "  environment: E2A_DATA_DIR, E2A_SHARED_DOMAIN, E2A_SMTP_DOMAIN" in proc.stdout
+    lines = proc.stdout.splitlines()
+    assert "agents.example.net.\t3600\tIN\tMX\t10 mx.example.net." in lines
+    assert "agents.example.net.\t3600\tIN\tTXT\t\"v=spf1 -all\"" in lines
+    assert "_dmarc.agents.example.net.\t3600\tIN\tTXT\t\"v=DMARC1; p=none\"" in lines
+
+    proc = await threads.deferToThread(run_admin, tmp_path, "bootstrap", "--email", "ops@example.com", env=env)
+    assert proc.returncode == 0, proc.stderr
+    master = resolve_master_key(Config(data_dir=str(tmp_path / "data")))
+
+    async def claim(db):
+        from datetime import UTC, datetime
+
+        from e2a.store import domains
+
+        user = await db.fetchone("SELECT id FROM users WHERE email = 'ops@example.com'")
+        return await domains.claim_domain(
+            db, user["id"], "corp.example", master_key=master, takeover_hours=72, now=datetime.now(UTC)
+        )
+
+    stored = await _with_db(tmp_path, claim)
+    proc = await threads.deferToThread(run_admin, tmp_path, "check-config", "--domain", "Corp.Example.", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "; ---- corp.example" in lines and "; ---- agents.example.net" not in lines
+    assert "corp.example.\t3600\tIN\tMX\t10 mx.example.net." in lines
+    assert f"corp.example.\t3600\tIN\tTXT\t\"{stored.verification_token}\"" in lines
+    dkim = [line for line in lines if line.startswith(f"{stored.dkim_selector}._domainkey.corp.example.\t")]
+    assert len(dkim) == 1 and dkim[0].count('" "') == 1  # two DNS strings
+    assert "".join(re.findall(r'"([^"]*)"', dkim[0])) == f"v=DKIM1; k=rsa; p={stored.dkim_public_key}"
+
+    proc = await threads.deferToThread(run_admin, tmp_path, "check-config", "--domain", "unknown.example", env=env)
+    assert proc.returncode == 2 and "unknown.example is not registered" in proc.stderr

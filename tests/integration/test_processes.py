@@ -7,8 +7,6 @@ import os
 import re
 import signal
 import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 import pytest_twisted
@@ -19,6 +17,7 @@ from twisted.internet import reactor
 from e2a.config import Config
 from e2a.processes import ChildSpec, encode_spec, read_spec
 from tests.integration.test_twistd import REPO, TWISTD, _assert_clean_shutdown, _clean_env, _Collect, free_port
+from tests.support.dirs import reachable_tmpdir
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -57,7 +56,7 @@ def test_child_spec_round_trips_through_the_pipe_format():
 async def test_children_serve_the_shared_sockets_restart_and_stop_with_the_parent():
     """With processes=3 the two children answer on the parent's HTTP port even while the parent
     is stopped (SIGSTOP), a SIGKILLed child is replaced, and SIGTERM stops all three cleanly."""
-    workdir = Path(tempfile.mkdtemp(prefix="e2a-procs-"))
+    workdir = reachable_tmpdir("e2a-procs-")
     http_port = free_port()
     env = _clean_env(
         PYTHONPATH=str(REPO),

@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,8 @@ import treq
 
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.task import deferLater
+
+from tests.support.dirs import reachable_tmpdir
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -99,7 +100,7 @@ def _assert_clean_shutdown(code: int | str, output: str, data_dir: Path) -> None
 async def test_twistd_starts_without_config_and_stops_on_sigterm():
     """`twistd -n e2a` on a fresh directory: embedded DB, health 200, clean SIGTERM; a second
     start reuses the data directory."""
-    workdir = Path(tempfile.mkdtemp(prefix="e2a-twistd-"))
+    workdir = reachable_tmpdir("e2a-twistd-")
     env = _clean_env(PYTHONPATH=str(REPO))
     code, output = await _run_twistd([*TWISTD, "-n", "--pidfile=", "e2a"], workdir, env)
     _assert_clean_shutdown(code, output, workdir / "e2a-data")
@@ -114,7 +115,7 @@ async def test_twistd_starts_without_config_and_stops_on_sigterm():
 @pytest_twisted.ensureDeferred
 async def test_twistd_tac_file_runs_the_same_service():
     """`twistd -ny e2a.tac` builds the same service from $E2A_CONFIG."""
-    workdir = Path(tempfile.mkdtemp(prefix="e2a-tac-"))
+    workdir = reachable_tmpdir("e2a-tac-")
     config = workdir / "e2a.yaml"
     config.write_text(f"data_dir: {workdir / 'data'}\nshared_domain: agents.test\n")
     env = _clean_env(PYTHONPATH=str(REPO), E2A_CONFIG=str(config))
@@ -127,7 +128,7 @@ async def test_twistd_tac_file_runs_the_same_service():
 @pytest_twisted.ensureDeferred
 async def test_twistd_refuses_bad_config_with_exit_2():
     """A broken config names every bad key and exits 2 before anything starts."""
-    workdir = Path(tempfile.mkdtemp(prefix="e2a-badcfg-"))
+    workdir = reachable_tmpdir("e2a-badcfg-")
     (workdir / "e2a.yaml").write_text("smtp:\n  max_recipients: lots\nbogus_key: 1\n")
     result = await deferToProcess(
         [sys.executable, *TWISTD, "-n", "--pidfile=", "e2a", "--config", str(workdir / "e2a.yaml")],
@@ -150,7 +151,7 @@ async def deferToProcess(argv: list[str], cwd: Path, env: dict[str, str]) -> tup
 async def test_installed_wheel_provides_plugin_and_schema():
     """From a built wheel (not the source tree): the twistd plugin is found and the schema
     ships inside the distribution."""
-    build = Path(tempfile.mkdtemp(prefix="e2a-wheel-"))
+    build = reachable_tmpdir("e2a-wheel-")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(build / "dist"), str(REPO)],
         check=True,
@@ -168,6 +169,7 @@ async def test_installed_wheel_provides_plugin_and_schema():
     assert not (target / "twisted" / "__init__.py").exists()
     assert not (target / "twisted" / "plugins" / "__init__.py").exists()
     assert (target / "e2a" / "schema" / "0001_init.sql").exists()
+    assert (target / "e2a" / "api" / "openapi.json").exists()  # served at GET /api/openapi.json
     workdir = build / "run"
     workdir.mkdir()
     env = _clean_env(PYTHONPATH=str(target))
@@ -182,7 +184,7 @@ async def test_twistd_logs_json_when_logging_format_is_json():
     twistd's own start-up line to "Server Shut Down"; shutdown stays clean."""
     import json
 
-    workdir = Path(tempfile.mkdtemp(prefix="e2a-json-"))
+    workdir = reachable_tmpdir("e2a-json-")
     env = _clean_env(PYTHONPATH=str(REPO), E2A_LOGGING_FORMAT="json", E2A_LOGGING_LEVEL="info")
     code, output = await _run_twistd([*TWISTD, "-n", "--pidfile=", "e2a"], workdir, env)
     _assert_clean_shutdown(code, output, workdir / "e2a-data")

@@ -10,7 +10,10 @@ from twisted.internet import defer, task
 
 from e2a.config import WebhooksConfig
 from e2a.delivery import worker
-from e2a.delivery.backpressure import MAX_WAIT, Backpressure, gate_closed
+from e2a.delivery.backpressure import MAX_WAIT, Backpressure, gate_closed, held_agents
+
+A = "stuck@acme.test"
+B = "other@acme.test"
 
 
 @pytest.mark.parametrize(
@@ -48,8 +51,8 @@ def _gate(**kw: Any) -> tuple[task.Clock, Backpressure]:
 def test_wait_returns_at_once_while_open():
     """Below high water nothing waits, and nobody is counted as waiting."""
     _clock, bp = _gate()
-    bp.update(99)
-    d = bp.wait()
+    bp.update({A: 99})
+    d = bp.wait([A])
     assert d.called and d.result == 0.0
     assert bp.waited == 0
 
@@ -57,15 +60,15 @@ def test_wait_returns_at_once_while_open():
 def test_wait_holds_until_backlog_reaches_low_water():
     """Closed at 100; a drop to 70 keeps holding; 50 releases every waiter with its wait time."""
     clock, bp = _gate()
-    bp.update(150)
+    bp.update({A: 150})
     assert bp.holding
-    first = bp.wait()
+    first = bp.wait([A])
     clock.advance(1.0)
-    second = bp.wait()
-    bp.update(70)
+    second = bp.wait([A])
+    bp.update({A: 70})
     clock.advance(1.0)
     assert not first.called and not second.called and bp.waiting == 2
-    bp.update(50)
+    bp.update({A: 50})
     assert first.result == pytest.approx(2.0) and second.result == pytest.approx(1.0)
     assert bp.waiting == 0 and bp.expired == 0 and not clock.getDelayedCalls()
 
@@ -73,42 +76,42 @@ def test_wait_holds_until_backlog_reaches_low_water():
 def test_wait_gives_up_after_max_wait_and_accepts_anyway():
     """A backlog that never drains holds each accept for max_wait, then lets it through."""
     clock, bp = _gate(stale_after=60.0)
-    bp.update(1000)
-    d = bp.wait()
+    bp.update({A: 1000})
+    d = bp.wait([A])
     clock.advance(4.9)
     assert not d.called
     clock.advance(0.1)
     assert d.result == pytest.approx(5.0)
     assert bp.expired == 1 and bp.waiting == 0
     assert bp.holding  # the gate itself stays closed: the next accept waits again
-    assert not bp.wait().called
+    assert not bp.wait([A]).called
 
 
 def test_cancelled_wait_withdraws_without_error():
     """An SMTP timeout or disconnect cancels the wait: no timer left, no failure logged later."""
     clock, bp = _gate()
-    bp.update(1000)
-    d = bp.wait()
+    bp.update({A: 1000})
+    d = bp.wait([A])
     d.addErrback(lambda f: f.trap(defer.CancelledError))
     d.cancel()
     assert bp.waiting == 0 and not clock.getDelayedCalls()
-    bp.update(0)  # releasing after the cancel must not fire d twice
+    bp.update({A: 0})  # releasing after the cancel must not fire d twice
 
 
 def test_stale_estimate_does_not_hold():
     """An estimate nobody refreshed for stale_after seconds counts as open."""
     clock, bp = _gate(stale_after=5.0)
-    bp.update(1000)
+    bp.update({A: 1000})
     clock.advance(5.1)
     assert not bp.holding
-    assert bp.wait().called
+    assert bp.wait([A]).called
 
 
 def test_open_releases_waiters_and_forgets_the_estimate():
     """Stopping the worker opens the gate: waiters go ahead, new accepts do not wait."""
     _clock, bp = _gate()
-    bp.update(1000)
-    d = bp.wait()
+    bp.update({A: 1000})
+    d = bp.wait([A])
     bp.open()
     assert d.called and not bp.holding
 
@@ -119,7 +122,7 @@ def test_refresh_is_rate_limited_and_single_flight():
     assert bp.refresh_due()
     bp.begin_refresh()
     assert not bp.refresh_due()
-    bp.update(10)
+    bp.update({A: 10})
     assert not bp.refresh_due()
     clock.advance(0.06)
     assert bp.refresh_due()
@@ -142,14 +145,15 @@ def test_worker_wakeups_feed_the_gate(monkeypatch):
     backlog = [150]
     counts: list[int] = []
 
-    async def count_due(db: Any, now: Any, cap: int) -> int:
-        counts.append(cap)
-        return min(backlog[0], cap)
+    async def due_by_agent(db: Any, now: Any, scan: int, min_count: int) -> dict[str, int]:
+        counts.append(scan)
+        n = min(backlog[0], scan)
+        return {A: n} if n >= min_count else {}
 
     async def claim_due(*args: Any) -> list[Any]:
         return []
 
-    monkeypatch.setattr(worker.deliveries, "count_due", count_due)
+    monkeypatch.setattr(worker.deliveries, "due_by_agent", due_by_agent)
     monkeypatch.setattr(worker.deliveries, "claim_due", claim_due)
 
     class NoClient:
@@ -161,8 +165,8 @@ def test_worker_wakeups_feed_the_gate(monkeypatch):
         None, None, None, WebhooksConfig(), False, b"k" * 32, clock, clock, client=NoClient(), backpressure=bp
     )
     defer.ensureDeferred(svc.start())
-    assert counts == [200] and bp.holding
-    waiter = bp.wait()
+    assert counts == [bp.scan_limit] and bp.holding
+    waiter = bp.wait([A])
     svc.wake()
     svc.wake()  # within refresh_interval: no second count
     assert len(counts) == 1
@@ -171,4 +175,46 @@ def test_worker_wakeups_feed_the_gate(monkeypatch):
     svc.wake()
     assert len(counts) == 2 and waiter.called and not bp.holding
     d = defer.ensureDeferred(svc.stop())
+    assert d.called
+
+
+@pytest.mark.parametrize(
+    ("held", "backlogs", "expected"),
+    [
+        (set(), {}, set()),
+        (set(), {A: 100}, {A}),  # one agent reaches high water: only its gate closes
+        (set(), {A: 100, B: 99}, {A}),
+        ({A}, {A: 70, B: 100}, {A, B}),  # between the marks: A stays closed
+        ({A, B}, {B: 100}, {B}),  # A absent from the count: no backlog, its gate opens
+        ({A}, {A: 50}, set()),  # down to low water
+    ],
+)
+def test_held_agents_applies_hysteresis_per_agent(held, backlogs, expected):
+    """Each agent's gate follows its own backlog (high 100, low 50), never another agent's."""
+    assert held_agents(held, backlogs, 100, 50) == expected
+
+
+def test_stuck_agent_holds_only_its_own_mail():
+    """Issue 15.4: A's backlog holds mail to A (and mail to A and B); mail to B alone goes at once."""
+    clock, bp = _gate()
+    bp.update({A: 1000})
+    assert bp.holds([A]) and bp.holds([B, A.upper()]) and not bp.holds([B])
+    only_b = bp.wait([B])
+    assert only_b.called and only_b.result == 0.0
+    both = bp.wait([B, A])
+    assert not both.called
+    bp.update({A: 1000, B: 10})
+    assert not both.called
+    bp.update({B: 10})  # A drained
+    assert both.called and bp.waiting == 0
+
+
+def test_release_waits_for_every_held_recipient():
+    """A waiter for A and B is released only when both gates are open."""
+    clock, bp = _gate()
+    bp.update({A: 200, B: 200})
+    d = bp.wait([A, B])
+    bp.update({A: 10, B: 200})
+    assert not d.called
+    bp.update({A: 10, B: 10})
     assert d.called

@@ -51,6 +51,9 @@ CASES = [
     ("no header section", b"\r\nbody\r\n.\r\n", 11, None, b"\r\nbody\r\n"),
     ("colon in name", b"::\r\n\r\n.\r\n", 9, DataVerdict.HEADER_MALFORMED, None),
     ("body not checked", b"A: b\r\n\r\nnot a header\r\n.\r\n", 25, None, b"A: b\r\n\r\nnot a header\r\n"),
+    # issue 15.7: a first line starting with SP/TAB continues nothing (it would join e2a's Received:)
+    ("leading space line", b" x: y\r\nA: b\r\n\r\n.\r\n", 18, DataVerdict.HEADER_MALFORMED, None),
+    ("leading tab line", b"\tfor <v@x>; evil\r\nA: b\r\n\r\n.\r\n", 29, DataVerdict.HEADER_MALFORMED, None),
 ]
 
 

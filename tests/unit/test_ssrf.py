@@ -197,6 +197,10 @@ REFUSED_ADDRESSES = [
     "64:ff9b::7f00:1", "64:ff9b::127.0.0.1", "64:ff9b::a9fe:a9fe", "64:ff9b::c0a8:101",
     "2002:7f00:1::", "2002:7f00:1::1", "2002:a00:1::", "2002:a9fe:a9fe::1",
     "2002:c0a8:0101::", "2002::1",
+    # IPv4-translated ::ffff:0:0:0/96 (SIIT), refused whatever IPv4 address it carries
+    "::ffff:0:7f00:1", "::ffff:0:127.0.0.1", "::ffff:0:a00:1", "::ffff:0:a9fe:a9fe",
+    "::ffff:0:808:808", "::ffff:0:8.8.8.8", "::ffff:0:0:0", "::ffff:0:ffff:ffff",
+    "0:0:0:0:ffff:0:101:101",
     # not an address at all
     "", "localhost", "example.com", "1.2.3", "fe80::1%eth0",
 ]
@@ -215,6 +219,8 @@ PUBLIC_ADDRESSES = [
     "2001:4860:4860::8888", "2606:4700:4700::1111", "2001:200::1", "2a00:1450:4001::1",
     "::ffff:8.8.8.8", "64:ff9b::808:808", "64:ff9b::8.8.8.8", "2002:808:808::1",
     "2003::1", "fbff::1",
+    # just outside the IPv4-translated range
+    "0:0:0:1:ffff::808:808",
 ]
 
 
@@ -222,3 +228,63 @@ PUBLIC_ADDRESSES = [
 def test_is_public_address_accepts_public(ip):
     """Public unicast (and embedded public IPv4) is allowed; boundaries of ranges included."""
     assert is_public_address(ip) is True
+
+
+# ---- the webhooks.allow_private hint (issue: local webhooks refused without a hint) -------------
+
+PRIVATE_URLS = [
+    "http://127.0.0.1:8080/hook",
+    "http://[::1]:9000/",
+    "http://localhost:9000/",
+    "http://sink.localhost/",
+]
+
+
+@pytest.mark.parametrize("url", PRIVATE_URLS)
+def test_check_webhook_url_hints_allow_private_in_development(url):
+    """A loopback webhook refused in development names webhooks.allow_private in the message."""
+    with pytest.raises(BadRequest) as info:
+        check_webhook_url(url, production=False, allow_private=False)
+    assert info.value.code == "invalid_webhook_url"
+    assert "webhooks.allow_private" in info.value.message
+
+
+@pytest.mark.parametrize("url", [u.replace("http://", "https://") for u in PRIVATE_URLS])
+def test_check_webhook_url_no_hint_in_production(url):
+    """Production refuses the same URLs without mentioning a key it does not allow."""
+    with pytest.raises(BadRequest) as info:
+        check_webhook_url(url, production=True, allow_private=False)
+    assert info.value.code == "invalid_webhook_url"
+    assert "allow_private" not in info.value.message
+
+
+@pytest.mark.parametrize("url", ["ftp://hooks.example.com/", "https://hooks.example.com/#f", "https://h/"])
+def test_check_webhook_url_no_hint_for_other_rules(url):
+    """Rules that allow_private would not lift carry no hint, even in development."""
+    with pytest.raises(BadRequest) as info:
+        check_webhook_url(url, production=False, allow_private=False)
+    assert "allow_private" not in info.value.message
+
+
+class _LoopbackDns:
+    async def lookup_addresses(self, name: str) -> list[str]:
+        return ["127.0.0.1"]
+
+
+@pytest.mark.parametrize(("production", "hinted"), [(False, True), (True, False)])
+def test_validate_webhook_url_hint_for_name_resolving_private(production, hinted):
+    """A DNS name resolving to loopback: the hint in development only."""
+    from twisted.internet import defer
+
+    from e2a.delivery.ssrf import validate_webhook_url
+
+    d = defer.ensureDeferred(
+        validate_webhook_url(_LoopbackDns(), "https://sink.example.com/", production=production, allow_private=False)
+    )
+    failures = []
+    d.addErrback(failures.append)
+    (failure,) = failures
+    err = failure.value
+    assert isinstance(err, BadRequest) and err.code == "invalid_webhook_url"
+    assert err.message.startswith("blocked address")
+    assert ("webhooks.allow_private" in err.message) is hinted

@@ -1,0 +1,141 @@
+"""Issue 15.4: one tenant's stuck webhook slows only its own mail.
+
+The attack: a user's cloud agent whose webhook never answers, plus 150 mails to it. With the
+global gate every other user's cloud-agent mail then waited ``max_wait`` (5 s) for its 250.
+Here the whole path runs on 127.0.0.1 and the real reactor clock: SMTP → InboundPipeline →
+PostgreSQL → DeliveryService → webhook sinks (one never answers, one answers 200 at once).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest_twisted
+
+from twisted.internet import defer, reactor
+from twisted.web import resource, server
+
+from e2a.config import WebhooksConfig
+from e2a.delivery.backpressure import Backpressure
+from e2a.delivery.worker import DeliveryService
+from e2a.mailauth.dns import DnsClient
+from e2a.store import accounts
+from tests.support.apiserver import TEST_MASTER_KEY
+from tests.support.inboundstack import DOMAIN, InboundStack, message, send
+from tests.support.waiting import wait_for
+
+STUCK = f"stuck@{DOMAIN}"
+VICTIM = f"victim@{DOMAIN}"
+ATTACK_MAILS = 150
+VICTIM_BOUND = 1.5  # seconds to the victim's 250 (5 s = max_wait before the fix)
+
+
+class _Hook(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, hang: bool) -> None:
+        super().__init__()
+        self.hang = hang
+        self.bodies: list[bytes] = []
+        self.hanging: list[Any] = []
+
+    def render_POST(self, request):  # noqa: N802 - twisted.web API
+        self.bodies.append(request.content.read())
+        if self.hang:
+            self.hanging.append(request)
+            request.notifyFinish().addErrback(lambda _: None)
+            return server.NOT_DONE_YET
+        return b"ok"
+
+
+@pytest_twisted.async_yield_fixture
+async def env(db):
+    stack = await InboundStack(db).setup({"stuck": "cloud"})
+    other = await accounts.bootstrap(db, TEST_MASTER_KEY, "other-tenant@example.com")
+    await stack.add_agents({"victim": "cloud"}, user_id=other.user.id)
+    hooks = {"stuck": _Hook(hang=True), "victim": _Hook(hang=False)}
+    ports = {}
+    for name, hook in hooks.items():
+        site = server.Site(hook)
+        site.noisy = False
+        ports[name] = reactor.listenTCP(0, site, interface="127.0.0.1")
+        await db.execute(
+            "UPDATE agents SET webhook_url = %s WHERE id = %s",
+            (f"http://127.0.0.1:{ports[name].getHost().port}/hook", f"{name}@{DOMAIN}"),
+        )
+    bp = Backpressure(reactor, high_water=64, low_water=32, max_wait=5.0)
+    svc = DeliveryService(
+        db, None, DnsClient([("127.0.0.1", 9)], timeout=1, reactor=reactor),
+        WebhooksConfig(allow_private=True, timeout=60), False, TEST_MASTER_KEY, reactor, reactor,
+        poll_interval=0.1, backpressure=bp,
+    )
+    stack.pipeline.backpressure = bp
+    stack.pipeline.fresh_jobs = svc
+    await svc.start()
+    yield stack, bp, hooks
+    bp.open()
+    for hook in hooks.values():
+        for request in hook.hanging:
+            if request.channel is not None:
+                request.channel.transport.abortConnection()
+    await svc.stop()
+    await stack.close()
+    for port in ports.values():
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stuck_tenant_backlog_does_not_slow_other_tenants(env, db):
+    """150 mails to a never-answering webhook close that agent's gate; another tenant's
+    cloud-agent mail still gets its 250 at once and is delivered exactly once, while new
+    mail to the stuck agent waits."""
+    stack, bp, hooks = env
+    port = stack.listen()
+    accepts = [
+        defer.Deferred.fromCoroutine(stack.pipeline.accept(_Envelope((STUCK,)), message(f"<a{i}@x>")))
+        for i in range(ATTACK_MAILS)
+    ]
+    await defer.gatherResults(accepts)
+
+    async def holding() -> bool:
+        return bp.holding
+
+    await wait_for(holding, timeout=10, step=0.02)
+
+    started = time.perf_counter()
+    reply = await send(port, "alice@example.com", [VICTIM], message("<victim@x>"))
+    victim_latency = time.perf_counter() - started
+    print(f"\nvictim 250 after {victim_latency:.3f} s with the stuck tenant's gate closed")
+    assert reply.code == 250, reply
+    assert victim_latency < VICTIM_BOUND
+
+    async def delivered() -> bool:
+        row = await db.fetchone(
+            "SELECT count(*) AS n FROM deliveries WHERE agent_id = %s AND status = 'delivered'", (VICTIM,)
+        )
+        return row["n"] == 1
+
+    await wait_for(delivered, timeout=10, step=0.05)
+    assert len(hooks["victim"].bodies) == 1  # exactly once
+
+    # The stuck agent's own new mail is still held back (before its 250).
+    held = defer.Deferred.fromCoroutine(send(port, "alice@example.com", [STUCK], message("<more@x>")))
+
+    async def waiting() -> bool:
+        return bp.waiting == 1
+
+    await wait_for(waiting, timeout=10, step=0.02)
+    assert not held.called
+    bp.open()  # release it (the fixture stops the worker)
+    assert (await held).code == 250
+
+
+class _Envelope:
+    def __init__(self, recipients: tuple[str, ...]) -> None:
+        self.recipients = recipients
+        self.client_ip = "127.0.0.1"
+        self.helo = "client.example"
+        self.helo_kind = "EHLO"
+        self.tls = False
+        self.mail_from = "alice@example.com"

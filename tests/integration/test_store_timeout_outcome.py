@@ -1,0 +1,140 @@
+"""Issue 15.2: the reply at ``smtp.store_timeout`` follows the transaction's real outcome.
+
+The attack: make storing slow (a lock held by someone else, or a reactor busy with another
+sender's CPU work while a statement's answer is pending) so ``store_timeout`` fires mid-
+transaction. Before the fix the session answered 451 at once while the accept coroutine went
+on and committed (txpostgres' cancel raises ``_CancelInProgress`` and stops nothing): the
+sender retried a message that was already stored. Now every reply matches the rows.
+"""
+
+from __future__ import annotations
+
+import psycopg2
+import pytest
+import pytest_twisted
+
+from twisted.internet import defer, reactor, task
+
+from e2a.store.database import BatchTxn
+from tests.support.inboundstack import DOMAIN, InboundStack, message, send
+
+BOT = f"bot@{DOMAIN}"
+STORE_TIMEOUT = 1
+
+
+@pytest_twisted.async_yield_fixture
+async def stack(db):
+    s = await InboundStack(db).setup({"bot": "local", "other": "local"})
+    yield s
+    await s.close()
+
+
+async def _copies(db, message_id: str) -> int:
+    row = await db.fetchone("SELECT count(*) AS n FROM messages WHERE email_message_id = %s", (message_id,))
+    return int(row["n"])
+
+
+def _stall_reactor(dsn: str, seconds: float) -> None:
+    """Block the reactor thread like a CPU-heavy accept of another sender would (a slow
+    statement on a connection of the test's own, made slow on purpose)."""
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_sleep(%s)", (seconds,))
+    finally:
+        conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_store_timeout_while_write_blocked_by_lock_rolls_back_then_451(stack, db, db_dsn):
+    """A lock held elsewhere blocks the commit past store_timeout: the write is cancelled in
+    PostgreSQL, 451, and no copy exists — not even after the lock goes away."""
+    port = stack.listen(store_timeout=STORE_TIMEOUT)
+    holder = psycopg2.connect(db_dsn)
+    try:
+        with holder.cursor() as cur:
+            # INSERT INTO messages checks its agent FK with FOR KEY SHARE: blocked by this lock.
+            cur.execute("SELECT id FROM agents WHERE id = %s FOR UPDATE", (BOT,))
+        reply = await send(port, "alice@example.com", [BOT, f"other@{DOMAIN}"], message("<locked@x>"))
+        assert reply.code == 451 and reply.enhanced == "4.3.0", reply
+    finally:
+        holder.rollback()
+        holder.close()
+    await task.deferLater(reactor, 0.3, lambda: None)  # a torn commit would show up now
+    assert await _copies(db, "<locked@x>") == 0
+    # The pooled connection whose statement was cancelled is sound: the retry is stored.
+    reply = await send(port, "alice@example.com", [BOT], message("<locked@x>"))
+    assert reply.code == 250, reply
+    assert await _copies(db, "<locked@x>") == 1
+
+
+@pytest.mark.parametrize(("where", "expected"), [("read", 451), ("commit", 250)])
+@pytest_twisted.ensureDeferred
+async def test_store_timeout_with_answer_pending_reply_matches_rows(stack, db, db_dsn, monkeypatch, where, expected):
+    """store_timeout expires while a statement's answer waits behind a busy reactor: a read
+    → the transaction stops before its writes (451, 0 rows); the commit → it won the race
+    (250 with the stored id). Never 451 for stored copies (the old behaviour)."""
+    port = stack.listen(store_timeout=STORE_TIMEOUT)
+    stalled: list[str] = []
+    reads: list[str] = []
+    original_read, original_flush = BatchTxn.fetchall_prepared, BatchTxn.flush
+
+    async def read(self, statement, params):
+        d = defer.Deferred.fromCoroutine(original_read(self, statement, params))  # query sent now
+        reads.append(statement.name)
+        # The second recipient's read: the first one's answer came back through the reactor,
+        # so the session's store timer is running (the accept starts synchronously).
+        if where == "read" and not stalled and reads.count("e2a_inbound_context") == 2:
+            stalled.append(where)
+            _stall_reactor(db_dsn, STORE_TIMEOUT + 0.5)
+        return await d
+
+    async def flush(self):
+        d = defer.Deferred.fromCoroutine(original_flush(self))  # the writes are sent now
+        if where == "commit" and not stalled:
+            stalled.append(where)
+            _stall_reactor(db_dsn, STORE_TIMEOUT + 0.5)
+        return await d
+
+    monkeypatch.setattr(BatchTxn, "fetchall_prepared", read)
+    monkeypatch.setattr(BatchTxn, "flush", flush)
+    reply = await send(port, "alice@example.com", [BOT, f"other@{DOMAIN}"], message(f"<{where}@x>"))
+    assert stalled == [where]
+    await task.deferLater(reactor, 0.3, lambda: None)
+    copies = await _copies(db, f"<{where}@x>")
+    assert reply.code == expected, reply
+    if reply.code == 250:
+        assert copies == 2
+        first = reply.text.rsplit(" ", 1)[1]
+        assert await db.fetchone("SELECT id FROM messages WHERE id = %s", (first,)) is not None
+    else:
+        assert copies == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_lock_released_around_store_timeout_replies_match_rows(stack, db, db_dsn):
+    """20 messages, staggered, all blocked by a lock that goes away near their store_timeout:
+    whatever mix of 250 and 451 comes out, 0 mismatches between replies and stored rows."""
+    port = stack.listen(store_timeout=STORE_TIMEOUT)
+    holder = psycopg2.connect(db_dsn)
+    with holder.cursor() as cur:
+        cur.execute("SELECT id FROM agents WHERE id = %s FOR UPDATE", (BOT,))
+    reactor.callLater(STORE_TIMEOUT + 0.1, holder.rollback)
+    sends = []
+    for i in range(20):
+        sends.append(defer.Deferred.fromCoroutine(
+            send(port, "alice@example.com", [BOT, f"other@{DOMAIN}"], message(f"<race{i}@x>"))
+        ))
+        await task.deferLater(reactor, 0.01, lambda: None)
+    replies = await defer.gatherResults(sends)
+    holder.close()
+    await task.deferLater(reactor, 0.3, lambda: None)
+    mismatches = []
+    for i, reply in enumerate(replies):
+        copies = await _copies(db, f"<race{i}@x>")
+        if (reply.code, copies) not in ((250, 2), (451, 0)):
+            mismatches.append((i, reply.code, copies))
+    codes = [r.code for r in replies]
+    print(f"\n250: {codes.count(250)}, 451: {codes.count(451)}, mismatches: {len(mismatches)}")
+    assert set(codes) <= {250, 451}
+    assert mismatches == []
