@@ -165,11 +165,23 @@ def bounded_prefix(value: str, max_addresses: int = MAX_PARSED_ADDRESSES, max_ch
 
 def parse_address_list(values: Sequence[str]) -> list[str] | None:
     """Addresses of one or more header values, at most ``MAX_LISTED_ADDRESSES``; the parse
-    cost is bounded per value (:func:`bounded_prefix`)."""
+    cost is bounded per field, not per value (:func:`bounded_prefix` with one budget shared by
+    all the values): ``getaddresses`` joins its values into one string and its cost grows
+    faster than linearly with that string, so twelve 8 KiB ``To:`` lines of ``@`` cost 0.85 s
+    of CPU with a per-value bound, 30 ms with this one."""
     if not values:
         return None
+    chars, entries = MAX_PARSED_CHARS, MAX_PARSED_ADDRESSES
+    parts: list[str] = []
+    for value in values[:MAX_PARSED_ADDRESSES]:
+        if chars <= 0 or entries <= 0:
+            break
+        part = bounded_prefix(value, max_addresses=entries, max_chars=chars)
+        parts.append(part)
+        chars -= len(part) + 2  # getaddresses joins the values with ", "
+        entries -= part.count(",") + 1
     try:
-        pairs = getaddresses([bounded_prefix(v) for v in values[:MAX_PARSED_ADDRESSES]])
+        pairs = getaddresses(parts)
     except Exception:  # malformed input, or RecursionError for deeply nested comments
         return None
     addrs = [addr for _name, addr in pairs if addr and _ADDR_RE.match(addr)]

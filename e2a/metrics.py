@@ -1,8 +1,8 @@
 """Prometheus metrics (``GET /metrics``, api.md §3.3) and usage events (``usage.tracking``).
 
 Why one object per process, injected: the composition root (e2a/service.py) builds one
-:class:`E2AMetrics` and hands it to the SMTP factory, the inbound pipeline, the send service
-and the two workers as their ``metrics`` attribute; their call sites are one line each
+:class:`E2AMetrics` and hands it to the SMTP factory, the inbound pipeline, the send service,
+the reviewer notifier and the two workers as their ``metrics`` attribute; their call sites are one line each
 (``metrics_of(self).…``). Nothing uses ``prometheus_client``'s global default registry, so two
 services in one test process (the cross-process tests) never share counters, and an object
 built without a service (unit tests) counts into :data:`NO_METRICS`, which nobody scrapes.

@@ -178,6 +178,9 @@ class E2AService(service.Service):
         self.events = EventListener(self.dsn, self.reactor)
         await self.events.start()
         self._stoppers.append(self.events.stop)
+        # LISTEN lost and back: the server probably restarted, so idle pooled connections are stale
+        # (in every process; with processes: N only the parent supervises the embedded server).
+        self.events.on_reconnect(self.db.discard_idle)
         if self.embedded is not None:
             # A dead postmaster is restarted; pooled and LISTEN connections then reconnect at once.
             from e2a.store.embedded import supervise
@@ -353,6 +356,7 @@ class E2AService(service.Service):
         deps.extras["send"].notifier = ReviewerNotifier(
             self.db, self.config, self.master_key, self.hmac_secret, self.reactor, self.reactor, self.blocking_pool
         )
+        deps.extras["send"].notifier.metrics = self.metrics
         deps.extras["hmac_secret"] = self.hmac_secret  # magic-link pages (e2a.api.magiclink_pages)
         from e2a.mailauth import dkimkeys
 
@@ -392,7 +396,21 @@ class E2AService(service.Service):
         self.inbound.metrics = self.metrics
         self.smtp_factory = SmtpFactory(smtp, AgentRecipients(self.db), self.inbound.accept, self.reactor, tls)
         self.smtp_factory.metrics = self.metrics
+        if tls is not None:  # renewed certificates are picked up without a restart (e2a.tlsreload)
+            self._watch_certificates(smtp)
         self.smtp_port = await self._listen("smtp", smtp.listen_addr, self.smtp_factory)
+
+    def _watch_certificates(self, smtp: Any) -> None:
+        from e2a.smtp.server import load_tls_options
+        from e2a.tlsreload import CertificateWatcher
+
+        def apply(context: Any) -> None:
+            self.smtp_factory.tls = context
+
+        watcher = CertificateWatcher(smtp.tls_cert, smtp.tls_key, load_tls_options, apply, self.reactor)
+        watcher.start()
+        self.tls_watcher = watcher
+        self._stoppers.append(watcher.stop)
 
     async def _listen(self, name: str, listen_addr: str, factory: Any) -> Any:
         """Bind ``listen_addr``, or, in a child process, serve the socket the parent bound."""

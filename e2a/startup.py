@@ -48,9 +48,7 @@ def _listener_key(exc: Any, config: Any) -> tuple[str, str]:
 
 
 def _oserror_text(exc: BaseException) -> str:
-    inner = exc
-    # CannotListenError wraps the socket error as .socketError
-    inner = getattr(exc, "socketError", None) or exc
+    inner = getattr(exc, "socketError", None) or exc  # CannotListenError wraps the socket error
     strerror = getattr(inner, "strerror", None)
     if strerror:
         return str(strerror).lower()
@@ -80,10 +78,10 @@ def describe_failure(exc: BaseException, config: Any, where: Sequence[str] = ())
         return EXIT_CONFIG, "config error: " + "; ".join(str(p) for p in problems)
     if isinstance(exc, CannotListenError):
         label, key = _listener_key(exc, config)
-        where = f"{exc.interface or '*'}:{exc.port}"
+        address = f"{exc.interface or '*'}:{exc.port}"
         reason = _oserror_text(exc)
         hint = " (another process uses it)" if getattr(exc.socketError, "errno", None) == errno.EADDRINUSE else ""
-        return EXIT_RUNTIME, f"cannot listen for {label} on {where}: {reason}{hint}; change {key}"
+        return EXIT_RUNTIME, f"cannot listen for {label} on {address}: {reason}{hint}; change {key}"
     if isinstance(exc, EmbeddedUnreachable):
         return EXIT_RUNTIME, str(exc)
     if isinstance(exc, EmbeddedPostgresError):
@@ -91,8 +89,11 @@ def describe_failure(exc: BaseException, config: Any, where: Sequence[str] = ())
         line = _first_line(str(exc))
         if line.startswith("embedded PostgreSQL"):
             return EXIT_RUNTIME, line
+        # the server's own reason, from the log tail the error carries, says more than pg_ctl's
+        fatal = [ln.strip() for ln in str(exc).splitlines() if "FATAL:" in ln or "PANIC:" in ln]
+        reason = f"{line}: {fatal[-1]}" if fatal else line
         return EXIT_RUNTIME, (
-            f"embedded PostgreSQL failed to start ({line}); see {pgdata}/postgres.log, "
+            f"embedded PostgreSQL failed to start ({reason}); see {pgdata}/postgres.log, "
             f"or set database.url to use another PostgreSQL"
         )
     if _is_database_error(exc):

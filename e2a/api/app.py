@@ -13,6 +13,7 @@ from typing import Any
 from klein import Klein
 from werkzeug.exceptions import MethodNotAllowed as WzMethodNotAllowed
 from werkzeug.exceptions import NotFound as WzNotFound
+from werkzeug.routing import RequestRedirect as WzRequestRedirect
 
 from twisted.logger import Logger
 from twisted.web.resource import Resource
@@ -49,6 +50,10 @@ class ApiApp:
     def __init__(self, deps: ApiDeps) -> None:
         self.deps = deps
         self.router = Klein()
+        # werkzeug would answer '//' in a path (or a %2F that decodes next to a '/') with a
+        # redirect exception that Klein does not handle: a 500 and a critical log line for any
+        # unauthenticated client. Without merging, such a path simply matches no route (404).
+        self.router.url_map.merge_slashes = False
         self._install_error_handlers()
         from e2a.api import (
             account,
@@ -82,7 +87,7 @@ class ApiApp:
                 request.setHeader(name, value)
             return write_json(request, err.status, err.to_json())
 
-        @router.handle_errors(WzNotFound)
+        @router.handle_errors(WzNotFound, WzRequestRedirect)
         def not_found(request: Request, failure: Any) -> bytes:
             return write_json(request, 404, {"error": {"code": "not_found", "message": "no such route"}})
 

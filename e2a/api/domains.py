@@ -40,6 +40,61 @@ def token_found(records: list[str], token: str) -> bool:
     return any(token in record for record in records)
 
 
+async def add_user_domain(deps: Any, user_id: str, raw: str) -> Any:
+    """api.md §9.2 checks and claim, shared by the API route and the web console → Domain."""
+    config = deps.config
+    if not raw.strip():
+        raise BadRequest("domain is required", code="missing_field")
+    name = wire.normalise_domain(raw)
+    if name in reserved_domains(config):
+        raise BadRequest(f"domain {name} is reserved by this deployment", code="reserved_domain")
+    now = datetime.fromtimestamp(deps.clock.seconds(), UTC)
+    return await domain_store.claim_domain(
+        deps.db,
+        user_id,
+        name,
+        master_key=deps.master_key,
+        takeover_hours=config.domains.claim_takeover_hours,
+        now=now,
+        keygen=deps.extras.get("dkim_keygen"),
+    )
+
+
+async def verify_user_domain(deps: Any, user_id: str, domain: str) -> Any:
+    """api.md §9.3, shared by the API route and the web console → the verified Domain.
+
+    Raises:
+        NotFound: ``domain_not_found``. BadRequest: ``dns_lookup_failed``.
+        PreconditionFailed: ``dns_record_not_found``.
+    """
+    db, config = deps.db, deps.config
+    name = wire.path_domain(domain)
+    if name is None:
+        raise _not_found()
+    found = await domain_store.get_user_domain(db, user_id, name)
+    if found is None:
+        raise _not_found()
+    if not found.verified and not config.domains.auto_verify:
+        if deps.dns is None:
+            raise BadRequest("DNS lookup failed: no resolver configured", code="dns_lookup_failed")
+        try:
+            records = await deps.dns.lookup_txt(name)
+        except DnsTemporaryError:
+            raise BadRequest(
+                f"DNS lookup of {name} failed temporarily; try again later",
+                code="dns_lookup_failed",
+            ) from None
+        if not token_found(records, found.verification_token):
+            raise PreconditionFailed(
+                f"TXT record not found: publish a TXT record at {name} with the value "
+                f"{found.verification_token}",
+                code="dns_record_not_found",
+            )
+    if not found.verified:
+        found = await domain_store.mark_verified(db, user_id, name)
+    return found
+
+
 def install(router: Klein, deps: Any) -> None:
     db = deps.db
     config = deps.config
@@ -62,51 +117,13 @@ def install(router: Klein, deps: Any) -> None:
     async def add_domain(request: Request) -> bytes:
         principal = await user_principal(request)
         body = json_body(request, JSON_CAP, optional=True)
-        raw = get_str(body, "domain")
-        if not raw.strip():
-            raise BadRequest("domain is required", code="missing_field")
-        name = wire.normalise_domain(raw)
-        if name in reserved_domains(config):
-            raise BadRequest(f"domain {name} is reserved by this deployment", code="reserved_domain")
-        now = datetime.fromtimestamp(deps.clock.seconds(), UTC)
-        domain = await domain_store.claim_domain(
-            db,
-            principal.user_id,
-            name,
-            master_key=deps.master_key,
-            takeover_hours=config.domains.claim_takeover_hours,
-            now=now,
-            keygen=deps.extras.get("dkim_keygen"),
-        )
+        domain = await add_user_domain(deps, principal.user_id, get_str(body, "domain"))
         return write_json(request, 201, body_of(domain))
 
     @router.route("/api/v1/domains/<domain>/verify", methods=["POST"])
     async def verify_domain(request: Request, domain: str) -> bytes:
         principal = await user_principal(request)
-        name = wire.path_domain(domain)
-        if name is None:
-            raise _not_found()
-        found = await domain_store.get_user_domain(db, principal.user_id, name)
-        if found is None:
-            raise _not_found()
-        if not found.verified and not config.domains.auto_verify:
-            if deps.dns is None:
-                raise BadRequest("DNS lookup failed: no resolver configured", code="dns_lookup_failed")
-            try:
-                records = await deps.dns.lookup_txt(name)
-            except DnsTemporaryError:
-                raise BadRequest(
-                    f"DNS lookup of {name} failed temporarily; try again later",
-                    code="dns_lookup_failed",
-                ) from None
-            if not token_found(records, found.verification_token):
-                raise PreconditionFailed(
-                    f"TXT record not found: publish a TXT record at {name} with the value "
-                    f"{found.verification_token}",
-                    code="dns_record_not_found",
-                )
-        if not found.verified:
-            found = await domain_store.mark_verified(db, principal.user_id, name)
+        found = await verify_user_domain(deps, principal.user_id, domain)
         assert found.verified_at is not None
         return write_json(
             request,

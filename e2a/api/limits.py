@@ -11,7 +11,7 @@ close that:
   previous response finished), and its body ``http.request_timeout`` seconds after that same
   moment. Bytes arriving do not move the deadline.
 * :class:`ConnectionGuard` — at most ``http.max_connections`` open HTTP connections, at most
-  ``http.max_connections_per_ip`` from one peer address (peers in ``http.trusted_proxies`` are
+  ``http.max_connections_per_ip`` from one peer address (an IPv6 peer by its /64; peers in ``http.trusted_proxies`` are
   exempt from the per-address cap: they carry many clients). An upgraded WebSocket keeps its
   slot until it closes, since it keeps its descriptor. Refusals get a short JSON answer and
   the socket is closed at once.
@@ -40,11 +40,13 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.web.http import HTTPChannel
 
 from e2a.errors import ConfigError
+from e2a.smtp.server import connection_key
 
 log = Logger()
 
 #: Descriptors kept for everything that is not an accepted connection or a pool connection:
-#: webhook attempts (up to 64 in flight per process) and their idle keep-alive connections,
+#: webhook attempts (up to 64 in flight per process) and their idle keep-alive connections (at
+#: most e2a.delivery.webhook.MAX_IDLE_CONNECTIONS),
 #: outbound SMTP sessions (up to 16), DNS sockets, log files, thread-pool and embedded
 #: PostgreSQL pipes.
 FD_MARGIN = 128
@@ -53,6 +55,8 @@ FD_MARGIN = 128
 DB_EXTRA_CONNECTIONS = 2
 #: Fewer HTTP connections than this and the API is not usable: refuse to start instead.
 MIN_HTTP_CONNECTIONS = 16
+#: Seconds an idle connection closed at its deadline may take to flush before it is reset.
+CLOSE_GRACE = 5.0
 #: A refusal is logged at most this often (seconds), with the count since the last line.
 REFUSAL_LOG_INTERVAL = 60.0
 
@@ -92,6 +96,7 @@ class DeadlineChannel(HTTPChannel):
     clock: Any
 
     _deadline: Any = None
+    _abort_call: Any = None
     _ready_at: float = 0.0
     _request_bytes = False
     timed_out = False
@@ -126,6 +131,9 @@ class DeadlineChannel(HTTPChannel):
 
     def connectionLost(self, reason: Any) -> None:  # noqa: N802 - Twisted API
         self._cancel()
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
+        self._abort_call = None
         super().connectionLost(reason)
 
     def _arm_head(self) -> None:
@@ -148,11 +156,19 @@ class DeadlineChannel(HTTPChannel):
             return
         if self._request_bytes or part == "body":
             # A client that dribbles is cut at once; nothing is owed to it.
-            log.info("HTTP request from {peer} not complete in time ({part}); closed",
+            log.debug("HTTP request from {peer} not complete in time ({part}); closed",
                      peer=_peer_host(transport), part=part)
             transport.abortConnection()
         else:
-            transport.loseConnection()  # an idle keep-alive connection: a plain close
+            # An idle keep-alive connection: a plain close, made certain after a grace period
+            # (a peer that does not read could otherwise keep unsent bytes, and the socket).
+            transport.loseConnection()
+            self._abort_call = self.clock.callLater(CLOSE_GRACE, self._abort)
+
+    def _abort(self) -> None:
+        self._abort_call = None
+        if self.transport is not None:
+            self.transport.abortConnection()
 
 
 # ---------------------------------------------------------------------- connection caps
@@ -209,7 +225,11 @@ class ConnectionGuard(WrappingFactory):
         self._last_log: float | None = None
 
     def buildProtocol(self, addr: Any) -> Any:  # noqa: N802 - Twisted API
-        host = getattr(addr, "host", "") or ""
+        # The bucket of SMTP's per-IP cap (mail.md §1.2): an IPv6 peer is its /64 (one client
+        # holds a whole /64, and would otherwise get a fresh cap per address), a mapped IPv4
+        # peer of a dual-stack listener is its IPv4 address.
+        raw_host = getattr(addr, "host", "") or ""
+        host = connection_key(raw_host)
         if self.open >= self.limits.max_connections:
             self.refused_total += 1
             self._note_refusal(f"{self.open} connections open (http.max_connections)")
@@ -218,7 +238,7 @@ class ConnectionGuard(WrappingFactory):
                 {"error": {"code": "unavailable", "message": "too many connections; retry later"}},
                 5,
             )
-        if self.per_ip[host] >= self.limits.max_connections_per_ip and not self._exempt(host):
+        if self.per_ip[host] >= self.limits.max_connections_per_ip and not self._exempt(raw_host):
             self.refused_per_ip += 1
             self._note_refusal(f"{self.per_ip[host]} connections from {host} (http.max_connections_per_ip)")
             return _Refusal(
@@ -242,9 +262,11 @@ class ConnectionGuard(WrappingFactory):
         if not self.limits.exempt:
             return False
         try:
-            ip = ipaddress.ip_address(host)
+            ip = ipaddress.ip_address(host.split("%", 1)[0])
         except ValueError:
             return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # a dual-stack listener's IPv4 peer: as listed, in IPv4
         return any(ip in net for net in self.limits.exempt)
 
     def _note_refusal(self, why: str) -> None:
@@ -295,7 +317,7 @@ class FdBudget:
 
     def describe(self) -> str:
         return (
-            f"open-file limit {self.limit}: {self.in_use} in use at start, "
+            f"{self.in_use} descriptors in use at start, "
             f"{self.smtp} smtp.max_connections, {self.database} database (database.pool_size + "
             f"{DB_EXTRA_CONNECTIONS}), {self.margin} margin, {self.http} HTTP connections"
         )

@@ -21,6 +21,8 @@ def save(data: dict[str, Any]) -> Path:
     """Write atomically; the file is created 0600 before any byte of the key is written."""
     path = config_path()
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.parent == Path.home() / ".e2a":
+        os.chmod(path.parent, 0o700)  # ours: also when it existed (an older CLI made it 0755)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -49,7 +51,7 @@ class Settings:
         saved = load()
         return cls(
             url=str(os.environ.get("E2A_URL") or saved.get("url") or DEFAULT_URL).rstrip("/"),
-            api_key=os.environ.get("E2A_API_KEY") or saved.get("api_key") or None,
+            api_key=str(os.environ.get("E2A_API_KEY") or saved.get("api_key") or "").strip() or None,
             agent_email=agent or os.environ.get("E2A_AGENT_EMAIL") or saved.get("agent_email") or None,
             shared_domain=str(saved.get("shared_domain") or ""),
         )

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from e2a.cli import config as cfg
-from e2a.v1.api import fetch_info
+from e2a.v1.api import fetch_info, resolve_api_key, resolve_base_url
 from e2a.v1.client import AsyncE2AClient, E2AClient
 from e2a.v1.errors import E2AApiError, E2AConnectionError
 from e2a.v1.models import Attachment, InboundEmail
@@ -183,7 +183,7 @@ def confirm(args: argparse.Namespace, question: str) -> None:
 
 def cmd_login(ctx: Ctx, args: argparse.Namespace) -> int:
     url = (args.url or ctx.settings.url).rstrip("/")
-    key = args.key or os.environ.get("E2A_API_KEY")
+    key = (args.key or os.environ.get("E2A_API_KEY") or "").strip()
     if not key:
         if sys.stdin.isatty():
             key = getpass.getpass("API key (input hidden): ").strip()
@@ -678,6 +678,7 @@ def cmd_doctor(ctx: Ctx, args: argparse.Namespace) -> int:
     agent_row: dict[str, Any] | None = None
     reachable = False
     try:
+        resolve_base_url(s.url)  # an unusable URL is a ✗ here, not a traceback
         t0 = time.time()
         resp = httpx.get(s.url + "/api/v1/info", timeout=10)
         t1 = time.time()
@@ -692,9 +693,15 @@ def cmd_doctor(ctx: Ctx, args: argparse.Namespace) -> int:
     except (httpx.HTTPError, ValueError) as exc:
         check("server reachable", False, f"{s.url}: {exc or type(exc).__name__}",
               "start the server or fix the URL: e2a config set url URL")
+    usable_key = False
     if reachable and not s.api_key:
         check("API key", False, "no key configured", "run `e2a login`")
     elif reachable:
+        try:
+            usable_key = bool(resolve_api_key(s.api_key))
+        except ValueError as exc:
+            check("API key", False, str(exc), "run `e2a login` again")
+    if usable_key:
         with E2AClient(s.api_key, s.url) as client:
             try:
                 agents = client.api.list_agents().get("agents", [])

@@ -84,11 +84,13 @@ def layout(page: Page, base: str, email: str | None, csrf: str | None) -> Tag:
     """The whole document. ``email``/``csrf`` None: signed out (no navigation)."""
     header: list[Any] = [tags.a("e2a console", href=f"{base}/", class_="brand")]
     if email is not None and csrf is not None:
+        links = []
         for key, label, path in NAV:
             link = tags.a(label, href=f"{base}/{path}")
             if key == page.nav:
                 link.attributes["aria-current"] = "page"
-            header.append(link)
+            links.append(link)
+        header.append(tags.nav(*links, **{"aria-label": "Console"}))
         header.append(tags.form(
             tags.input(type="hidden", name="csrf", value=csrf),
             tags.span(email, class_="muted"), " ",

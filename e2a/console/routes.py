@@ -95,9 +95,14 @@ class Ctx:
 
 
 def _first_form(raw: bytes) -> dict[str, str]:
-    """Form pairs, first wins (api.md §0.6), as text (bytes that are not UTF-8 → U+FFFD)."""
+    """Form pairs, first wins (api.md §0.6), as text (bytes that are not UTF-8 → U+FFFD).
+
+    A NUL anywhere refuses the form (400): no console field can hold one, and PostgreSQL
+    refuses it in text, which would be a 500 (as the API's JSON bodies, api.md §0.11)."""
     out: dict[str, str] = {}
     for name, value in parse_pairs(raw):
+        if b"\x00" in name or b"\x00" in value:
+            raise BadRequest("the form contains a U+0000 character", code="invalid_request_body")
         key = name.decode("utf-8", "replace")
         if key not in out:
             out[key] = value.decode("utf-8", "replace").replace("\r\n", "\n")
@@ -482,8 +487,7 @@ class Console:
 
     async def agent_page(self, request: Request, ctx: Ctx, agent: Any, *, flash: tuple[str, str] | None = None,
                          status: int = 200, values: dict[str, str] | None = None, webhook_error: str = "") -> Page:
-        inbox, _more = await messages.list_inbox(self.db, agent.id, "all", 100, None)
-        inbox = list(reversed(inbox))  # newest first on screen
+        inbox = await console_store.recent_inbox(self.db, agent.id, 100)
         url = self.agent_url(agent)
         rows = [tags.tr(
             tags.td(tags.a(bidi(m.subject or "(no subject)", 120), href=f"{url}/messages/{m.id}")),
@@ -525,8 +529,8 @@ class Console:
             tags.td(bidi(o.subject or "(no subject)", 120)),
             tags.td(clip(", ".join(o.to), 120)),
             tags.td(badge(o.status, "bad" if o.status.startswith(("rejected", "expired")) else "neutral"),
-                    " ", tags.span(o.delivery_status, class_="muted") if o.delivery_status else "",
-                    " edited" if o.edited else ""),
+                    " ", tags.span(f"delivery {o.delivery_status}", class_="muted") if o.delivery_status else "",
+                    " ", badge("edited") if o.edited else ""),
             tags.td(o.created_at.strftime("%Y-%m-%d %H:%M")),
         ) for o in out]
         outbound_card = tags.section(
@@ -607,7 +611,7 @@ class Console:
         return Page(record.subject or "(no subject)", parts)
 
     async def own_message(self, agent: Any, message_id: str) -> Any:
-        if not ids.MESSAGE_ID_RE.match(message_id):
+        if not ids.MESSAGE_ID_RE.fullmatch(message_id):
             raise NotFound("message not found")
         record = await messages.read_inbound(self.db, agent.id, message_id, mark_read=False)
         if record is None:
@@ -622,7 +626,7 @@ class Console:
 
     async def redeliver(self, request: Request, ctx: Ctx, address: str, message_id: str) -> Any:
         agent = await self.own_agent(ctx, address)
-        if not ids.MESSAGE_ID_RE.match(message_id):
+        if not ids.MESSAGE_ID_RE.fullmatch(message_id):
             raise NotFound("message not found")
         try:
             await deliveries.redeliver(self.db, agent.id, message_id)
@@ -658,7 +662,7 @@ class Console:
                           values: dict[str, str] | None = None) -> Any:
         from e2a.store import approvals
 
-        if not ids.MESSAGE_ID_RE.match(message_id):
+        if not ids.MESSAGE_ID_RE.fullmatch(message_id):
             raise NotFound("message not found")
         held = await approvals.get_held(self.db, message_id)
         if held is None or held.user_id != ctx.user_id:
@@ -703,8 +707,10 @@ class Console:
     async def held_approve(self, request: Request, ctx: Ctx, message_id: str) -> Any:
         from e2a.store import approvals
 
+        if ids.MESSAGE_ID_RE.fullmatch(message_id) is None:
+            raise NotFound("message not found")  # never reaches SQL (a NUL there would be a 500)
         f = ctx.form
-        held = await approvals.get_held(self.db, message_id) if ids.MESSAGE_ID_RE.match(message_id) else None
+        held = await approvals.get_held(self.db, message_id)
         edits: dict[str, Any] = {}
         if held is not None and held.user_id == ctx.user_id:
             # Only fields that differ are edits: an untouched form approves the message as held
@@ -729,6 +735,8 @@ class Console:
     async def held_reject(self, request: Request, ctx: Ctx, message_id: str) -> Any:
         from e2a.outbound.hitl import MAX_REASON_CHARS
 
+        if ids.MESSAGE_ID_RE.fullmatch(message_id) is None:
+            raise NotFound("message not found")  # never reaches SQL (a NUL there would be a 500)
         reason = ctx.form.get("reason", "").strip()
         if len(reason) > MAX_REASON_CHARS or "\x00" in reason:
             return await self.held_detail(request, ctx, message_id, status=400,
@@ -819,7 +827,7 @@ class Console:
         return await self.keys_page(request, ctx, shown=("API key", plaintext), flash=("ok", "Key created."))
 
     async def key_revoke(self, request: Request, ctx: Ctx, key_id: str) -> Any:
-        if not ids.KEY_ID_RE.match(key_id):
+        if not ids.KEY_ID_RE.fullmatch(key_id):
             raise NotFound("key not found")
         await accounts.revoke_api_key(self.db, ctx.user_id, key_id)
         return Redirect(f"{self.base}/keys?done=key")
@@ -839,7 +847,7 @@ class Console:
                                     flash=("ok", "Secret created."))
 
     async def secret_revoke(self, request: Request, ctx: Ctx, secret_id: str) -> Any:
-        if not ids.SECRET_ID_RE.match(secret_id):
+        if not ids.SECRET_ID_RE.fullmatch(secret_id):
             raise NotFound("secret not found")
         try:
             await accounts.delete_signing_secret(self.db, ctx.user_id, secret_id)
@@ -856,19 +864,19 @@ class Console:
                            status: int = 200) -> Page:
         found = await domain_store.list_domains(self.db, ctx.user_id)
         cards: list[Any] = []
+        from e2a.admin import custom_domain_records  # the records e2a-admin check-config --domain prints
+
         for i, d in enumerate(found):
-            doc = wire.domain_json(d, self.config.smtp.domain)
-            recs = doc["dns_records"]
-            spf = ("@", "TXT", f"v=spf1 include:{self.config.smtp.domain} ~all")
-            dmarc = ("_dmarc", "TXT", "v=DMARC1; p=quarantine")
-            lines = [("@", "MX", f"10 {recs['mx']['value']}"), ("@", "TXT", recs["txt"]["value"]), spf,
-                     (recs["dkim"]["host"], "TXT", recs["dkim"]["value"]), dmarc]
             rows = []
-            for j, (host, rtype, value) in enumerate(lines):
+            for j, rec in enumerate(custom_domain_records(self.config, d)):
                 vid = f"rec-{i}-{j}"
-                rows.append(tags.tr(tags.td(host), tags.td(rtype), tags.td(tags.code(value, id=vid)),
+                value = f"{rec['priority']} {rec['value']}" if rec["type"] == "MX" else rec["value"]
+                rows.append(tags.tr(tags.td(rec["name"]), tags.td(rec["type"]),
+                                    tags.td(tags.code(value, id=vid),
+                                            tags.br(), tags.span(rec["note"], class_="muted") if rec.get("note") else ""),
                                     tags.td(tags.button("Copy", type="button", hidden="hidden",
-                                                        **{"data-copy": vid, "aria-label": f"Copy {rtype} {host}"}))))
+                                                        **{"data-copy": vid,
+                                                           "aria-label": f"Copy {rec['type']} {rec['name']}"}))))
             state = badge("verified", "good") if d.verified else badge("not verified", "bad")
             actions = [self.post_form(ctx, f"/domains/{d.domain}/delete",
                                       tags.button("Delete", type="submit", class_="danger"), class_="inline")]
@@ -878,7 +886,7 @@ class Console:
             cards.append(tags.section(
                 tags.h2(d.domain, " ", state),
                 tags.div(tags.table(tags.thead(tags.tr(*(tags.th(h, scope="col") for h in (
-                    "Host", "Type", "Value", "")))), tags.tbody(*rows)), class_="table-wrap"),
+                    "Name", "Type", "Value", "")))), tags.tbody(*rows)), class_="table-wrap"),
                 *actions, class_="card"))
         add = tags.section(tags.h2("Add a domain"), self.post_form(
             ctx, "/domains",
@@ -895,19 +903,10 @@ class Console:
         return await self.domains_page(request, ctx, flash)
 
     async def domain_add(self, request: Request, ctx: Ctx) -> Any:
-        from e2a.api.domains import reserved_domains
+        from e2a.api.domains import add_user_domain
 
-        raw = ctx.form.get("domain", "")
         try:
-            if not raw.strip():
-                raise BadRequest("domain is required", code="missing_field")
-            name = wire.normalise_domain(raw)
-            if name in reserved_domains(self.config):
-                raise BadRequest(f"domain {name} is reserved by this deployment", code="reserved_domain")
-            await domain_store.claim_domain(
-                self.db, ctx.user_id, name, master_key=self.deps.master_key,
-                takeover_hours=self.config.domains.claim_takeover_hours, now=self.now(),
-                keygen=self.deps.extras.get("dkim_keygen"))
+            await add_user_domain(self.deps, ctx.user_id, ctx.form.get("domain", ""))
         except E2AError as err:
             if err.status >= 500:
                 raise
@@ -915,29 +914,14 @@ class Console:
         return Redirect(f"{self.base}/domains?done=added")
 
     async def domain_verify(self, request: Request, ctx: Ctx, domain: str) -> Any:
-        from e2a.api.domains import token_found
-        from e2a.mailauth.dns import DnsTemporaryError
+        from e2a.api.domains import verify_user_domain
 
-        name = wire.path_domain(domain)
-        found = await domain_store.get_user_domain(self.db, ctx.user_id, name) if name else None
-        if found is None:
-            raise NotFound("domain not found")
-        if not found.verified and not self.config.domains.auto_verify:
-            problem = ""
-            if self.deps.dns is None:
-                problem = "no DNS resolver configured"
-            else:
-                try:
-                    records = await self.deps.dns.lookup_txt(found.domain)
-                except DnsTemporaryError:
-                    problem = "the DNS lookup failed temporarily; try again later"
-                else:
-                    if not token_found(records, found.verification_token):
-                        problem = f"no TXT record at {found.domain} holds {found.verification_token}"
-            if problem:
-                return await self.domains_page(request, ctx, _err(f"Not verified: {problem}."), 412)
-        if not found.verified:
-            await domain_store.mark_verified(self.db, ctx.user_id, found.domain)
+        try:
+            await verify_user_domain(self.deps, ctx.user_id, domain)
+        except E2AError as err:
+            if err.status == 404 or err.status >= 500:
+                raise
+            return await self.domains_page(request, ctx, _err(f"Not verified: {err.message}"), err.status)
         return Redirect(f"{self.base}/domains?done=verified")
 
     async def domain_delete(self, request: Request, ctx: Ctx, domain: str) -> Any:

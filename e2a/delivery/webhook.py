@@ -64,6 +64,25 @@ MAX_RESPONSE_BODY = 64 * 1024
 USER_AGENT = f"e2a/{__version__}"
 _MAX_CHECKED_URLS = 4096
 _MAX_CONNECTS_KEPT = 1000
+#: Idle keep-alive connections kept in all (Twisted's pool bounds them only per host). A tenant
+#: with many agents, each on its own receiver host that keeps connections open, would
+#: otherwise park up to 4 idle sockets per host for 4 minutes, beyond the descriptor margin
+#: the start-up plan keeps (e2a.api.limits.FD_MARGIN) and into SMTP's reserve.
+MAX_IDLE_CONNECTIONS = 32
+
+
+class _BoundedPool(HTTPConnectionPool):
+    """An HTTPConnectionPool that caches at most :data:`MAX_IDLE_CONNECTIONS` idle connections
+    in all: a connection returned beyond that is closed instead of cached."""
+
+    max_idle = MAX_IDLE_CONNECTIONS
+
+    def _putConnection(self, key: Any, connection: Any) -> None:  # noqa: N802 - Twisted API
+        full = len(self._connections.get(key, ())) >= self.maxPersistentPerHost  # the pool swaps one
+        if not full and len(self._timeouts) >= self.max_idle:
+            connection.transport.loseConnection()
+            return
+        super()._putConnection(key, connection)
 
 
 # ------------------------------------------------------------------------------ request (pure)
@@ -290,7 +309,7 @@ class WebhookClient:
         self._timeout = float(timeout)
         self._production = production
         self._allow_private = allow_private
-        self._pool = quiet_pool(HTTPConnectionPool(reactor, persistent=True))
+        self._pool = quiet_pool(_BoundedPool(reactor, persistent=True))
         self._pool.maxPersistentPerHost = max(1, max_per_host)
         self._pool.retryAutomatically = False  # a POST is not idempotent: the queue retries
         self.connects: list[str] = []  # addresses dialled, the most recent ones (observability, tests)

@@ -154,16 +154,27 @@ def normalise_recipients(
     own = sender.strip().lower()
     seen: set[str] = set()
     out: list[tuple[str, ...]] = []
+    dropped_own = False
     for parsed in lists:
         kept = []
         for address in parsed:
-            if address in seen or (kind != "test" and address == own):
+            if kind != "test" and address == own:
+                dropped_own = True
+                continue
+            if address in seen:
                 continue
             seen.add(address)
             kept.append(address)
         out.append(tuple(kept))
     result = Recipients(*out)
     if not result.to and not result.cc:
+        if dropped_own:
+            # Say what is wrong: the caller did name a recipient, only it was the sender.
+            raise BadRequest(
+                f"{own} is the sending agent's own address, and an agent does not mail itself; "
+                "name another to or cc recipient",
+                code="no_recipients",
+            )
         raise BadRequest("at least one to or cc recipient is required", code="no_recipients")
     total = len(result.envelope)
     if total > max_recipients:

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 
 from e2a.errors import BadRequest, Conflict, E2AError, Forbidden, NotFound
 from e2a.outbound import compose
-from e2a.outbound.send import Draft, OutboundNotConfigured, SendService, release_result
+from e2a.outbound.send import Draft, OutboundNotConfigured, SendService, log_internal_outcomes, release_result
 from e2a.store import agents as agents_store
 from e2a.store import approvals
 from e2a.store.database import Database, Txn
@@ -249,6 +249,7 @@ class HoldReview:
             was_edited = await self.db.run("approve_hold", _approve_txn)
         except _Lost:
             raise await self._why_lost(held.id, now, "approve") from None
+        log_internal_outcomes(draft, prepared)
         result = release_result(draft, prepared)
         return {
             "status": result["status"],
@@ -361,7 +362,10 @@ class HoldReview:
             await approvals.record_txn(txn, held.id, "expire_approve", "worker")
             return True
 
-        return await self.db.run("expire_approve_hold", _expire_approve_txn)
+        released = await self.db.run("expire_approve_hold", _expire_approve_txn)
+        if released:
+            log_internal_outcomes(draft, prepared)
+        return released
 
 
 def _check_via(via: str) -> None:

@@ -25,6 +25,7 @@ from twisted.logger import Logger
 
 from e2a import ids
 from e2a.config import Config
+from e2a.metrics import metrics_of
 from e2a.outbound import dkimsign
 from e2a.outbound.compose import (
     _POLICY,
@@ -361,6 +362,7 @@ class ReviewerNotifier:
                             authserv_id=self.config.smtp.effective_authserv_id,
                             received_at=notice.now,
                         )
+                        await metrics_of(self).stored_copy_txn(txn, "internal", address)
                 if notice.signed is not None:
                     await txn.notify(CHANNEL_OUTBOUND, notice.notification_id)
         except Exception:

@@ -22,7 +22,7 @@ from typing import Any
 from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import Logger
 
-from e2a import ids
+from e2a import ids, maillog
 from e2a.api import wire
 from e2a.config import Config
 from e2a.errors import BadRequest, E2AError, Forbidden, NotFound
@@ -77,6 +77,18 @@ class PreparedRelease:
     @property
     def delivery_status(self) -> str:
         return "queued" if self.smtp_bytes else "sent"
+
+
+def log_internal_outcomes(draft: Draft, prepared: PreparedRelease) -> None:
+    """After a release committed: one ``outbound.recipient`` line per recipient on this e2a's own
+    agents (delivered inside that transaction, so ``sent`` at attempt 1). Called after the commit,
+    not in the transaction, because a retried transaction would log twice; SMTP recipients get
+    their lines from the relay worker (docs/logging.md)."""
+    for address, route in draft.routes.items():
+        if route == "internal":
+            maillog.outbound_recipient(
+                message_id=prepared.message_id, recipient=address, status="sent", attempt=1, reply="internal delivery"
+            )
 
 
 def release_result(draft: Draft, prepared: PreparedRelease) -> dict[str, Any]:
@@ -220,6 +232,7 @@ class SendService:
             await self.release_jobs_txn(txn, draft, prepared)
 
         await self.db.run("release_outbound", _release_txn)
+        log_internal_outcomes(draft, prepared)
         return release_result(draft, prepared)
 
     async def prepare_release(self, draft: Draft, message_id: str, now: datetime) -> PreparedRelease:

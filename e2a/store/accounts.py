@@ -569,7 +569,11 @@ async def _export_user_txn(txn: Txn, user_id: str) -> dict[str, Any] | None:
     )
     secrets = await _list_signing_secrets_txn(txn, user_id)
     messages = await txn.fetchall(
-        "SELECT * FROM messages WHERE user_id = %s ORDER BY created_at, id", (user_id,)
+        # Reviewer notifications are e2a's own mail about a hold (they carry approval links),
+        # not the user's messages: the export lists the user's inbound and outbound mail only.
+        "SELECT * FROM messages WHERE user_id = %s AND type IS DISTINCT FROM 'notify'"
+        " ORDER BY created_at, id",
+        (user_id,),
     )
     deliveries = await txn.fetchall(
         "SELECT d.* FROM deliveries d JOIN agents a ON a.id = d.agent_id"

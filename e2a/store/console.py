@@ -12,9 +12,10 @@ from datetime import date, datetime, timedelta
 from typing import Any
 
 from e2a.store.database import Database
+from e2a.store.notifications import NOTIFY_TYPE
 
 __all__ = ["AgentStats", "DayCount", "HeldRow", "OutboundRow", "agent_stats", "daily_counts", "held_queue",
-           "list_outbound"]
+           "list_outbound", "recent_inbox"]
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,6 @@ class AgentStats:
     last_status: str  # latest delivery's status, "" when none
     last_error: str
     last_attempt_at: datetime | None
-    failing: int  # deliveries of the agent in status failed or paused
 
 
 async def agent_stats(db: Database, user_id: str) -> dict[str, AgentStats]:
@@ -35,7 +35,6 @@ async def agent_stats(db: Database, user_id: str) -> dict[str, AgentStats]:
         "   AND m.status = 'unread') AS unread,"
         " (SELECT count(*) FROM messages m WHERE m.agent_id = a.id AND m.direction = 'outbound'"
         "   AND m.status = 'pending_approval') AS held,"
-        " (SELECT count(*) FROM deliveries d WHERE d.agent_id = a.id AND d.status IN ('failed', 'paused')) AS failing,"
         " last.status AS last_status, last.last_error, last.last_attempt_at"
         " FROM agents a"
         " LEFT JOIN LATERAL (SELECT status, last_error, last_attempt_at FROM deliveries d WHERE d.agent_id = a.id"
@@ -45,7 +44,7 @@ async def agent_stats(db: Database, user_id: str) -> dict[str, AgentStats]:
     )
     return {
         r["id"]: AgentStats(int(r["unread"]), int(r["held"]), r["last_status"] or "", r["last_error"] or "",
-                            r["last_attempt_at"], int(r["failing"]))
+                            r["last_attempt_at"])
         for r in rows
     }
 
@@ -63,8 +62,10 @@ async def daily_counts(db: Database, user_id: str, today: date, days: int = 14) 
     first = today - timedelta(days=days - 1)
     start = datetime(first.year, first.month, first.day)
     received = await db.fetchall(
-        "SELECT (created_at AT TIME ZONE 'UTC')::date AS day, count(*) AS n FROM messages"
-        " WHERE user_id = %s AND direction = 'inbound' AND created_at >= %s::timestamp AT TIME ZONE 'UTC'"
+        # per agent, so each agent's (agent_id, created_at) index bounds the scan to 14 days
+        "SELECT (m.created_at AT TIME ZONE 'UTC')::date AS day, count(*) AS n FROM agents a"
+        " JOIN messages m ON m.agent_id = a.id"
+        " WHERE a.user_id = %s AND m.direction = 'inbound' AND m.created_at >= %s::timestamp AT TIME ZONE 'UTC'"
         " GROUP BY 1",
         (user_id, start),
     )
@@ -120,13 +121,28 @@ class OutboundRow:
 
 
 async def list_outbound(db: Database, agent_id: str, limit: int = 50) -> list[OutboundRow]:
-    """An agent's latest outbound messages (sent, held, rejected), newest first."""
+    """An agent's latest outbound messages (sent, held, rejected), newest first; reviewer
+    notifications are e2a's mail to the owner, not the agent's, and are left out (as in the API)."""
     rows: list[dict[str, Any]] = await db.fetchall(
         "SELECT id, type, status, delivery_status, subject, to_addrs, edited, rejection_reason, created_at"
-        " FROM messages WHERE agent_id = %s AND direction = 'outbound'"
+        " FROM messages WHERE agent_id = %s AND direction = 'outbound' AND type <> %s"
         " ORDER BY created_at DESC, id DESC LIMIT %s",
-        (agent_id, limit),
+        (agent_id, NOTIFY_TYPE, limit),
     )
     return [OutboundRow(r["id"], r["type"], r["status"], r["delivery_status"], r["subject"],
                         list(r["to_addrs"] or []), bool(r["edited"]), r["rejection_reason"], r["created_at"])
             for r in rows]
+
+
+async def recent_inbox(db: Database, agent_id: str, limit: int = 100) -> list[Any]:
+    """An agent's newest inbound messages, newest first, without their bytes (the API's inbox
+    pages oldest first; a person looks at what came last)."""
+    from e2a.store.messages import InboundRecord
+
+    rows = await db.fetchall(
+        "SELECT id, agent_id, user_id, status, sender, display_from, recipient, subject, to_addrs, cc_addrs,"
+        " conversation_id, auth_headers, NULL AS raw_message, created_at FROM messages"
+        " WHERE agent_id = %s AND direction = 'inbound' ORDER BY created_at DESC, id DESC LIMIT %s",
+        (agent_id, limit),
+    )
+    return [InboundRecord.from_row(r) for r in rows]

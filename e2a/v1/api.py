@@ -42,14 +42,29 @@ def saved_config() -> dict[str, Any]:
 
 
 def resolve_base_url(base_url: str | None) -> str:
-    url = base_url or os.environ.get("E2A_URL") or saved_config().get("url") or DEFAULT_URL
-    return str(url).rstrip("/")
+    """The server URL, checked here: an unusable one is bad input (``ValueError``), not a
+    connection failure, and must not surface later as an httpx traceback."""
+    url = str(base_url or os.environ.get("E2A_URL") or saved_config().get("url") or DEFAULT_URL).rstrip("/")
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"invalid server URL {url!r}: {exc}; expected http(s)://host[:port]") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"invalid server URL {url!r}: expected http(s)://host[:port]")
+    return url
 
 
 def resolve_api_key(api_key: str | None) -> str:
-    key = api_key or os.environ.get("E2A_API_KEY")
+    """The key, with surrounding whitespace (a pasted line break) removed.
+
+    A key with any other character outside printable ASCII cannot go into a header; httpx
+    would report it in an error message that repeats the whole header, key included, so it
+    is refused here without echoing it."""
+    key = (api_key or os.environ.get("E2A_API_KEY") or "").strip()
     if not key:
         raise ValueError("an API key is required: pass api_key= or set E2A_API_KEY")
+    if not all("!" <= ch <= "~" for ch in key):
+        raise ValueError("the API key contains a space, control or non-ASCII character: copy it again")
     return key
 
 
@@ -354,7 +369,15 @@ def fetch_info(base_url: str | None = None, timeout: float = 10) -> dict[str, An
         resp = httpx.get(url + "/api/v1/info", timeout=timeout)
     except httpx.TransportError as exc:
         raise E2AConnectionError(url, str(exc) or type(exc).__name__) from exc
-    return decode(resp)
+    return _info(resp)
+
+
+def _info(resp: httpx.Response) -> dict[str, Any]:
+    """The info object, or an error saying the URL is not an e2a server (an HTML page, a proxy)."""
+    data = decode(resp)
+    if not isinstance(data, dict):
+        raise E2AApiError(resp.status_code, "unexpected_response", "this URL does not answer as an e2a server")
+    return data
 
 
 async def fetch_info_async(base_url: str | None = None, timeout: float = 10) -> dict[str, Any]:
@@ -364,7 +387,7 @@ async def fetch_info_async(base_url: str | None = None, timeout: float = 10) -> 
             resp = await http.get(url + "/api/v1/info")
     except httpx.TransportError as exc:
         raise E2AConnectionError(url, str(exc) or type(exc).__name__) from exc
-    return decode(resp)
+    return _info(resp)
 
 
 __all__ = ["AsyncE2AApi", "E2AApi", "config_path", "fetch_info", "fetch_info_async", "saved_config"]

@@ -8,6 +8,7 @@ in an event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -347,7 +348,7 @@ class AsyncE2AClient(_Base):
             opened_at: float | None = None
             failure: str = "connection closed"
             try:
-                async with connect(
+                async with _normal_close(connect(
                     url,
                     additional_headers=headers,
                     subprotocols=["e2a.v2"],  # type: ignore[list-item]
@@ -355,7 +356,7 @@ class AsyncE2AClient(_Base):
                     ping_interval=20,
                     ping_timeout=20,
                     user_agent_header="e2a-python",
-                ) as ws:
+                )) as ws:
                     self._ws = ws
                     opened_at = loop.time()
                     if on_state:
@@ -394,6 +395,20 @@ class AsyncE2AClient(_Base):
             if on_state:
                 on_state("retrying", f"{failure}; reconnecting in {delay:.1f} s")
             await asyncio.sleep(delay)
+
+
+@contextlib.asynccontextmanager
+async def _normal_close(connecting: Any) -> AsyncIterator[Any]:
+    """The connection, closed with 1000 however the block ends.
+
+    ``websockets``' own context manager closes with 1011 (internal error) when the block
+    raises, which includes a cancelled task and a consumer that stopped iterating: both are
+    a normal end of listening, not a failure."""
+    ws = await connecting
+    try:
+        yield ws
+    finally:
+        await ws.close()
 
 
 def _permanent(status: int) -> bool:

@@ -275,7 +275,12 @@ class _InboundBase:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON document the API returned (what ``e2a listen --json`` prints)."""
+        """The JSON document the API returned (what ``e2a listen --json`` prints).
+
+        Gated like the claim fields: it holds all of them (``unverified_payload`` is the
+        explicit way to look without trust)."""
+        if not self._verified:
+            raise UnverifiedEmailError("to_dict() is not available before verification: use .unverified_payload")
         return dict(self._payload)
 
     def verify_signature(self, secret: str | list[str] | None = None) -> bool:

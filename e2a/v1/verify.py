@@ -41,7 +41,7 @@ def resolve_secrets(secret: str | Iterable[str] | None) -> list[str]:
     The environment variable may hold several secrets separated by commas or spaces (rotation).
     No secret at all is a programming error (``ValueError``), never a silent failed check."""
     if secret is None:
-        env = os.environ.get("E2A_WEBHOOK_SECRET", "") or os.environ.get("E2A_HMAC_SECRET", "")
+        env = os.environ.get("E2A_WEBHOOK_SECRET", "")
         found = [s for s in env.replace(",", " ").split() if s]
     elif isinstance(secret, str):
         found = [secret] if secret else []

@@ -38,6 +38,9 @@ NUL_REQUESTS = [
     ("GET", f"/api/v1/agents/{AGENT}/messages?token=%00", 400, "invalid_pagination_token"),
     ("GET", "/api/v1/messages?status=%00", 400, "invalid_field"),
     ("GET", "/api/v1/messages/msg_%00", 404, "message_not_found"),
+    ("POST", "/api/v1/messages/msg_%00/approve", 404, "message_not_found"),
+    ("POST", "/api/v1/messages/msg_%00/reject", 404, "message_not_found"),
+    ("GET", "/api/v1/agents/a%00b@agents.test/ws", 404, "agent_not_found"),
     ("DELETE", "/api/v1/keys/apk_%00", 404, "key_not_found"),
     ("DELETE", "/api/v1/keys/apk_" + "0" * 32 + "%00", 404, "key_not_found"),
     ("DELETE", "/api/v1/users/me/signing-secrets/wsec_%00", 404, "signing_secret_not_found"),
@@ -75,11 +78,14 @@ async def test_nul_in_path_or_query_answers_contract_code_not_500(e2a_service_fa
     """Every route with a path or query value: %00 gives its 400/404, never 500 or SQL text."""
     _, api = await _service_with_agent(e2a_service_factory)
     seen = []
-    for method, path, status, code in NUL_REQUESTS:
+    for method, path, _status, _code in NUL_REQUESTS:
         r = await api.call(method, path)
         seen.append((method, path, r.code, r.json()["error"]["code"]))
         assert b"NUL" not in r.body and b"0x00" not in r.body
     assert seen == [(m, p, s, c) for m, p, s, c in NUL_REQUESTS]
+    for page in ("/api/v1/approve?t=%00", "/api/v1/reject?t=a%00b"):  # magic-link pages (HTML)
+        r = await api.call("GET", page)
+        assert r.code < 500 and b"NUL" not in r.body, (page, r.code)
 
 
 HEADER_BOUND = [

@@ -202,6 +202,40 @@ async def test_bad_input_gets_one_clear_line_and_the_right_exit_code(e2a_service
     assert r.code == 2 and r.err.startswith("error: confirmation_required:")
 
 
+@pytest_twisted.ensureDeferred
+async def test_ctrl_c_while_forward_retries_exits_0_and_a_restart_forwards_the_unread_message(
+    e2a_service_factory, dns_zone, smarthost, http_sink, tmp_path  # noqa: F811
+):
+    """SIGINT to the real `e2a listen --forward` process while the local service keeps failing:
+    exit 0, no traceback, the message still unread; the next listener forwards it and marks it read."""
+    stack = await make_stack(e2a_service_factory, dns_zone, smarthost)
+    env = await logged_in(stack, tmp_path, "alpha")
+    http_sink.default = Reply(status=500)
+    listener = CliProcess(env, "listen", "--forward", http_sink.url("/inbox"))
+    try:
+        message_id = await stack.mail_alpha()
+        await listener.stderr_until("forward failed")
+        assert await listener.interrupt() == 0
+        await listener.stderr_until("stopped")
+        assert not [ln for ln in listener.err_lines if "Traceback" in ln or "Error" in ln], listener.err_lines
+        assert await stack.status(message_id) == "unread"
+    finally:
+        listener.kill()
+
+    http_sink.default = Reply(status=200)
+    again = CliProcess(env, "listen", "--forward", http_sink.url("/inbox"))
+    try:
+        await again.stderr_until(f"{message_id}: forwarded to")
+
+        async def read() -> bool:
+            return await stack.status(message_id) == "read"
+
+        await wait_for(read)
+        assert await again.interrupt() == 0
+    finally:
+        again.kill()
+
+
 class _Responses(resource.Resource):
     """A fake OpenAI Responses API endpoint that records requests and answers one text."""
 

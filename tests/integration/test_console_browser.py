@@ -118,18 +118,38 @@ class ConsoleBrowser:
 
     def click(self, xpath: str) -> str:
         """Click and wait for the next page (its h1)."""
+        from selenium.common.exceptions import WebDriverException
         from selenium.webdriver.common.by import By
-        from selenium.webdriver.support import expected_conditions as ec
         from selenium.webdriver.support.ui import WebDriverWait
 
         old = self.driver.find_element(By.TAG_NAME, "html")
         self.driver.find_element(By.XPATH, xpath).click()
-        WebDriverWait(self.driver, 30).until(ec.staleness_of(old))
+
+        def replaced(driver: Any) -> bool:
+            # Chrome reports a node of the unloaded page either as stale or, mid-navigation, as
+            # "does not belong to the document": both mean the old page is gone.
+            try:
+                old.is_enabled()
+                return False
+            except WebDriverException:
+                pass
+            try:
+                return driver.execute_script("return document.readyState") == "complete"
+            except WebDriverException:
+                return False
+
+        WebDriverWait(self.driver, 30).until(replaced)
         self._collect()
         return self.h1()
 
     def shot(self, name: str) -> None:
         self.driver.save_screenshot(os.path.join(self.shots, f"{name}.png"))
+
+    def small_shot(self, name: str, width: int, height: int) -> None:
+        """A compact screenshot (the README's pictures come from these)."""
+        self.driver.set_window_size(width, height)
+        self.driver.save_screenshot(os.path.join(self.shots, f"{name}.png"))
+        self.driver.set_window_size(1000, 900)
 
     def width_fits(self, width: int, url: str) -> tuple[int, int]:
         self.driver.set_window_size(width, 800)
@@ -150,7 +170,7 @@ def _in_thread(fn: Any, *args: Any) -> Any:
 @pytest.mark.timeout(240)
 @pytest.mark.usefixtures("browser_env")
 @pytest_twisted.ensureDeferred
-async def test_console_walkthrough_in_headless_chromium(e2a_service_factory, tmp_path):
+async def test_console_walkthrough_in_headless_chromium(e2a_service_factory, tmp_path, capsys):
     """Sign in, agent, SMTP mail + badge, failing webhook + Redeliver, edit+approve a hold,
     secret create/revoke, 360 px, sign out — no console errors, CSP violations or failed loads."""
     stack = await start_hitl_stack(e2a_service_factory, webhooks=WebhooksConfig(allow_private=True))
@@ -159,7 +179,8 @@ async def test_console_walkthrough_in_headless_chromium(e2a_service_factory, tmp
     hook = f"http://127.0.0.1:{hook_port.getHost().port}/hook"
     shots = os.environ.get("E2A_CONSOLE_SHOTS") or str(tmp_path / "console-screenshots")
     os.makedirs(shots, exist_ok=True)
-    print(f"\nconsole screenshots: {shots}")
+    with capsys.disabled():  # shown even when pytest captures output
+        print(f"\nconsole screenshots: {shots}")
     profile = tempfile.mkdtemp(prefix="chromium-profile-", dir=tmp_path)
     db = stack.service.db
     b: ConsoleBrowser | None = None
@@ -195,6 +216,7 @@ async def test_console_walkthrough_in_headless_chromium(e2a_service_factory, tmp
         overview = await _in_thread(b.text)
         assert "Beta bot" in overview and "failing" in overview
         await _in_thread(b.shot, "02-overview")
+        await _in_thread(b.small_shot, "readme-overview", 1000, 760)
 
         # -- agent page: inbox row with its badge, delivery failing
         assert await _in_thread(b.open, f"{base}/agents/{BETA}") == BETA
@@ -230,6 +252,7 @@ async def test_console_walkthrough_in_headless_chromium(e2a_service_factory, tmp
         assert await _in_thread(b.open, base + "/approvals") == "Approvals"
         assert "Quarterly numbers" in await _in_thread(b.text)
         await _in_thread(b.shot, "05-approvals")
+        await _in_thread(b.small_shot, "readme-approvals", 1000, 420)
         assert (await _in_thread(b.click, "//a[.//bdi[text()='Quarterly numbers']]")).startswith("Review:")
         await _in_thread(b.shot, "06-approval-detail")
         await _in_thread(b.fill, {"subject": "Quarterly numbers (final)"})
@@ -251,7 +274,7 @@ async def test_console_walkthrough_in_headless_chromium(e2a_service_factory, tmp
         assert relayed()[0]["Subject"] == "Quarterly numbers (final)"
         await _in_thread(b.open, f"{base}/agents/{AGENT}")
         page = await _in_thread(b.text)
-        assert "Quarterly numbers (final)" in page and "edited" in page
+        assert "Quarterly numbers (final)" in page and "edited" in page and "[e2a] approve" not in page
         await _in_thread(b.shot, "07-agent-sent")
 
         # -- a signing secret: created (shown once), then revoked
@@ -272,7 +295,7 @@ async def test_console_walkthrough_in_headless_chromium(e2a_service_factory, tmp
         await _in_thread(b.fill, {"domain": "example.org"})
         assert await _in_thread(b.click, "//button[text()='Add domain']") == "Domains"
         page = await _in_thread(b.text)
-        assert "_domainkey" in page and "v=DKIM1" in page and "v=spf1" in page and "not verified" in page
+        assert "_domainkey.example.org" in page and "v=DKIM1" in page and "v=spf1" in page and "_dmarc" in page
         # the copy buttons are hidden without JS; the same-origin script shows them
         assert await _in_thread(b.driver.execute_script,
                                 "return [...document.querySelectorAll('button[data-copy]')].every(b => !b.hidden)")

@@ -109,10 +109,14 @@ async def _agent(server: Any, key: str, slug: str) -> str:
     return r.json()["id"]
 
 
-async def _inbound(db: Any, agent: str, user_id: str, subject: str) -> str:
+async def _inbound(db: Any, agent: str, user_id: str, subject: str, html: bool = False) -> str:
     mid = "msg_" + secrets.token_hex(16)
     raw = (f"From: Mallory <m@evil.test>\r\nTo: {agent}\r\nSubject: {subject}\r\n\r\n"
            "Hello <script>alert(2)</script>\r\n").encode()
+    if html:
+        raw = (f"From: m@evil.test\r\nTo: {agent}\r\nSubject: {subject}\r\nMIME-Version: 1.0\r\n"
+               "Content-Type: text/html; charset=utf-8\r\n\r\n"
+               '<img src=x onerror=alert(4)><a href="javascript:alert(5)">x</a>\r\n').encode()
     auth = {"X-E2A-Auth-Verified": "false", "X-E2A-Auth-Sender": '"><img src=x onerror=alert(3)>',
             "X-E2A-Auth-Entity-Type": "human", "X-E2A-Auth-Domain-Check": "spf=fail; dkim=none; dmarc=fail"}
 
@@ -299,6 +303,7 @@ async def test_attacker_text_is_rendered_inert_on_every_page(api_server_factory)
     agent = await _agent(server, key, "alpha")
     long_subject = "L" * 10_000
     mids = [await _inbound(server.db, agent, uid, s) for s in [*XSS, long_subject]]
+    mids.append(await _inbound(server.db, agent, uid, "html only", html=True))
     holds = [await _hold(server.db, agent, uid, s) for s in [*XSS, long_subject]]
     b = Browserish(server)
     assert (await b.sign_in(key)).code == 303
@@ -320,6 +325,8 @@ async def test_attacker_text_is_rendered_inert_on_every_page(api_server_factory)
     assert "&quot;&gt;&lt;img src=x onerror=alert(1)&gt;" in listing or "\"&gt;&lt;img" in listing
     assert "<bdi" in listing and "invoice\u202egnp.exe" in listing  # isolated, not reordering the page
     assert "L" * 10_000 not in listing and "L" * 120 + "…" in listing  # cut in listings
+    html_page = (await b.get(f"/console/agents/{agent}/messages/{mids[-1]}")).body.decode()
+    assert "&lt;img src=x onerror=alert(4)&gt;" in html_page and "never rendered" in html_page
     detail = (await b.get(f"/console/approvals/{holds[-1]}")).body.decode()
     assert "L" * 10_000 in detail  # the edit form holds it whole
     raw = await b.get(f"/console/agents/{agent}/messages/{mids[0]}/raw")
@@ -414,20 +421,108 @@ async def test_static_assets_and_root_redirect(api_server_factory):
     assert r.code == 404 and r.header("Content-Type") == "text/html; charset=utf-8"
 
 
-def test_chart_has_fourteen_days_of_two_series():
-    """The overview chart: one received and one delivered bar per day, no inline style."""
-    from datetime import date
+@pytest_twisted.ensureDeferred
+async def test_admin_login_link_prints_a_link_that_signs_in_once(api_server_factory, db_dsn, tmp_path):
+    """``e2a-admin login-link --email`` prints public_url + /console/login?t=…; the link signs in."""
+    import os
+    import subprocess
+    import sys
 
-    from twisted.internet.defer import Deferred  # noqa: F401 - flatten below is synchronous
+    from twisted.internet import threads
 
-    from e2a.console import render
-    from e2a.store.console import DayCount
+    server = await api_server_factory()
+    await insert_user_with_key(server.db, "ops@example.com")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("E2A_")}
+    env.update(E2A_DATABASE_URL=db_dsn, E2A_DATA_DIR=str(tmp_path / "data"), E2A_PUBLIC_URL="https://e2a.example")
 
-    days = [DayCount(date(2026, 1, 1) + timedelta(days=i), i, i // 2) for i in range(14)]
-    out: list[bytes] = []
-    render.flattenString(None, render.chart_svg(days)).addCallback(out.append)
-    svg = out[0].decode()
-    assert svg.count("<rect") == 28 and "style" not in svg and "2026-01-14: 13 received" in svg
+    def run(email: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "e2a.admin", "login-link", "--email", email], env=env,
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+    proc = await threads.deferToThread(run, "OPS@example.com")
+    assert proc.returncode == 0, proc.stderr
+    m = re.fullmatch(r"https://e2a\.example/console/login\?t=([A-Za-z0-9_\-]+)\n", proc.stdout)
+    assert m, proc.stdout
+    b = Browserish(server)
+    page = await b.get(f"/console/login?t={m.group(1)}")
+    pre = re.search(rb'name="csrf" value="([^"]+)"', page.body).group(1).decode()
+    r = await b.request("POST", "/console/login", {"csrf": pre, "t": m.group(1)})
+    assert r.code == 303 and (await b.get("/console/")).code == 200
+    unknown = await threads.deferToThread(run, "nobody@example.com")
+    assert unknown.returncode == 2 and "no user" in unknown.stderr
 
 
+@pytest_twisted.ensureDeferred
+async def test_domains_keys_and_agent_creation_go_through_the_api_rules(api_server_factory):
+    """Domain add (records shown) / verify without DNS (message) / delete; agent-scoped key shown
+    once then revoked; an agent created from the form; the same refusals as the API."""
+    server = await api_server_factory()
+    uid, key = await insert_user_with_key(server.db)
+    b = Browserish(server)
+    assert (await b.sign_in(key)).code == 303
+    r = await b.post("/console/domains", {"domain": "agents.test"})  # the deployment's shared domain
+    assert r.code == 400 and b"reserved" in r.body
+    r = await b.post("/console/domains", {"domain": "Example.ORG"})
+    assert r.code == 303
+    page = (await b.get("/console/domains")).body.decode()
+    assert "example.org" in page and "_domainkey.example.org" in page and "v=DMARC1" in page
+    assert 'data-copy="rec-0-0"' in page and "hidden" in page
+    r = await b.post("/console/domains/example.org/verify", {})
+    assert r.code == 400 and b"Not verified: DNS lookup failed" in r.body  # no resolver in this server
+    r = await b.post("/console/domains/example.org/delete", {})
+    assert r.code == 303 and await val(server.db, "SELECT count(*) FROM domains WHERE user_id = %s", (uid,)) == 0
 
+    r = await b.post("/console/agents", {"slug": "Bad Slug!", "agent_mode": "local"})
+    assert r.code == 400 and b"Agent not created" in r.body
+    r = await b.post("/console/agents", {"slug": "gamma", "name": "Gamma", "agent_mode": "cloud", "webhook_url": ""})
+    assert r.code == 400 and b"webhook" in r.body  # cloud needs a webhook, as in the API
+    r = await b.post("/console/agents", {"slug": "gamma", "name": "Gamma", "agent_mode": "local"})
+    assert r.code == 303 and r.header("Location") == "/console/agents/gamma@agents.test?done=created"
+
+    r = await b.post("/console/keys", {"name": "bot key", "agent": "gamma@agents.test"})
+    assert r.code == 200
+    plaintext = re.search(rb'id="new-value">(e2a_[0-9a-f]{64})<', r.body).group(1).decode()
+    assert b"agent (gamma@agents.test)" in r.body
+    assert plaintext.encode() not in (await b.get("/console/keys")).body  # shown once
+    key_id = await val(server.db, "SELECT id FROM api_keys WHERE user_id = %s AND scope = 'agent'", (uid,))
+    r = await b.post(f"/console/keys/{key_id}/revoke", {})
+    assert r.code == 303
+    assert await val(server.db, "SELECT revoked_at IS NOT NULL FROM api_keys WHERE id = %s", (key_id,))
+
+
+@pytest_twisted.ensureDeferred
+async def test_approving_an_expired_hold_is_a_409_message(api_server_factory):
+    """Approve at or after approval_expires_at → the queue page with the 409 message; the hold stays pending."""
+    server = await api_server_factory()
+    uid, key = await insert_user_with_key(server.db)
+    agent = await _agent(server, key, "alpha")
+    hold = await _hold(server.db, agent, uid, "too late", expires_in=-60)
+    b = Browserish(server)
+    assert (await b.sign_in(key)).code == 303
+    assert "expired" in (await b.get("/console/approvals")).body.decode()
+    r = await b.post(f"/console/approvals/{hold}/approve", {"subject": "too late"})
+    assert r.code == 409 and b"approval window" in r.body and b"<h1>Approvals</h1>" in r.body
+    assert await val(server.db, "SELECT status FROM messages WHERE id = %s", (hold,)) == "pending_approval"
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_input_has_a_label_and_the_queue_is_oldest_deadline_first(api_server_factory):
+    """Each visible input, select and textarea on every page has a <label for>; holds are listed by deadline."""
+    server = await api_server_factory()
+    uid, key = await insert_user_with_key(server.db)
+    agent = await _agent(server, key, "alpha")
+    mid = await _inbound(server.db, agent, uid, "hello")
+    late = await _hold(server.db, agent, uid, "second deadline", expires_in=7200)
+    soon = await _hold(server.db, agent, uid, "first deadline", expires_in=600)
+    b = Browserish(server)
+    assert (await b.sign_in(key)).code == 303
+    for path in ("/console/", f"/console/agents/{agent}", f"/console/agents/{agent}/messages/{mid}",
+                 "/console/approvals", f"/console/approvals/{soon}", "/console/keys", "/console/domains",
+                 "/console/account"):
+        elements = parsed((await b.get(path)).body)
+        labelled = {a.get("for") for n, a in elements if n == "label"}
+        fields = [a for n, a in elements if n in ("input", "select", "textarea") and a.get("type") != "hidden"]
+        assert all(a.get("id") in labelled for a in fields), (path, fields, labelled)
+    queue = (await b.get("/console/approvals")).body.decode()
+    assert queue.index(soon) < queue.index(late)
+    assert "9 min left" in queue or "10 min left" in queue

@@ -134,6 +134,21 @@ async def test_notification_goes_to_every_reviewer(stacks):
 
 
 @pytest_twisted.ensureDeferred
+async def test_export_lists_the_hold_but_not_its_notification(stacks):
+    """The user export carries the user's own mail only: the reviewer notification (e2a's mail
+    about the hold, with approval links) is not one of the user's messages."""
+    stack = await stacks()
+    held = await stack.hold()
+    await _relayed(stack)
+    assert len(await _notifications(stack)) == 1
+    resp = await stack.api("GET", "/api/v1/users/me/export")
+    assert resp.code == 200
+    exported = resp.json()["messages"]
+    assert [m["id"] for m in exported] == [held]
+    assert all(m.get("type") != "notify" for m in exported)
+
+
+@pytest_twisted.ensureDeferred
 async def test_notification_to_agent_reviewer_is_internal(stacks):
     """A reviewer that is an agent here gets the mail through the internal route."""
     stack = await stacks(relay=False)

@@ -271,13 +271,61 @@ async def test_reject_check_order_and_scrub(e2a_service_factory):
 
 @pytest_twisted.ensureDeferred
 async def test_service_mints_tokens_with_the_configured_grace(e2a_service_factory):
-    """hitl.token_grace reaches the magic-link tokens: exp = floor(approval_expires_at) + grace."""
+    """hitl.token_grace reaches the magic-link tokens: exp = floor(approval_expires_at) + grace;
+    hitl.sweep_interval reaches the running expiry worker's loop."""
     from e2a.config import HitlConfig
 
-    d = await deployment(e2a_service_factory, hitl=HitlConfig(token_grace=5))
+    d = await deployment(e2a_service_factory, hitl=HitlConfig(token_grace=5, sweep_interval=7))
     mid = await d.hold()
     held = await d.service.hold_review.check(mid, "approve")
     token = d.service.approval_tokens.mint(mid, "approve", held.approval_expires_at)
     payload = base64.urlsafe_b64decode(token.split(".")[0] + "==").decode()
     assert payload == f"{mid}|approve|{int(held.approval_expires_at.timestamp()) + 5}"
-    assert d.service.expiry is not None and d.service.expiry.interval == 60
+    expiry = d.service.expiry
+    assert expiry is not None and expiry.interval == 7
+    assert expiry._loop is not None and expiry._loop.running and expiry._loop.interval == 7
+
+
+@pytest_twisted.ensureDeferred
+async def test_review_path_id_not_of_message_form_is_404_not_500(e2a_service_factory):
+    """A path id that is not `msg_<32 hex>` (here with NUL) is 404 `message_not_found` for
+    approve and reject, after the scope check, and never reaches SQL (was a 500)."""
+    d = await deployment(e2a_service_factory)
+    agent_key = (await d.api.call("POST", "/api/v1/keys", {"name": "k", "agent": "alpha@agents.test"})).json()["key"]
+    for action in ("approve", "reject"):
+        for path_id in ("msg_%00", "msg_" + "A" * 32, "nope"):
+            r = await d.api.call("POST", f"/api/v1/messages/{path_id}/{action}")
+            assert _err(r) == (404, "message_not_found"), (action, path_id, r.body)
+        r = await Client(d.service, agent_key).call("POST", f"/api/v1/messages/msg_%00/{action}")
+        assert _err(r) == (403, "insufficient_scope")
+
+
+@pytest_twisted.ensureDeferred
+async def test_approve_edit_with_nul_in_header_text_is_invalid_header_value(e2a_service_factory):
+    """NUL in an edited subject or attachment filename is `invalid_header_value`, as for a send
+    (api.md §0.11; was `invalid_request_body`); the message stays pending."""
+    d = await deployment(e2a_service_factory)
+    mid = await d.hold()
+    att = {"filename": "a\x00.txt", "content_type": "text/plain", "data": ""}
+    for body in ({"subject": "a\x00b"}, {"attachments": [att]}):
+        r = await d.api.call("POST", f"/api/v1/messages/{mid}/approve", body)
+        assert _err(r) == (400, "invalid_header_value"), r.body
+    assert (await d.row(mid))["status"] == "pending_approval"
+
+
+@pytest_twisted.ensureDeferred
+async def test_review_of_a_reviewer_notification_id_is_404(e2a_service_factory):
+    """A reviewer notification row (e2a's own mail, 404 in GET /messages/{id}) is 404 for
+    approve and reject too, not 409 `not_pending`."""
+    from e2a.config import HttpConfig
+
+    d = await deployment(e2a_service_factory, agents=("alpha", "beta", "boss"),
+                         http=HttpConfig(listen_addr="127.0.0.1:0", public_url="http://e2a.test"))
+    r = await d.api.call("PUT", "/api/v1/agents/alpha@agents.test", {"hitl_reviewers": ["boss@agents.test"]})
+    assert r.code == 200, r.body
+    await d.hold()
+    row = await d.db.fetchone("SELECT id FROM messages WHERE type = 'notify'")
+    assert row is not None
+    assert (await d.api.call("GET", f"/api/v1/messages/{row['id']}")).code == 404
+    for action in ("approve", "reject"):
+        assert _err(await d.api.call("POST", f"/api/v1/messages/{row['id']}/{action}")) == (404, "message_not_found")

@@ -73,7 +73,7 @@ async def test_get_confirmation_page_shows_hold_and_exact_form_without_acting(st
     body = assert_page(await stack.page("GET", f"/api/v1/reject?t={rt}"), 200, "Quarterly numbers")
     assert '<form method="POST" action="/api/v1/reject">' in body
     assert f'<input type="hidden" name="t" value="{rt}">' in body
-    assert '<input type="text" name="reason" maxlength="200"' in body
+    assert '<input type="text" name="reason" maxlength="200">' in body  # exactly, no extra attribute
 
     head = await stack.page("HEAD", f"/api/v1/approve?t={t}")
     assert head.code == 200 and head.body == b""

@@ -10,6 +10,9 @@ from datetime import UTC, datetime
 import pytest_twisted
 import treq
 
+from twisted.logger import formatEvent, globalLogPublisher
+
+from e2a import maillog
 from e2a.mailauth import authheaders
 from e2a.store import accounts
 from tests.support.apiserver import Response
@@ -84,6 +87,27 @@ async def test_agent_to_agent_is_internal_signed_and_threads_back(e2a_service_fa
     assert record["type"] == "reply" and record["method"] == "internal" and record["delivery_status"] == "sent"
     assert record["recipients"][0]["address"] == "alpha@agents.test"
     assert record["recipients"][0]["route"] == "internal" and record["recipients"][0]["status"] == "sent"
+
+
+@pytest_twisted.ensureDeferred
+async def test_internal_recipient_outcome_is_logged_after_the_release(e2a_service_factory):
+    """An agent → agent send logs one outbound.recipient line (status sent) per internal recipient."""
+    service, boot, api = await _two_agents(e2a_service_factory)
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        sent = await api.call(
+            "POST", "/api/v1/send",
+            {"from": "alpha@agents.test", "to": ["beta@agents.test"], "subject": "Plan", "body": "Secret body."},
+        )
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert sent.code == 200, sent.body
+    lines = [e for e in events if e.get("event") == maillog.EVENT_OUTBOUND]
+    assert [(e["message_id"], e["recipient"], e["status"]) for e in lines] == [
+        (sent.json()["message_id"], "beta@agents.test", "sent")
+    ]
+    assert "Secret body." not in formatEvent(lines[0])
 
 
 @pytest_twisted.ensureDeferred

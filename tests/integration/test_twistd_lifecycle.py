@@ -79,6 +79,24 @@ async def test_twistd_exits_1_naming_data_dir_when_it_cannot_be_created():
 
 
 @pytest_twisted.ensureDeferred
+async def test_twistd_exits_1_naming_database_url_when_the_database_is_unreachable():
+    """database.url pointing at a closed port: exit code 1, one line naming database.url, and
+    the password of the URL nowhere in the output."""
+    workdir = reachable_tmpdir("e2a-nodb-")
+    env = _clean_env(
+        PYTHONPATH=str(REPO),
+        E2A_DATABASE_URL=f"postgresql://e2a:s3cret-pw@127.0.0.1:{free_port()}/e2a",
+        E2A_HTTP_LISTEN_ADDR="127.0.0.1:0",
+        E2A_SMTP_LISTEN_ADDR="127.0.0.1:0",
+    )
+    code, output = await deferToProcess([sys.executable, *TWISTD, "-n", "--pidfile=", "e2a"], workdir, env)
+    assert code == 1, output
+    lines = _critical_lines(output)
+    assert len(lines) == 1 and "database.url" in lines[0], output
+    assert "s3cret-pw" not in output and "Traceback" not in output, output
+
+
+@pytest_twisted.ensureDeferred
 async def test_twistd_exits_2_on_an_unparsable_environment_value():
     """A bad value from the environment: exit code 2 and one line naming the key."""
     workdir = reachable_tmpdir("e2a-badenv-")
@@ -185,8 +203,10 @@ def test_editable_install_exposes_the_twistd_plugin():
         check=True, capture_output=True, text=True,
     ).stdout.strip()
     Path(purelib, "e2a-test-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # offline: no build isolation (setuptools and wheel come from this venv; `wheel` is in the test extra)
     subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "-e", str(REPO)],
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
+         "--no-build-isolation", "--no-index", "-e", str(REPO)],
         check=True, stdin=subprocess.DEVNULL, capture_output=True,
     )
     env = {k: v for k, v in _clean_env().items() if k != "PYTHONPATH"}

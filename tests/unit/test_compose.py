@@ -128,6 +128,14 @@ def test_recipients_refused_when_no_to_or_cc(to, cc, bcc, why):
     raises("no_recipients", c.normalise_recipients, to, cc, bcc, AGENT)
 
 
+def test_recipients_refused_naming_own_address_when_only_the_sender():
+    """Only the sender's own address (any case) → no_recipients saying it is the agent's own address."""
+    err = raises("no_recipients", c.normalise_recipients, [AGENT.upper()], [], ["b@x.example"], AGENT)
+    assert AGENT in err.message and "own address" in err.message
+    err = raises("no_recipients", c.normalise_recipients, [], [], ["b@x.example"], AGENT)
+    assert "own address" not in err.message
+
+
 def test_recipients_refused_when_over_max():
     """51 distinct recipients (across lists) → too_many_recipients; 50 pass."""
     addrs = [f"u{i}@x.example" for i in range(51)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from e2a.api.limits import DB_EXTRA_CONNECTIONS, FD_MARGIN, MIN_HTTP_CONNECTIONS, HttpLimits, plan_fd_budget
@@ -100,3 +102,71 @@ def test_trusted_proxies_exempt_from_per_address_cap():
     assert isinstance(guard.buildProtocol(Addr("192.0.2.1")), _CountedConnection)
     assert not isinstance(guard.buildProtocol(Addr("192.0.2.1")), _CountedConnection)
     assert guard.open == 3 and guard.refused_per_ip == 1
+
+
+def test_raise_nofile_limit_goes_to_hard_limit():
+    """The soft RLIMIT_NOFILE is raised to the hard limit (lowered a little first, then restored)."""
+    import resource
+
+    from e2a.api.limits import open_fd_count, raise_nofile_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == resource.RLIM_INFINITY:
+        pytest.skip("unlimited open-file limit")
+    lowered = max(open_fd_count() + 64, hard - 1)
+    if lowered >= hard:
+        pytest.skip("hard limit too close to the descriptors in use")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowered, hard))
+    try:
+        assert raise_nofile_limit() == (lowered, hard)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _guard_with(**http: Any) -> Any:
+    from twisted.internet.task import Clock
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    from e2a.api.limits import guard_site
+
+    return guard_site(Site(Resource()), HttpLimits.from_config(HttpConfig(**http)), Clock())
+
+
+class _Addr:
+    def __init__(self, host: str) -> None:
+        self.host = host
+
+
+def test_ipv6_peers_share_their_slash64_per_address_cap():
+    """An IPv6 client owns a whole /64: 2 connections from 2001:db8::1 and ::2 fill a cap of 2
+    (as SMTP's per-IP bucket, mail.md §1.2); another /64 still gets in."""
+    from e2a.api.limits import _CountedConnection
+
+    guard = _guard_with(max_connections=100, max_connections_per_ip=2)
+    hosts = [f"2001:db8:0:1::{i:x}" for i in range(1, 11)]
+    kept = [h for h in hosts if isinstance(guard.buildProtocol(_Addr(h)), _CountedConnection)]
+    assert len(kept) == 2 and guard.refused_per_ip == 8
+    assert isinstance(guard.buildProtocol(_Addr("2001:db8:0:2::1")), _CountedConnection)
+
+
+def test_mapped_ipv4_peer_is_its_ipv4_address_for_cap_and_exemption():
+    """On a dual-stack listener an IPv4 peer appears as ::ffff:a.b.c.d: same bucket as a.b.c.d,
+    and a trusted proxy given as IPv4 stays exempt."""
+    from e2a.api.limits import _CountedConnection
+
+    guard = _guard_with(max_connections=100, max_connections_per_ip=1, trusted_proxies=("10.0.0.0/8",))
+    assert isinstance(guard.buildProtocol(_Addr("::ffff:10.1.2.3")), _CountedConnection)
+    assert isinstance(guard.buildProtocol(_Addr("::ffff:10.1.2.3")), _CountedConnection)
+    assert isinstance(guard.buildProtocol(_Addr("192.0.2.1")), _CountedConnection)
+    assert not isinstance(guard.buildProtocol(_Addr("::ffff:192.0.2.1")), _CountedConnection)
+
+
+def test_single_ipv6_trusted_proxy_stays_exempt():
+    """A trusted proxy listed as one IPv6 address is exempt although its bucket is its /64."""
+    from e2a.api.limits import _CountedConnection
+
+    guard = _guard_with(max_connections=100, max_connections_per_ip=1, trusted_proxies=("2001:db8::5",))
+    assert all(isinstance(guard.buildProtocol(_Addr("2001:db8::5")), _CountedConnection) for _ in range(3))
+    assert not isinstance(guard.buildProtocol(_Addr("2001:db8::6")), _CountedConnection)

@@ -74,7 +74,8 @@ def test_auth_headers_rotation_any_secret_verifies():
 def test_secret_missing_is_value_error(monkeypatch):
     """No secret passed and none in E2A_WEBHOOK_SECRET → ValueError, never a silent failure."""
     monkeypatch.delenv("E2A_WEBHOOK_SECRET", raising=False)
-    monkeypatch.delenv("E2A_HMAC_SECRET", raising=False)
+    # The server's deployment secret never signs webhooks: it is not a fallback.
+    monkeypatch.setenv("E2A_HMAC_SECRET", "x" * 64)
     with pytest.raises(ValueError):
         verify_auth_headers(REF["auth_headers"], _raw(REF))
 
