@@ -2,6 +2,7 @@
 import sys
 
 from twisted.application import service
+from twisted.internet import reactor
 from twisted.logger import ILogObserver
 
 from e2a.config import load_config
@@ -19,4 +20,4 @@ except ConfigError as _e:
 application = service.Application("e2a")
 # logging.format/level: `twistd -ny` without --logfile writes to stdout, so do we (e2a.logsetup).
 application.setComponent(ILogObserver, build_log_observer(_config, sys.stdout))
-build_service(_config).setServiceParent(application)
+build_service(_config, reactor).setServiceParent(application)

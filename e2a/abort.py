@@ -13,7 +13,7 @@ race), and the SMTP reply follows that real outcome (mail.md §1.7 item 4).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from twisted.internet import defer
@@ -43,6 +43,12 @@ class AbortSignal:
     def __init__(self) -> None:
         self.requested = False
         self.handled = False
+        # Set by work whose writes may commit: ``probe()`` answers, with one cheap read, the id
+        # to reply with when they did commit (else None). The waiter calls it before answering
+        # "not stored" on any failure, because the failure may not be the transaction's real
+        # outcome: a cancel request slower than the grace, or PostgreSQL reporting "canceled"
+        # for a statement whose COMMIT was already applied (mail.md §1.7 item 4).
+        self.probe: Callable[[], Awaitable[str | None]] | None = None
         self._handlers: list[Callable[[], Any]] = []
 
     def request(self) -> None:

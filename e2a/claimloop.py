@@ -38,6 +38,11 @@ class ClaimLoop:
             return
         self._done = defer.Deferred.fromCoroutine(self._loop())
 
+    @property
+    def busy(self) -> bool:
+        """A claim pass is running (or about to run again)."""
+        return self._polling
+
     async def wait_idle(self) -> None:
         """Fires when the pass in progress (if any) has finished (used when stopping)."""
         if self._done is not None:

@@ -9,6 +9,7 @@ only delivers on commit.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,27 +21,36 @@ from twisted.logger import Logger
 
 from e2a import ids, maillog
 from e2a.abort import AbortSignal
-from e2a.delivery.backpressure import Backpressure
+from e2a.delivery.port import InboundDelivery
 from e2a.mailauth import authheaders
 from e2a.mailauth.verdict import sender_value
 from e2a.messageview import MessageView
-from e2a.metrics import metrics_of
-from e2a.store import messages
+from e2a.metrics import E2AMetrics, metrics_of
+from e2a.store import agents as agent_store
+from e2a.store import deliveries, messages
 from e2a.store.accounts import SecretCache, newest_secret_txn
 from e2a.store.database import Database, Txn
 from e2a.store.deliveries import ClaimedJob
 from e2a.store.events import CHANNEL_DELIVERY, CHANNEL_INBOUND
+from e2a.store.models import InboundMessage
 
 log = Logger()
 
 
 class EnvelopeLike(Protocol):
-    client_ip: str
-    helo: str
-    helo_kind: str  # "EHLO" | "HELO"
-    tls: bool
-    mail_from: str  # "" for the null reverse-path
-    recipients: Sequence[str]  # canonical agent addresses, RCPT order, deduplicated
+    # Read-only members, so a frozen dataclass (e2a.smtp.envelope.Envelope) satisfies it.
+    @property
+    def client_ip(self) -> str: ...
+    @property
+    def helo(self) -> str: ...
+    @property
+    def helo_kind(self) -> str: ...  # "EHLO" | "HELO"
+    @property
+    def tls(self) -> bool: ...
+    @property
+    def mail_from(self) -> str: ...  # "" for the null reverse-path
+    @property
+    def recipients(self) -> Sequence[str]: ...  # canonical agent addresses, RCPT order, deduplicated
 
 
 @dataclass(frozen=True)
@@ -56,17 +66,6 @@ class TraceInput:
     from_address: str | None  # §2.1 valid From address, None when invalid
 
 
-class FreshJobs(Protocol):
-    """This process's webhook worker (:class:`e2a.delivery.worker.DeliveryService`), which can
-    take a fresh job straight from the accept instead of through NOTIFY and a claim."""
-
-    def reserve_fresh(self, agent_id: str, in_flight_everywhere: int) -> datetime | None: ...
-
-    def release_fresh(self, agent_id: str) -> None: ...
-
-    def start_fresh(self, job: ClaimedJob) -> None: ...
-
-
 @dataclass
 class _Reservations:
     """The slots one accept reserved (agent per reservation, recorded before any await so a
@@ -74,6 +73,17 @@ class _Reservations:
 
     reserved: list[str] = field(default_factory=list)
     jobs: list[ClaimedJob] = field(default_factory=list)
+
+
+@dataclass
+class _Outcome:
+    """What the last attempt of the accept transaction would answer (``first_id``) and the id
+    of a copy it inserts (``new_id``; None when it inserts none), recorded once its writes are
+    queued. The ids are chosen before the INSERT, so :meth:`InboundPipeline._committed` can
+    tell the real outcome of a transaction whose own answer was lost (e2a.abort ``probe``)."""
+
+    first_id: str = ""
+    new_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -84,13 +94,23 @@ class StoredCopy:
 
 class Verifier(Protocol):
     async def verify(
-        self, raw: bytes, client_ip: str, helo: str, mail_from: str, header_fields: Any = None
+        self, raw: bytes, client_ip: str, helo: str, mail_from: str, *, header_fields: Any = None
     ) -> Any: ...
 
 
 # A header section above this many octets is parsed in a worker thread (address lists are
 # pure-Python parsing, bounded per field by e2a.messageview but still ~ms per KiB).
 LARGE_HEADER_SECTION = 8 * 1024
+# Content above this many octets is hashed (duplicate check) in a worker thread.
+LARGE_CONTENT = 1024 * 1024
+
+
+def content_digest(raw: bytes) -> str:
+    """SHA-256 (hex) of the DATA content as received, before e2a adds or strips any header:
+    a true RFC 1047 resend carries the same bytes, a forged copy with a copied Message-ID does
+    not (issue 15.5). Not the signed ``X-E2A-Auth-Body-Hash``: that one covers each copy's
+    stored bytes, trace headers included, so it differs per copy and per attempt."""
+    return hashlib.sha256(raw).hexdigest()
 
 
 def _parsed_view(fields: Sequence[authheaders.HeaderField]) -> MessageView:
@@ -122,9 +142,12 @@ class InboundPipeline:
         authserv_id: str,
         now: Callable[[], datetime] | None = None,
         to_trace: Callable[[Any], TraceInput] | None = None,
-        backpressure: Backpressure | None = None,
+        delivery: InboundDelivery | None = None,
         in_thread: Callable[..., Deferred[Any]] | None = None,
+        metrics: E2AMetrics | None = None,
     ) -> None:
+        # This process's counters (e2a.metrics); None: not counted (tests).
+        self.metrics = metrics
         self.db = db
         self.verifier = verifier
         self.master_key = master_key
@@ -133,12 +156,12 @@ class InboundPipeline:
         self.now = now or (lambda: datetime.now(UTC))
         self.to_trace = to_trace or trace_from_verdict
         self._secrets = SecretCache()
-        self.backpressure = backpressure
+        # The one way into webhook delivery (e2a.delivery.port): per-agent backpressure and
+        # fresh jobs. None: never wait, every job goes through the queue.
+        self.delivery = delivery
         # ``in_thread(fn, *args)``: run a pure function in a worker thread (the mail-auth pool);
         # a large header section is parsed there, not on the reactor (issue 15.3).
         self.in_thread = in_thread
-        # Set by the composition root once the webhook worker runs (e2a.service).
-        self.fresh_jobs: FreshJobs | None = None
 
     async def accept(self, envelope: EnvelopeLike, raw: bytes) -> str:
         """Store one copy per recipient agent; returns the first copy's ``msg_…`` id.
@@ -160,9 +183,9 @@ class InboundPipeline:
         if abort is not None:
             abort.handled = True
         started = time.perf_counter()  # for the mail-flow log line: end of DATA → commit
-        bp = self.backpressure
-        if bp is not None and bp.holds(envelope.recipients):
-            await _guarded(abort, bp.wait(envelope.recipients))
+        port = self.delivery
+        if port is not None and port.holds(envelope.recipients):
+            await _guarded(abort, port.wait(envelope.recipients))
         fields, body_offset = authheaders.split_header_section(raw)
         if self.in_thread is not None and body_offset > LARGE_HEADER_SECTION:
             view = await _guarded(abort, self.in_thread(_parsed_view, fields))
@@ -178,6 +201,10 @@ class InboundPipeline:
             ),
         )
         trace = self.to_trace(verdict)
+        if self.in_thread is not None and len(raw) > LARGE_CONTENT:
+            digest = await _guarded(abort, self.in_thread(content_digest, raw))
+        else:
+            digest = content_digest(raw)
         stripped = authheaders.strip_fields(raw, fields, self.authserv_id)
         received_at = self.now()
         # run_batched: the reads (one statement per recipient) go out at once, every write of
@@ -186,9 +213,13 @@ class InboundPipeline:
         # A cloud copy whose agent has a free webhook slot in this process is inserted already
         # leased to it and attempted right after the commit: no NOTIFY, no claim.
         fresh = _Reservations()
+        outcome = _Outcome()
+        if abort is not None:
+            abort.probe = lambda: self._committed(outcome)
         try:
             first_id = await self.db.run_batched(
-                "accept_inbound", self._accept_txn, envelope, view, stripped, trace, received_at, fresh, abort=abort
+                "accept_inbound", self._accept_txn, envelope, view, stripped, trace, received_at, fresh, abort=abort,
+                outcome=outcome, content_sha256=digest,
             )
         except BaseException:
             self._release(fresh)
@@ -198,17 +229,24 @@ class InboundPipeline:
             agents=envelope.recipients, domain_check=trace.domain_check, size=len(raw),
             ms=(time.perf_counter() - started) * 1000,
         )
-        assert self.fresh_jobs is not None or not fresh.jobs
+        assert port is not None or not fresh.jobs
         for job in fresh.jobs:
-            self.fresh_jobs.start_fresh(job)  # type: ignore[union-attr]
+            port.start_fresh(job)  # type: ignore[union-attr]
         return first_id
+
+    async def _committed(self, outcome: _Outcome) -> str | None:
+        """The id to answer 250 with when the accept transaction committed although its
+        caller saw it fail or gave up on it; None when it did not (or wrote nothing)."""
+        if outcome.new_id is None:
+            return None
+        return outcome.first_id if await messages.inbound_exists(self.db, outcome.new_id) else None
 
     def _release(self, fresh: _Reservations) -> None:
         """Give back the slots reserved by an attempt of the accept transaction that did not
         commit (it failed, or run_batched is running it again)."""
-        if self.fresh_jobs is not None:
+        if self.delivery is not None:
             for agent_id in fresh.reserved:
-                self.fresh_jobs.release_fresh(agent_id)
+                self.delivery.release_fresh(agent_id)
         fresh.reserved.clear()
         fresh.jobs.clear()
 
@@ -221,17 +259,24 @@ class InboundPipeline:
         trace: TraceInput,
         received_at: datetime,
         fresh: _Reservations,
+        *,
+        outcome: _Outcome | None = None,
+        content_sha256: str | None = None,
     ) -> str:
         self._release(fresh)  # a retried transaction starts afresh
+        if outcome is not None:
+            outcome.first_id, outcome.new_id = "", None
         first_id = ""
         cloud_agents: list[str] = []
         candidates = view.thread_candidates()
         sender = sender_value(trace.from_address, envelope.mail_from)
-        # A resend is suppressed only when it carries the same verdict from the same client:
-        # a forged copy that arrived first must not stand in for the genuine one (issue 15.5).
+        # A resend is suppressed only when it carries the same verdict from the same client and
+        # the same bytes: a forged copy that arrived first must not stand in for the genuine
+        # one, not even from the same client with the same verdict (issue 15.5).
         verdict = messages.Verdict(
-            envelope.client_ip, trace.domain_check, "true" if trace.verified else "false", sender
+            envelope.client_ip, trace.domain_check, "true" if trace.verified else "false", sender, content_sha256
         )
+        new_id: str | None = None
         for recipient in envelope.recipients:
             agent = await messages.inbound_context_txn(
                 txn, recipient, view.message_id_token, envelope.mail_from, candidates, received_at, verdict
@@ -275,8 +320,8 @@ class InboundPipeline:
                 stored=stored,
             )
             lease_until = None
-            if self.fresh_jobs is not None and agent["agent_mode"] == "cloud" and agent["webhook_status"] != "disabled":
-                lease_until = self.fresh_jobs.reserve_fresh(agent["id"], agent["in_flight"])
+            if self.delivery is not None and agent["agent_mode"] == "cloud" and agent["webhook_status"] != "disabled":
+                lease_until = self.delivery.reserve_fresh(agent["id"], agent["in_flight"], agent["user_id"])
                 if lease_until is not None:
                     fresh.reserved.append(agent["id"])  # before any await: released on failure
             display_from = view.display_sender()
@@ -295,6 +340,7 @@ class InboundPipeline:
                 received_at=received_at,
                 notify_delivery=False,
                 lease_until=lease_until,
+                content_sha256=content_sha256,
             )
             await metrics_of(self).stored_copy_txn(txn, "smtp", agent["id"])
             if lease_until is not None:
@@ -311,11 +357,14 @@ class InboundPipeline:
             elif agent["agent_mode"] == "cloud":
                 cloud_agents.append(agent["id"])
             first_id = first_id or message_id
+            new_id = new_id or message_id
         if cloud_agents:
             # One NOTIFY per message. Naming the agent (when there is exactly one) lets a
             # worker whose slots for that agent are all busy skip the claim: each busy slot
             # leases the agent's next job itself when it finishes (e2a.delivery.worker).
             await txn.notify(CHANNEL_DELIVERY, cloud_agents[0] if len(cloud_agents) == 1 else "")
+        if outcome is not None:
+            outcome.first_id, outcome.new_id = first_id, new_id
         return first_id
 
 
@@ -335,35 +384,40 @@ async def store_copy_txn(
     received_at: datetime,
     notify_delivery: bool,
     lease_until: datetime | None = None,
+    content_sha256: str | None = None,
 ) -> StoredCopy:
     """Insert one signed inbound copy and announce it: a delivery job for a cloud agent (the
     NOTIFY on the delivery channel is sent here or, for a batch, once by the caller; a job
     inserted leased until ``lease_until`` is this process's to attempt and needs none), a
-    per-message NOTIFY for a local agent's WebSockets. SMTP and internal mail share this."""
+    per-message NOTIFY for a local agent's WebSockets. SMTP and internal mail share this.
+    ``content_sha256`` (:func:`content_digest`) is what a later resend must match to be
+    suppressed as its duplicate; None (internal mail) never matches."""
     headers = authheaders.auth_headers(fields, secret)
     await messages.insert_inbound_txn(
         txn,
-        {
-            "id": fields.message_id,
-            "agent_id": agent["id"],
-            "user_id": agent["user_id"],
-            "route": route,
-            "sender": fields.sender,
-            "display_from": display_from,
-            "recipient": agent["id"],
-            "envelope_from": envelope_from,
-            "client_ip": client_ip,
-            "subject": view.subject,
-            "to_addrs": view.to_addresses(),
-            "cc_addrs": view.cc_addresses(),
-            "email_message_id": view.message_id_token,
-            "in_reply_to": view.in_reply_to,
-            "references_ids": view.references,
-            "conversation_id": conversation_id,
-            "raw_message": stored,
-            "auth_headers": headers,
-            "created_at": received_at,
-        },
+        InboundMessage(
+            id=fields.message_id,
+            agent_id=agent["id"],
+            user_id=agent["user_id"],
+            status="unread",
+            route=route,
+            sender=fields.sender,
+            display_from=display_from,
+            recipient=agent["id"],
+            envelope_from=envelope_from,
+            client_ip=client_ip,
+            subject=view.subject,
+            to_addrs=view.to_addresses(),
+            cc_addrs=view.cc_addresses(),
+            email_message_id=view.message_id_token,
+            in_reply_to=view.in_reply_to,
+            references_ids=view.references,
+            conversation_id=conversation_id,
+            auth_headers=headers,
+            raw_message=stored,
+            created_at=received_at,
+        ),
+        content_sha256=content_sha256,
     )
     delivery_id = None
     if agent["agent_mode"] == "cloud":
@@ -404,6 +458,7 @@ def _attempt_row(
         "agent_mode": agent["agent_mode"],
         "webhook_url": agent["webhook_url"],
         "webhook_status": agent["webhook_status"],
+        "user_id": agent["user_id"],
         "secret_ids": agent["secret_ids"],
         "secrets": agent["secrets"],
     }
@@ -415,14 +470,14 @@ async def enqueue_delivery_txn(
     """A webhook delivery job: pending and due now (leased to this process's worker until
     ``lease_until`` when given), or paused while the webhook is disabled."""
     delivery_id = ids.new_delivery_id()
-    paused = agent["webhook_status"] == "disabled"
-    await txn.execute(
-        "INSERT INTO deliveries (id, message_id, agent_id, webhook_url, status, next_attempt_at, leased_until)"
-        " VALUES (%s, %s, %s, %s, %s, CASE WHEN %s THEN NULL ELSE now() END, %s)",
-        (
-            delivery_id, message_id, agent["id"], agent["webhook_url"], "paused" if paused else "pending", paused,
-            None if paused else lease_until,
-        ),
+    await deliveries.insert_job_txn(
+        txn,
+        delivery_id,
+        message_id,
+        agent["id"],
+        agent["webhook_url"],
+        paused=agent["webhook_status"] == "disabled",
+        lease_until=lease_until,
     )
     return delivery_id
 
@@ -463,12 +518,16 @@ async def accept_internal_txn(
     the test email) and the sender's own conversation id. Returns the new ``msg_…`` id, or None
     when the recipient agent no longer exists.
     """
-    agent = await txn.fetchone(
-        "SELECT id, user_id, agent_mode, webhook_url, webhook_status FROM agents WHERE lower(id) = lower(%s)",
-        (recipient,),
-    )
-    if agent is None:
+    found = await agent_store.fetch_agent_txn(txn, None, recipient)
+    if found is None:
         return None
+    agent = {
+        "id": found.id,
+        "user_id": found.user_id,
+        "agent_mode": found.agent_mode,
+        "webhook_url": found.webhook_url,
+        "webhook_status": found.webhook_status,
+    }
     fields, _ = authheaders.split_header_section(composed)
     view = MessageView.from_fields(fields)
     stripped = authheaders.strip_fields(composed, fields, authserv_id)

@@ -161,6 +161,7 @@ def webhook_attempt(
 ) -> None:
     """One line per webhook POST: ``outcome`` is ``delivered``, ``retry``, ``failed`` or ``disabled``;
     ``next_retry_s`` the delay before the next attempt (``retry`` only)."""
+    error = redact_text(error) if error else ""  # once: both fields show the same redacted text
     log.info(
         "webhook {delivery_id} {message_id} to {agent} attempt {attempt}: status={status_text} "
         "{outcome} ms={ms} next_retry={next_retry_text}{error_text}",
@@ -175,8 +176,8 @@ def webhook_attempt(
         ms=round(ms, 1),
         next_retry_s=None if next_retry_s is None else round(next_retry_s, 1),
         next_retry_text="-" if next_retry_s is None else f"{next_retry_s:.1f}s",
-        error=redact_text(error),
-        error_text=f" error={redact_text(error)!r}" if error else "",
+        error=error,
+        error_text=f" error={error!r}" if error else "",
     )
 
 

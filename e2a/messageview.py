@@ -1,6 +1,6 @@
 """What e2a reads out of a message's top-level header section, parsed once (mail.md §1.7).
 
-Pure functions over :func:`e2a.mailauth.authheaders.split_header_section` output. Values are
+Pure functions over :func:`e2a.mailsyntax.headers.split_header_section` output. Values are
 for display, listing and threading; none of them is trusted for authentication (the verdict
 comes from SPF/DKIM/DMARC).
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from email.utils import getaddresses
 from functools import cached_property
 
-from e2a.mailauth.authheaders import HeaderField, field_value
+from e2a.mailsyntax.headers import HeaderField, field_value
 
 MAX_LISTED_ADDRESSES = 100
 MAX_THREAD_CANDIDATES = 50

@@ -404,9 +404,7 @@ def install(router: Any, deps: Any) -> None:
     config = deps.config.metrics
     if not config.enabled:
         return
-    metrics = deps.extras.get("metrics")
-    if metrics is None:  # an API built without the service (tests): this app's own registry
-        metrics = deps.extras["metrics"] = E2AMetrics()
+    metrics = deps.services.metrics
 
     @router.route("/metrics", methods=["GET"])
     async def scrape(request: Any) -> bytes:

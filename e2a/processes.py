@@ -4,7 +4,7 @@ Why: a CPython process runs Python on one core at a time (the GIL), and on the i
 e2a's reactor thread is the bottleneck long before PostgreSQL is (docs/performance.md). With
 ``processes: N`` the twistd process (the parent) still does everything that must happen once:
 data directory and secrets, embedded PostgreSQL, migrations, the shared-domain row, binding
-the SMTP and HTTP ports. It then starts N-1 children (``python -m e2a.processes``) that
+the SMTP and HTTP ports. It then starts N-1 children (``python -m e2a.child``) that
 inherit the two listening sockets and run the same service without those duties: SMTP
 sessions, the HTTP API and WebSockets, the webhook, relay and retention workers. All processes
 accept from the same kernel queues, so whichever is free takes the next connection.
@@ -45,7 +45,7 @@ from e2a.logsetup import relay_structured
 
 log = Logger()
 
-__all__ = ["ChildSpec", "ProcessPool", "adopt_listening_socket", "child_main"]
+__all__ = ["ChildSpec", "ProcessPool", "adopt_listening_socket", "encode_spec", "read_spec"]
 
 #: File descriptors the listening sockets get in a child (0-2 are stdio).
 CHILD_FDS = {"http": 3, "smtp": 4}
@@ -217,7 +217,11 @@ class ProcessPool:
     def pids(self) -> list[int]:
         return [c.pid for c in self._children.values() if c.pid is not None]
 
-    def start(self) -> None:
+    def start(self, listening: dict[str, int] | None = None) -> None:
+        """Spawn the children; ``listening``: the sockets to share, when only known at start
+        (the composition root builds the pool before it binds the ports)."""
+        if listening is not None:
+            self.listening = listening
         for index in range(2, self.count + 1):
             self._spawn(index)
 
@@ -232,7 +236,7 @@ class ProcessPool:
         self.reactor.spawnProcess(
             child,
             self.python,
-            [self.python, "-m", "e2a.processes"],
+            [self.python, "-m", "e2a.child"],
             env=dict(os.environ),
             childFDs=child_fds,
         )
@@ -269,7 +273,11 @@ class ProcessPool:
         if not children:
             return
         waiting = defer.DeferredList([c.ended for c in children], consumeErrors=True)
-        killer = self.reactor.callLater(grace, lambda: [_signal(c, signal.SIGKILL) for c in children])
+        def kill_all() -> None:
+            for c in children:
+                _signal(c, signal.SIGKILL)
+
+        killer = self.reactor.callLater(grace, kill_all)
         await waiting
         if killer.active():
             killer.cancel()
@@ -283,51 +291,3 @@ def _signal(child: _Child, sig: int) -> None:
 
 
 # ------------------------------------------------------------------------------ the child
-
-
-class _ParentWatch(protocol.Protocol):
-    """Stops the child when its stdin (the parent's pipe) reaches end of file."""
-
-    def __init__(self, reactor: Any) -> None:
-        self.reactor = reactor
-
-    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802 - Twisted API
-        if self.reactor.running:
-            log.warn("the parent e2a process is gone; stopping")
-            self.reactor.stop()
-
-
-def child_main() -> int:
-    """Entry point of a child process (``python -m e2a.processes``); a composition root."""
-    spec = read_spec(sys.stdin.buffer)
-    from twisted.internet import reactor, stdio
-    from twisted.logger import globalLogBeginner
-
-    from e2a.logsetup import child_log_observer
-
-    # logging.level applies here; the format does not: the parent relays these lines into its own
-    # log (text or JSON), adding the timestamp, so the pipe carries plain text (mail-flow events
-    # as marked JSON lines, so the parent keeps their fields).
-    observer = child_log_observer(spec.config, sys.stdout)
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
-    from e2a.service import E2AService
-
-    service = E2AService(spec.config, reactor, stop_reactor_on_failure=True, child=spec)
-    failed: list[bool] = []
-    service.started.addErrback(lambda _f: failed.append(True))
-    stdio.StandardIO(_ParentWatch(reactor), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY), reactor=reactor)
-    # Ctrl-C in a terminal reaches the whole process group: only the parent acts on it and
-    # stops the children in order (SIGTERM), instead of children dying under it.
-    reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
-    reactor.callWhenRunning(service.startService)
-    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    reactor.run()
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    # Run as ``-m``, this file is ``__main__``; the spec pickles ``e2a.processes.ChildSpec``, so
-    # the child must run the real module's copy.
-    from e2a.processes import child_main as _child_main
-
-    raise SystemExit(_child_main())

@@ -7,6 +7,7 @@ for good, which would silently end retention.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twisted.internet import task
@@ -14,23 +15,18 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from e2a.config import RetentionConfig
+from e2a.store import feedback as feedback_store
+from e2a.store import messages as message_store
 from e2a.store import ratelimits
 from e2a.store.database import Database
 
 log = Logger()
 
-# (description, statement); %(days)s is retention.days. Held outbound mail is never purged.
-SWEEPS = (
-    (
-        "inbound messages",
-        "DELETE FROM messages WHERE direction = 'inbound' AND created_at < now() - make_interval(days => %(days)s)",
-    ),
-    (
-        "outbound messages",
-        "DELETE FROM messages WHERE direction = 'outbound' AND status <> 'pending_approval'"
-        " AND created_at < now() - make_interval(days => %(days)s)",
-    ),
-    ("feedback", "DELETE FROM feedback WHERE created_at < now() - make_interval(days => %(days)s)"),
+# (description, purge(db, days)); days is retention.days. Held outbound mail is never purged.
+SWEEPS: tuple[tuple[str, Callable[[Database, int], Awaitable[None]]], ...] = (
+    ("inbound messages", message_store.purge_inbound_older_than),
+    ("outbound messages", message_store.purge_outbound_older_than),
+    ("feedback", feedback_store.purge_older_than),
 )
 
 
@@ -42,9 +38,9 @@ class RetentionService:
         self._loop: task.LoopingCall | None = None
 
     async def sweep_once(self) -> None:
-        for what, sql in SWEEPS:
+        for what, purge in SWEEPS:
             try:
-                await self.db.execute(sql, {"days": self.config.days})
+                await purge(self.db, self.config.days)
             except Exception:
                 log.failure("retention sweep of {what} failed; retrying next sweep", what=what)
         try:

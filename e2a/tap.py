@@ -48,8 +48,7 @@ def makeService(options: Options) -> Any:  # noqa: N802 - twistd API
     from e2a.logsetup import twistd_log_observer
 
     observer = twistd_log_observer(config, getattr(options, "parent", None), reactor)
-    svc = build_service(config, reactor, log_observer=observer)
     from e2a.config import config_sources
 
-    svc.config_sources = config_sources(options["config"])  # for the start-up log block
-    return svc
+    # config_sources: for the start-up log block
+    return build_service(config, reactor, log_observer=observer, sources=config_sources(options["config"]))

@@ -16,9 +16,11 @@ from twisted.web.server import Request
 
 from e2a import ids
 from e2a.api import wire
-from e2a.api.auth import Principal, authenticate
+from e2a.api.auth import authenticate
+from e2a.api.export import export_document
 from e2a.api.http import JSON_CAP, encode_json, get_str, json_body, json_headers, query_arg, write_json
 from e2a.errors import BadRequest, NotFound
+from e2a.policy.principal import Principal
 from e2a.store import accounts
 from e2a.timefmt import ts_frac, ts_sec
 
@@ -89,7 +91,7 @@ def install(router: Klein, deps: Any) -> None:
     async def list_keys(request: Request) -> bytes:
         principal = await user_principal(request)
         keys = await accounts.list_api_keys(db, principal.user_id)
-        return write_json(request, 200, {"keys": [accounts.api_key_json(k) for k in keys]})
+        return write_json(request, 200, {"keys": [wire.api_key_json(k) for k in keys]})
 
     @router.route("/api/v1/keys/<key_id>", methods=["DELETE"])
     async def revoke_key(request: Request, key_id: str) -> bytes:
@@ -104,7 +106,7 @@ def install(router: Klein, deps: Any) -> None:
     async def list_secrets(request: Request) -> bytes:
         principal = await user_principal(request)
         secrets = await accounts.list_signing_secrets(db, principal.user_id)
-        return write_json(request, 200, {"secrets": [accounts.signing_secret_json(s) for s in secrets]})
+        return write_json(request, 200, {"secrets": [wire.signing_secret_json(s) for s in secrets]})
 
     @router.route("/api/v1/users/me/signing-secrets", methods=["POST"])
     async def create_secret(request: Request) -> bytes:
@@ -136,9 +138,10 @@ def install(router: Klein, deps: Any) -> None:
     @router.route("/api/v1/users/me/export", methods=["GET"])
     async def export(request: Request) -> bytes:
         principal = await user_principal(request)
-        doc = await accounts.export_user(db, principal.user_id)
-        if doc is None:  # deleted between authentication and the read
+        snapshot = await accounts.export_user(db, principal.user_id)
+        if snapshot is None:  # deleted between authentication and the read
             raise NotFound("user not found")
+        doc = export_document(snapshot)
         # An export can hold every stored message: encode it off the reactor thread.
         reactor = deps.clock
         payload = await threads.deferToThreadPool(reactor, reactor.getThreadPool(), encode_json, doc)

@@ -14,7 +14,7 @@ from klein import Klein
 from twisted.web.server import Request
 
 from e2a.api import wire
-from e2a.api.auth import Principal, authenticate
+from e2a.api.auth import authenticate
 from e2a.api.http import (
     AGENT_HEADER_FIELDS,
     JSON_CAP,
@@ -27,8 +27,9 @@ from e2a.api.http import (
     json_body,
     write_json,
 )
-from e2a.delivery import ssrf
 from e2a.errors import BadRequest, NotFound
+from e2a.policy import ssrf
+from e2a.policy.principal import Principal
 from e2a.store import agents as agent_store
 from e2a.store import ratelimits
 from e2a.store.agents import AgentUpdate

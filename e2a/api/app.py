@@ -7,8 +7,9 @@ services can run in one process — the cross-process tests rely on that.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from klein import Klein
 from werkzeug.exceptions import MethodNotAllowed as WzMethodNotAllowed
@@ -25,7 +26,35 @@ from e2a.config import Config
 from e2a.errors import E2AError, TransientError, Unavailable
 from e2a.store.database import Database
 
+if TYPE_CHECKING:  # annotations only: the composition root imports the real classes
+    from e2a.delivery.websocket import WebSocketService
+    from e2a.mailauth.dkimkeys import DkimKeyPair
+    from e2a.mailauth.dns import DnsClient
+    from e2a.metrics import E2AMetrics
+    from e2a.outbound.hitl import HoldReview
+    from e2a.outbound.magiclink import ApprovalTokens
+    from e2a.outbound.send import SendService
+
 log = Logger()
+
+
+@dataclass(frozen=True)
+class ApiServices:
+    """The services the routes call, built once by the composition root (e2a.service).
+
+    Typed fields rather than a string-keyed dict, so a route that needs one more service says so
+    here and the root must build it; nothing is constructed lazily behind a route.
+    """
+
+    send: SendService
+    hold_review: HoldReview  # shared with the magic-link pages and the expiry worker
+    metrics: E2AMetrics
+    # Magic-link tokens; None only for a test API without ``signing.hmac_secret``.
+    approval_tokens: ApprovalTokens | None = None
+    # DKIM key generation for new domains on the blocking pool; None: generate inline.
+    dkim_keygen: Callable[[], Awaitable[DkimKeyPair]] | None = None
+    # The /ws endpoint's service; None: no WebSocket endpoint (404).
+    websocket: WebSocketService | None = None
 
 
 @dataclass
@@ -35,9 +64,9 @@ class ApiDeps:
     config: Config
     db: Database
     clock: Any
-    dns: Any = None  # e2a.mailauth.dns.DnsClient
+    services: ApiServices
+    dns: DnsClient | None = None
     master_key: bytes = b""
-    extras: dict[str, Any] = field(default_factory=dict)  # later services (send, websocket, …)
 
     def __post_init__(self) -> None:
         # validated by config.validate(); parsed once here rather than per request
@@ -78,36 +107,42 @@ class ApiApp:
         console_routes.install(self.router, deps)
 
     def _install_error_handlers(self) -> None:
+        # ``request: Any``: Klein's handler Protocol types it IRequest, while the handlers need the
+        # twisted.web Request it actually passes (headers, path, write_json).
         router = self.router
 
         @router.handle_errors(E2AError)
-        def e2a_error(request: Request, failure: Any) -> bytes:
+        def e2a_error(request: Any, failure: Any) -> bytes:
             err: E2AError = failure.value
             for name, value in err.headers.items():
                 request.setHeader(name, value)
             return write_json(request, err.status, err.to_json())
 
         @router.handle_errors(WzNotFound, WzRequestRedirect)
-        def not_found(request: Request, failure: Any) -> bytes:
+        def not_found(request: Any, failure: Any) -> Any:
+            if is_console_path(request.path):  # the console answers HTML (e2a.console.routes)
+                return error_page(request, 404, "Not found", "There is nothing here.")
             return write_json(request, 404, {"error": {"code": "not_found", "message": "no such route"}})
 
         @router.handle_errors(WzMethodNotAllowed)
-        def method_not_allowed(request: Request, failure: Any) -> bytes:
+        def method_not_allowed(request: Any, failure: Any) -> bytes:
             allowed = allowed_without_head(request.path, failure.value.valid_methods or [])
             request.setHeader(b"Allow", ", ".join(allowed).encode())
+            if is_console_path(request.path):
+                return error_page(request, 405, "Method not allowed", "This page does not answer that method.")
             return write_json(
                 request, 405, {"error": {"code": "method_not_allowed", "message": "method not allowed"}}
             )
 
         @router.handle_errors(TransientError)
-        def unavailable(request: Request, failure: Any) -> bytes:
+        def unavailable(request: Any, failure: Any) -> bytes:
             log.warn("{method} {path}: {why}", method=request.method, path=request.path, why=failure.getErrorMessage())
             err = Unavailable()
             request.setHeader(b"Retry-After", b"5")
             return write_json(request, err.status, err.to_json())
 
         @router.handle_errors(Exception)
-        def internal(request: Request, failure: Any) -> bytes:
+        def internal(request: Any, failure: Any) -> bytes:
             # The failure's text stays in the log, in every mode: it can be a database error
             # quoting SQL, parameters or schema, which a client must never see.
             log.failure("unhandled error in {method} {path}", failure, method=request.method, path=request.path)
@@ -147,7 +182,7 @@ class _Utf8UrlResource(Resource):
             unquote_to_bytes(target).decode("utf-8")
         except UnicodeDecodeError:
             return write_json(request, 404, {"error": {"code": "not_found", "message": "URL is not valid UTF-8"}})
-        if request.method == b"HEAD" and request.path not in HEAD_PATHS:
+        if request.method == b"HEAD" and request.path not in HEAD_PATHS and not is_console_path(request.path):
             # werkzeug adds HEAD to every GET rule; api.md §0.6 allows it only where listed.
             allowed = self.url_map.bind("e2a").allowed_methods(request.path.decode("utf-8", "replace"))
             if allowed:
@@ -165,7 +200,8 @@ HEAD_PATHS = frozenset({b"/api/health", b"/api/v1/approve", b"/api/v1/reject"})
 
 
 def allowed_without_head(path: bytes, methods: Any) -> list[str]:
-    return sorted(m for m in set(methods) if m != "HEAD" or path in HEAD_PATHS)
+    # console pages are HTML pages: HEAD answers as GET without the body (e2a.console.routes)
+    return sorted(m for m in set(methods) if m != "HEAD" or path in HEAD_PATHS or is_console_path(path))
 
 
 def redacting_log_formatter(timestamp: str, request: Any) -> str:
@@ -186,7 +222,9 @@ _SECRET_PARAMS = {"token", "t"}
 
 def redact_query(uri: bytes) -> bytes:
     """The URI with the values of ``token`` and ``t`` (API keys, magic-link tokens) as ``***``,
-    matching parameter names after percent-decoding so ``%74oken=`` is caught too."""
+    matching parameter names after percent-decoding so ``%74oken=`` is caught too; and any value
+    that carries an e2a API key (``e2a_…``) under another name, since a client may put its key
+    in a query parameter e2a never reads."""
     from urllib.parse import unquote_to_bytes
 
     path, sep, query = uri.partition(b"?")
@@ -194,11 +232,26 @@ def redact_query(uri: bytes) -> bytes:
         return uri
     parts = []
     for item in query.split(b"&"):
-        name, eq, _value = item.partition(b"=")
+        name, eq, value = item.partition(b"=")
         decoded = unquote_to_bytes(name.replace(b"+", b" ")).decode("utf-8", "replace")
-        parts.append(name + b"=***" if decoded in _SECRET_PARAMS and eq else item)
+        secret = decoded in _SECRET_PARAMS or b"e2a_" in unquote_to_bytes(value).lower()
+        parts.append(name + b"=***" if secret and eq else item)
     return path + b"?" + b"&".join(parts)
 
 
 def version_string() -> str:
     return __version__
+
+
+def is_console_path(path: bytes) -> bool:
+    from e2a.console import routes as console_routes  # imported late: the console imports the API's modules
+
+    return console_routes.is_console_path(path)
+
+
+def error_page(request: Request, status: int, title: str, text: str) -> Any:
+    from twisted.internet.defer import Deferred
+
+    from e2a.console import routes as console_routes
+
+    return Deferred.fromCoroutine(console_routes.error_page(request, status, title, text))

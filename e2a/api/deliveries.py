@@ -38,13 +38,13 @@ def install(router: Klein, deps: Any) -> None:
         message_id = wire.query_id(query_arg(request, "message_id"), ids.MESSAGE_ID_RE, "message_id") or ""
         bound = _cursor_filter(status, message_id)
         token = query_arg(request, "token")
-        before = wire.decode_cursor(token, bound, agent["id"]) if token else None
+        before = wire.decode_cursor(token, bound, agent.id) if token else None
         rows, more = await deliveries.list_deliveries(
-            db, agent["id"], status, message_id or None, page_size_arg(request), before
+            db, agent.id, status, message_id or None, page_size_arg(request), before
         )
-        body: dict[str, Any] = {"deliveries": [deliveries.delivery_json(d) for d in rows]}
+        body: dict[str, Any] = {"deliveries": [wire.delivery_json(d) for d in rows]}
         if more and rows:
-            body["next_token"] = wire.encode_cursor(rows[-1].created_at, rows[-1].id, bound, agent["id"])
+            body["next_token"] = wire.encode_cursor(rows[-1].created_at, rows[-1].id, bound, agent.id)
         return write_json(request, 200, body)
 
     @router.route("/api/v1/agents/<path:email>/messages/<message_id>/redeliver", methods=["POST"])
@@ -52,7 +52,7 @@ def install(router: Klein, deps: Any) -> None:
         principal = await authenticate(request, db)
         agent = await visible_agent(db, principal, email)
         message_id = wire.path_id(message_id, ids.MESSAGE_ID_RE, "message_not_found", "message")
-        delivery_id = await deliveries.redeliver(db, agent["id"], message_id)
+        delivery_id = await deliveries.redeliver(db, agent.id, message_id)
         return write_json(
             request, 202, {"status": "queued", "delivery_id": delivery_id, "message_id": message_id}
         )

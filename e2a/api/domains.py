@@ -14,10 +14,11 @@ from klein import Klein
 from twisted.web.server import Request
 
 from e2a.api import wire
-from e2a.api.auth import Principal, authenticate
+from e2a.api.auth import authenticate
 from e2a.api.http import JSON_CAP, get_str, json_body, write_json
 from e2a.errors import BadRequest, NotFound, PreconditionFailed
 from e2a.mailauth.dns import DnsTemporaryError
+from e2a.policy.principal import Principal
 from e2a.store import domains as domain_store
 from e2a.timefmt import ts_frac
 
@@ -56,7 +57,7 @@ async def add_user_domain(deps: Any, user_id: str, raw: str) -> Any:
         master_key=deps.master_key,
         takeover_hours=config.domains.claim_takeover_hours,
         now=now,
-        keygen=deps.extras.get("dkim_keygen"),
+        keygen=deps.services.dkim_keygen,
     )
 
 

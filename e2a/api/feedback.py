@@ -18,8 +18,9 @@ from e2a.api.auth import optional_principal
 from e2a.api.http import JSON_CAP, get_str, header_str, json_body, write_json
 from e2a.errors import BadRequest
 from e2a.ids import new_feedback_id
+from e2a.store import feedback as feedback_store
 from e2a.store import ratelimits
-from e2a.store.database import Database, Txn
+from e2a.store.database import Database
 
 FEEDBACK_WINDOW_SECONDS = 3600
 MAX_MESSAGE_CHARS = 5000
@@ -54,15 +55,9 @@ async def store_feedback(
 ) -> str:
     """Insert one submission; returns its id."""
     feedback_id = new_feedback_id()
-
-    async def _insert_txn(txn: Txn) -> None:
-        await txn.execute(
-            "INSERT INTO feedback (id, user_id, email, category, message, client_ip)"
-            " VALUES (%s, %s, %s, %s, %s, %s)",
-            (feedback_id, user_id, email, category, message, client_ip),
-        )
-
-    await db.run("store_feedback", _insert_txn)
+    await feedback_store.insert_feedback(
+        db, feedback_id, user_id=user_id, email=email, category=category, message=message, client_ip=client_ip
+    )
     return feedback_id
 
 

@@ -24,7 +24,12 @@ MAX_BUFFERED_BODY = SEND_CAP
 
 
 # Paths whose JSON bodies may be large (api.md §0.6); every other JSON body is capped at 64 KiB.
-_LARGE_BODY_PATH = re.compile(rb"^/api/v1/(send|agents/[^?]*/messages/[^/?]+/reply|messages/[^/?]+/approve)(\?|$)")
+_LARGE_BODY_PATH = re.compile(
+    rb"^/api/v1/(send|agents/[^?]*/messages/[^/?]+/reply|messages/[^/?]+/approve)(\?|$)"
+    # the console's approve form carries the same edited bodies as the API's approve
+    rb"|^/console/approvals/[^/?]+/approve(\?|$)"
+)
+_CONSOLE_PATH = re.compile(rb"^/console(/|\?|$)")
 _FORM_PATH = re.compile(rb"^/api/v1/(approve|reject)(\?|$)")
 
 
@@ -67,6 +72,12 @@ class CappedRequest(Request):
 
     def _refuse_oversize(self) -> None:
         self.body_truncated = True
+        if _CONSOLE_PATH.match(getattr(self.channel, "_path", b"") or b""):  # console pages answer HTML
+            from e2a.console.routes import oversize_response
+
+            self.channel.transport.write(oversize_response(self._cap))
+            self.channel.transport.loseConnection()
+            return
         if self._cap == FORM_CAP:  # magic-link pages answer HTML with their headers (api.md §8)
             from e2a.api.magiclink_pages import oversize_response
 

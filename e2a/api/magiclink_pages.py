@@ -28,6 +28,7 @@ from twisted.web.server import Request
 
 from e2a.api.http import FORM_CAP, read_body
 from e2a.errors import E2AError
+from e2a.outbound.hitl import HoldReview
 from e2a.outbound.magiclink import ApprovalTokens, ExpiredToken, InvalidToken
 from e2a.outbound.notify import rfc5322_utc
 
@@ -257,22 +258,16 @@ class MagicLinkPages:
     def __init__(self, deps: Any) -> None:
         self.deps = deps
         self.public_url: str = deps.config.http.public_url
-        self._tokens: ApprovalTokens | None = None
 
     def tokens(self) -> ApprovalTokens | None:
-        if self._tokens is None:
-            self._tokens = self.deps.extras.get("approval_tokens")  # the deployment's (e2a/service.py)
-        if self._tokens is None:
-            secret = self.deps.extras.get("hmac_secret") or self.deps.config.signing.hmac_secret
-            if secret:
-                self._tokens = ApprovalTokens(secret, self.deps.config.hitl.token_grace)
-        return self._tokens
+        """The deployment's approval tokens (built by e2a/service.py from the resolved secret)."""
+        tokens: ApprovalTokens | None = self.deps.services.approval_tokens
+        return tokens
 
-    def review(self) -> Any:
-        """The shared :class:`~e2a.outbound.hitl.HoldReview` (built once, on first use)."""
-        from e2a.api.review import hold_review
-
-        return hold_review(self.deps)
+    def review(self) -> HoldReview:
+        """The shared :class:`~e2a.outbound.hitl.HoldReview` (the one the API routes use)."""
+        review: HoldReview = self.deps.services.hold_review
+        return review
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.deps.clock.seconds(), UTC)

@@ -11,30 +11,29 @@ from twisted.web.server import Request
 
 from e2a import ids
 from e2a.api import wire
-from e2a.api.auth import Principal, authenticate
+from e2a.api.auth import authenticate
 from e2a.api.http import query_arg, write_json
 from e2a.errors import BadRequest, NotFound
 from e2a.mailauth.authheaders import format_ts_sec
+from e2a.policy.principal import Principal
+from e2a.store import agents as agent_store
+from e2a.store import deliveries as delivery_store
 from e2a.store import messages, ratelimits
 from e2a.store.database import Database
-from e2a.store.messages import InboundRecord
+from e2a.store.models import Agent, InboundMessage
 
 INBOX_FILTERS = ("unread", "read", "all")
 
 
-async def visible_agent(db: Database, principal: Principal, path_email: str) -> dict[str, Any]:
+async def visible_agent(db: Database, principal: Principal, path_email: str) -> Agent:
     """The agent named in the path if this key may see it; otherwise exactly 404."""
     key = wire.path_agent_key(path_email)
     if not principal.may_see_agent(key):
         raise NotFound("agent not found", code="agent_not_found")
-    row = await db.fetchone(
-        "SELECT id, user_id, agent_mode, webhook_url, webhook_status FROM agents"
-        " WHERE lower(id) = %s AND user_id = %s",
-        (key, principal.user_id),
-    )
-    if row is None:
+    agent = await agent_store.find_agent(db, principal.user_id, key)
+    if agent is None:
         raise NotFound("agent not found", code="agent_not_found")
-    return row
+    return agent
 
 
 def page_size_arg(request: Request) -> int:
@@ -47,7 +46,7 @@ def page_size_arg(request: Request) -> int:
     return value if 1 <= value <= 100 else 50
 
 
-def summary_json(m: InboundRecord) -> dict[str, Any]:
+def summary_json(m: InboundMessage) -> dict[str, Any]:
     body: dict[str, Any] = {
         "message_id": m.id,
         "from": m.display_from,
@@ -64,7 +63,7 @@ def summary_json(m: InboundRecord) -> dict[str, Any]:
     return body
 
 
-def detail_json(m: InboundRecord) -> dict[str, Any]:
+def detail_json(m: InboundMessage) -> dict[str, Any]:
     body = summary_json(m)
     body["cc"] = m.cc_addrs or None
     body["conversation_id"] = m.conversation_id
@@ -89,11 +88,11 @@ def install(router: Klein, deps: Any) -> None:
         if status not in INBOX_FILTERS:
             raise BadRequest("status must be unread, read or all", code="invalid_field")
         token = query_arg(request, "token")
-        after = wire.decode_cursor(token, status, agent["id"]) if token else None
-        rows, more = await messages.list_inbox(db, agent["id"], status, page_size_arg(request), after)
+        after = wire.decode_cursor(token, status, agent.id) if token else None
+        rows, more = await messages.list_inbox(db, agent.id, status, page_size_arg(request), after)
         body: dict[str, Any] = {"messages": [summary_json(m) for m in rows]}
         if more and rows:
-            body["next_token"] = wire.encode_cursor(rows[-1].created_at, rows[-1].id, status, agent["id"])
+            body["next_token"] = wire.encode_cursor(rows[-1].created_at, rows[-1].id, status, agent.id)
         return write_json(request, 200, body)
 
     @router.route("/api/v1/agents/<path:email>/messages/<message_id>", methods=["GET"])
@@ -105,23 +104,19 @@ def install(router: Klein, deps: Any) -> None:
         mark_read = query_arg(request, "mark_read")
         if mark_read not in (None, "true", "false"):
             raise BadRequest("mark_read must be true or false", code="invalid_field")
-        record = await messages.read_inbound(db, agent["id"], message_id, mark_read=mark_read != "false")
+        record = await messages.read_inbound(db, agent.id, message_id, mark_read=mark_read != "false")
         if record is None:
             raise NotFound("message not found", code="message_not_found")
         body = detail_json(record)
-        delivery = await db.fetchone(
-            "SELECT id, status, attempts, last_error, next_attempt_at FROM deliveries"
-            " WHERE message_id = %s ORDER BY created_at DESC, id DESC LIMIT 1",
-            (record.id,),
-        )
-        if delivery is not None and agent["agent_mode"] == "cloud":
+        delivery = await delivery_store.latest_for_message(db, record.id)
+        if delivery is not None and agent.agent_mode == "cloud":
             d: dict[str, Any] = {
-                "id": delivery["id"],
-                "status": delivery["status"],
-                "attempts": delivery["attempts"],
-                "last_error": delivery["last_error"],
+                "id": delivery.id,
+                "status": delivery.status,
+                "attempts": delivery.attempts,
+                "last_error": delivery.last_error,
             }
-            if delivery["next_attempt_at"] is not None and delivery["status"] == "pending":
-                d["next_attempt_at"] = wire.format_ts_frac(delivery["next_attempt_at"])
+            if delivery.next_attempt_at is not None and delivery.status == "pending":
+                d["next_attempt_at"] = wire.format_ts_frac(delivery.next_attempt_at)
             body["delivery"] = d
         return write_json(request, 200, body)

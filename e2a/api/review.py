@@ -19,19 +19,11 @@ from e2a.api.auth import authenticate
 from e2a.api.http import JSON_CAP, MAIL_HEADER_FIELDS, SEND_CAP, parse_json_object, read_body, write_json
 from e2a.errors import BadRequest
 from e2a.outbound.hitl import HoldReview
-from e2a.outbound.send import SendService
 
 
 def hold_review(deps: Any) -> HoldReview:
-    """The deployment's HoldReview (built by e2a/service.py); test servers get one lazily."""
-    review = deps.extras.get("hold_review")
-    if review is None:
-        send = deps.extras.get("send")
-        if send is None:
-            send = SendService(deps.db, deps.config, deps.master_key, deps.clock, deps.clock, None)
-            deps.extras["send"] = send
-        review = HoldReview(deps.db, send, deps.clock)
-        deps.extras["hold_review"] = review
+    """The deployment's one HoldReview (built by e2a/service.py), looked up per request."""
+    review: HoldReview = deps.services.hold_review
     return review
 
 

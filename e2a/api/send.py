@@ -10,7 +10,7 @@ from twisted.web.server import Request
 
 from e2a import ids
 from e2a.api import wire
-from e2a.api.auth import Principal, authenticate
+from e2a.api.auth import authenticate
 from e2a.api.http import (
     MAIL_HEADER_FIELDS,
     SEND_CAP,
@@ -25,8 +25,12 @@ from e2a.api.http import (
 from e2a.errors import BadRequest, NotFound
 from e2a.outbound import compose
 from e2a.outbound.send import Draft, SendService
+from e2a.policy.principal import Principal
 from e2a.store import agents as agents_store
+from e2a.store import messages as messages_store
+from e2a.store import outbound as outbound_store
 from e2a.store.database import Database
+from e2a.store.models import OutboundRecipientState, OutboundRecord
 from e2a.timefmt import ts_frac, ts_sec
 
 
@@ -37,78 +41,69 @@ def _attachments(body: dict[str, Any]) -> list[Any] | None:
     return value
 
 
-def outbound_summary(row: dict[str, Any]) -> dict[str, Any]:
+def outbound_summary(m: OutboundRecord) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "id": row["id"],
-        "agent_id": row["agent_id"],
+        "id": m.id,
+        "agent_id": m.agent_id,
         "direction": "outbound",
-        "subject": row["subject"],
-        "type": row["type"],
+        "subject": m.subject,
+        "type": m.type,
     }
-    if row["conversation_id"]:
-        out["conversation_id"] = row["conversation_id"]
-    out["to"] = row["to_addrs"] or None
-    if row["cc_addrs"]:
-        out["cc"] = row["cc_addrs"]
-    if row["bcc_addrs"]:
-        out["bcc"] = row["bcc_addrs"]
-    out["status"] = row["status"]
-    if row["status"] == "pending_approval" and row["approval_expires_at"] is not None:
-        out["approval_expires_at"] = ts_sec(row["approval_expires_at"])
-    out["created_at"] = ts_sec(row["created_at"])
+    if m.conversation_id:
+        out["conversation_id"] = m.conversation_id
+    out["to"] = m.to_addrs or None
+    if m.cc_addrs:
+        out["cc"] = m.cc_addrs
+    if m.bcc_addrs:
+        out["bcc"] = m.bcc_addrs
+    out["status"] = m.status
+    if m.status == "pending_approval" and m.approval_expires_at is not None:
+        out["approval_expires_at"] = ts_sec(m.approval_expires_at)
+    out["created_at"] = ts_sec(m.created_at)
     return out
 
 
-def outbound_detail(row: dict[str, Any], recipients: list[dict[str, Any]]) -> dict[str, Any]:
-    out = outbound_summary(row)
-    if row["email_message_id"]:
-        out["email_message_id"] = row["email_message_id"]
-    if row["status"] == "pending_approval":
-        if row["body_text"]:
-            out["body_text"] = row["body_text"]
-        if row["body_html"]:
-            out["body_html"] = row["body_html"]
-        if row["attachments"]:
-            out["attachments"] = row["attachments"]
-    out["edited"] = bool(row["edited"])
-    if row["reviewed_at"] is not None:
-        out["reviewed_at"] = ts_sec(row["reviewed_at"])
-    if row["rejection_reason"]:
-        out["rejection_reason"] = row["rejection_reason"]
+def outbound_detail(m: OutboundRecord, recipients: list[OutboundRecipientState]) -> dict[str, Any]:
+    out = outbound_summary(m)
+    if m.email_message_id:
+        out["email_message_id"] = m.email_message_id
+    if m.status == "pending_approval":
+        if m.body_text:
+            out["body_text"] = m.body_text
+        if m.body_html:
+            out["body_html"] = m.body_html
+        if m.attachments:
+            out["attachments"] = m.attachments
+    out["edited"] = bool(m.edited)
+    if m.reviewed_at is not None:
+        out["reviewed_at"] = ts_sec(m.reviewed_at)
+    if m.rejection_reason:
+        out["rejection_reason"] = m.rejection_reason
     for key in ("method", "smtp_message_id", "provider_message_id", "delivery_status"):
-        if row[key]:
-            out[key] = row[key]
+        value = getattr(m, key)
+        if value:
+            out[key] = value
     if recipients:
         out["recipients"] = [
             {
-                "address": r["address"],
-                "kind": r["kind"],
-                "route": r["route"],
-                "status": r["status"],
-                "attempts": r["attempts"],
-                "last_reply": r["last_reply"],
-                "updated_at": ts_frac(r["updated_at"]),
+                "address": r.address,
+                "kind": r.kind,
+                "route": r.route,
+                "status": r.status,
+                "attempts": r.attempts,
+                "last_reply": r.last_reply,
+                "updated_at": ts_frac(r.updated_at),
             }
             for r in recipients
         ]
     return out
 
 
-_OUTBOUND_COLUMNS = (
-    "id, agent_id, subject, type, conversation_id, to_addrs, cc_addrs, bcc_addrs, status, approval_expires_at,"
-    " created_at, email_message_id, body_text, body_html, attachments, edited, reviewed_at, rejection_reason,"
-    " method, smtp_message_id, provider_message_id, delivery_status"
-)
-
-
 def install(router: Klein, deps: Any) -> None:
     db: Database = deps.db
 
     def service() -> SendService:
-        svc = deps.extras.get("send")
-        if svc is None:
-            svc = SendService(db, deps.config, deps.master_key, deps.clock, deps.clock, None)
-            deps.extras["send"] = svc
+        svc: SendService = deps.services.send  # built by the composition root (e2a/service.py)
         return svc
 
     max_recipients = deps.config.outbound.max_recipients
@@ -143,11 +138,7 @@ def install(router: Klein, deps: Any) -> None:
         principal = await authenticate(request, db)
         agent = await _agent(principal, email)
         message_id = wire.path_id(message_id, ids.MESSAGE_ID_RE, "message_not_found", "message")
-        original = await db.fetchone(
-            "SELECT raw_message, subject, display_from, conversation_id, email_message_id FROM messages"
-            " WHERE id = %s AND agent_id = %s AND direction = 'inbound'",
-            (message_id, agent.id),
-        )
+        original = await messages_store.get_reply_source(db, agent.id, message_id)
         if original is None:
             raise NotFound("message not found", code="message_not_found")
         svc = service()
@@ -165,12 +156,11 @@ def install(router: Klein, deps: Any) -> None:
         attachments = _attachments(body)
         if not text:
             raise BadRequest("body is required", code="missing_field")
-        raw = original["raw_message"]
         plan = compose.reply_plan(
-            bytes(raw) if raw is not None else None,
-            original["subject"],
-            original["display_from"],
-            original["conversation_id"],
+            original.raw_message,
+            original.subject,
+            original.display_from,
+            original.conversation_id,
             agent.id,
             reply_all,
             cc,
@@ -190,7 +180,7 @@ def install(router: Klein, deps: Any) -> None:
             content,
             in_reply_to=plan.in_reply_to,
             references=plan.references,
-            replied_message_id=original["email_message_id"],
+            replied_message_id=original.email_message_id,
         )
         status, result = await svc.submit(draft)
         return write_json(request, status, result)
@@ -215,33 +205,19 @@ def install(router: Klein, deps: Any) -> None:
         status = query_arg(request, "status")
         if status not in (None, "pending_approval"):
             raise BadRequest("status must be pending_approval", code="invalid_field")
-        sql = (
-            f"SELECT {_OUTBOUND_COLUMNS} FROM messages WHERE user_id = %s AND direction = 'outbound'"
-            " AND status = 'pending_approval'"
+        rows = await outbound_store.list_pending(
+            db, principal.user_id, None if principal.is_user_scoped else principal.agent_id
         )
-        params: list[Any] = [principal.user_id]
-        if not principal.is_user_scoped:
-            sql += " AND lower(agent_id) = lower(%s)"
-            params.append(principal.agent_id)
-        rows = await db.fetchall(sql + " ORDER BY approval_expires_at ASC, id LIMIT 100", params)
         return write_json(request, 200, {"messages": [outbound_summary(r) for r in rows]})
 
     @router.route("/api/v1/messages/<message_id>", methods=["GET"])
     async def get_outbound(request: Request, message_id: str) -> bytes:
         principal = await authenticate(request, db)
         message_id = wire.path_id(message_id, ids.MESSAGE_ID_RE, "message_not_found", "message")
-        row = await db.fetchone(
-            f"SELECT {_OUTBOUND_COLUMNS} FROM messages WHERE id = %s AND user_id = %s AND direction = 'outbound'"
-            " AND type <> 'notify'",  # reviewer notifications (e2a.store.notifications) are e2a's own mail
-            (message_id, principal.user_id),
-        )
-        if row is None or not principal.may_see_agent(row["agent_id"]):
+        row = await outbound_store.get_record(db, principal.user_id, message_id)
+        if row is None or not principal.may_see_agent(row.agent_id):
             raise NotFound("message not found", code="message_not_found")
-        recipients = await db.fetchall(
-            "SELECT address, kind, route, status, attempts, last_reply, updated_at FROM outbound_recipients"
-            " WHERE message_id = %s ORDER BY id",
-            (message_id,),
-        )
+        recipients = await outbound_store.list_recipient_states(db, message_id)
         return write_json(request, 200, outbound_detail(row, recipients))
 
     async def _agent(principal: Principal, email: str):

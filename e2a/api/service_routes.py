@@ -29,11 +29,10 @@ def install(router: Klein, deps: Any) -> None:
     async def ready(request: Request) -> bytes:
         checks = {"database": "error", "migrations": "pending"}
         try:
-            d = defer.Deferred.fromCoroutine(deps.db.fetchall("SELECT version FROM schema_migrations"))
+            d = defer.Deferred.fromCoroutine(migrate.applied_versions(deps.db))
             d.addTimeout(2, deps.clock)
-            rows = await d
+            applied = await d
             checks["database"] = "ok"
-            applied = {r["version"] for r in rows}
             if all(m.version in applied for m in migrate.load_migrations()):
                 checks["migrations"] = "ok"
         except Exception:

@@ -19,10 +19,18 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
-import idna
-
 from e2a.errors import BadRequest, NotFound
+from e2a.mailsyntax.addresses import (
+    lookup_key,
+    normalise_agent_address,
+    parse_recipient,
+    split_recipient_text,
+)
+from e2a.mailsyntax.domains import domain_problem as _domain_problem
+from e2a.mailsyntax.text import check_header_text, has_control_chars
+from e2a.store.models import ApiKey, Delivery, SigningSecret
 from e2a.timefmt import ts_frac as format_ts_frac
+from e2a.timefmt import ts_sec
 
 __all__ = [
     "AGENT_MODES",
@@ -32,10 +40,12 @@ __all__ = [
     "MAX_REVIEWERS",
     "RESERVED_SLUGS",
     "agent_json",
+    "api_key_json",
     "check_agent_name",
     "check_header_text",
     "check_slug",
     "decode_cursor",
+    "delivery_json",
     "domain_json",
     "dkim_record_value",
     "encode_cursor",
@@ -49,7 +59,9 @@ __all__ = [
     "path_domain",
     "path_id",
     "query_id",
+    "signing_secret_json",
     "slug_error",
+    "split_recipient_text",
 ]
 
 # ---------------------------------------------------------------------------- constants
@@ -59,11 +71,6 @@ HITL_ACTIONS = ("approve", "reject")
 HITL_TTL_MAX = 604800
 MAX_NAME_CHARS = 200
 MAX_REVIEWERS = 10
-MAX_LOCAL_OCTETS = 64
-MAX_ADDRESS_OCTETS = 254
-MAX_DOMAIN_OCTETS = 253
-MIN_LABELS = 2
-MAX_LABELS = 127
 MAX_CURSOR_CHARS = 512
 
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,38}[a-z0-9]$")
@@ -74,31 +81,8 @@ RESERVED_SLUGS = frozenset(
     }
 )
 
-# RFC 5322 atext: ASCII letters, digits and these specials (api.md §0.11).
-_ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
-_DOT_ATOM_RE = re.compile(rf"^[{_ATEXT}]+(?:\.[{_ATEXT}]+)*$")
-# A quoted local part: qtext (printable ASCII except \ and ") or quoted-pairs, and spaces.
-_QUOTED_LOCAL_RE = re.compile(r'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"$')
-_LDH_LABEL_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
-# C0 controls and DEL, except TAB (api.md §0.11 header-bound text).
-_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-
 
 # ---------------------------------------------------------------------------- text rules
-
-
-def has_control_chars(text: str) -> bool:
-    """True when ``text`` holds CR, LF, NUL or any other C0 control or DEL (TAB is fine)."""
-    return _CONTROL_RE.search(text) is not None
-
-
-def check_header_text(field: str, value: str) -> str:
-    """Header-bound text rule (api.md §0.11): returns ``value`` or raises 400
-    ``invalid_header_value``. Such values end up in mail headers, where a CR/LF would let a
-    caller inject headers of their own."""
-    if has_control_chars(value):
-        raise BadRequest(f"{field} contains a control character", code="invalid_header_value")
-    return value
 
 
 def check_agent_name(value: str) -> str:
@@ -132,40 +116,6 @@ def check_slug(slug: str) -> str:
 # ---------------------------------------------------------------------------- domains
 
 
-def _domain_problem(raw: str) -> tuple[str | None, str]:
-    """(normalised domain, "") or (None, reason)."""
-    if not raw:
-        return None, "domain is empty"
-    if has_control_chars(raw) or any(c.isspace() for c in raw):
-        return None, "domain contains whitespace or control characters"
-    try:
-        mapped = idna.uts46_remap(raw, std3_rules=True, transitional=False)
-    except (idna.IDNAError, UnicodeError) as exc:
-        return None, f"domain is not a valid name ({exc})"
-    if mapped.endswith("."):
-        mapped = mapped[:-1]
-    labels = mapped.split(".")
-    if not MIN_LABELS <= len(labels) <= MAX_LABELS:
-        return None, f"domain must have {MIN_LABELS} to {MAX_LABELS} labels"
-    out = []
-    for label in labels:
-        if not label:
-            return None, "domain has an empty label"
-        try:
-            alabel = label if label.isascii() else idna.alabel(label).decode("ascii")
-            if alabel.startswith("xn--"):
-                idna.decode(alabel)  # a broken punycode label is not a name
-        except (idna.IDNAError, UnicodeError) as exc:
-            return None, f"domain label is not valid IDNA ({exc})"
-        if not _LDH_LABEL_RE.fullmatch(alabel):
-            return None, "domain labels are 1-63 of a-z, 0-9 and '-', not starting or ending with '-'"
-        out.append(alabel)
-    name = ".".join(out)
-    if len(name) > MAX_DOMAIN_OCTETS:
-        return None, f"domain is longer than {MAX_DOMAIN_OCTETS} octets"
-    return name, ""
-
-
 def normalise_domain(raw: str, *, code: str = "invalid_domain") -> str:
     """api.md §0.11 domain: lowercase, one trailing dot removed, IDNA (UTS 46) A-labels;
     2-127 labels of ``[a-z0-9-]`` (1-63, no leading/trailing ``-``); at most 253 octets.
@@ -189,53 +139,20 @@ def path_domain(raw: str) -> str | None:
 # ---------------------------------------------------------------------------- addresses
 
 
-def normalise_agent_address(raw: str) -> tuple[str, str]:
-    """An agent address per api.md §0.11 → (address as stored, domain).
-
-    The local part is kept as given (dot-atom, ≤ 64 octets); the domain is normalised; the
-    whole address is at most 254 octets.
-
-    Raises:
-        BadRequest: 400 ``invalid_email``.
-    """
-
-    def bad(reason: str) -> BadRequest:
-        return BadRequest(f"invalid agent address: {reason}", code="invalid_email")
-
-    if raw.count("@") != 1:
-        raise bad("expected local@domain")
-    local, _, domain_raw = raw.partition("@")
-    if not local:
-        raise bad("empty local part")
-    if not local.isascii() or not _DOT_ATOM_RE.fullmatch(local):
-        raise bad("local part must be a dot-atom of ASCII letters, digits and !#$%&'*+-/=?^_`{|}~")
-    if len(local) > MAX_LOCAL_OCTETS:
-        raise bad(f"local part longer than {MAX_LOCAL_OCTETS} octets")
-    domain, problem = _domain_problem(domain_raw)
-    if domain is None:
-        raise bad(problem)
-    address = f"{local}@{domain}"
-    if len(address) > MAX_ADDRESS_OCTETS:
-        raise bad(f"address longer than {MAX_ADDRESS_OCTETS} octets")
-    return address, domain
-
-
 def path_agent_key(raw: str) -> str:
     """``{email}`` of a path → the lowercase key matched against ``lower(agents.id)``.
 
-    The path is already percent-decoded once by twisted.web (``%40`` → ``@``). The domain is
-    IDNA-normalised when it can be, so a U-label path finds the A-label agent; anything
-    unparsable is compared as given (and simply finds nothing).
+    The path is already percent-decoded once by twisted.web (``%40`` → ``@``). The key is
+    :func:`e2a.mailsyntax.addresses.lookup_key`'s (the one agent-key rule, shared with SMTP):
+    a U-label path finds the A-label agent; anything unparsable is compared as given (and
+    simply finds nothing).
     """
-    if has_control_chars(raw) or any("\ud800" <= ch <= "\udfff" for ch in raw):
+    key = lookup_key(raw)
+    if key is None:
         # No agent address holds a control character, and a NUL must never reach SQL (the
         # driver refuses it, which would be a 500): "no such agent", like any other miss.
         raise NotFound("agent not found", code="agent_not_found")
-    local, sep, domain_raw = raw.rpartition("@")
-    if not sep:
-        return raw.lower()
-    domain, _problem = _domain_problem(domain_raw)
-    return f"{local}@{domain if domain is not None else domain_raw}".lower()
+    return key
 
 
 def path_id(raw: str, pattern: re.Pattern[str], code: str, what: str) -> str:
@@ -257,107 +174,6 @@ def query_id(raw: str | None, pattern: re.Pattern[str], name: str) -> str | None
     if pattern.fullmatch(raw) is None:
         raise BadRequest(f"{name} is not a valid id", code="invalid_field")
     return raw
-
-
-def _split_angle(text: str) -> tuple[str, str]:
-    """(display part, address part) of ``Name <addr>`` / ``addr``; raises ValueError."""
-    in_quote = False
-    escaped = False
-    lt = -1
-    for i, ch in enumerate(text):
-        if escaped:
-            escaped = False
-            continue
-        if ch == "\\" and in_quote:
-            escaped = True
-        elif ch == '"':
-            in_quote = not in_quote
-        elif ch == "<" and not in_quote:
-            if lt >= 0:
-                raise ValueError("more than one '<'")
-            lt = i
-        elif ch in ":;" and not in_quote and lt < 0:
-            raise ValueError("group syntax is not supported")
-    if in_quote:
-        raise ValueError("unterminated quoted string")
-    if lt < 0:
-        return "", text
-    if not text.endswith(">"):
-        raise ValueError("text after '>'")
-    inner = text[lt + 1 : -1]
-    if "<" in inner or ">" in inner:
-        raise ValueError("nested angle brackets")
-    return text[:lt].strip(), inner.strip()
-
-
-def _split_addr_spec(spec: str) -> tuple[str, str]:
-    """(local, domain) of an addr-spec whose local part may be quoted; raises ValueError."""
-    if spec.startswith('"'):
-        end = 1
-        while end < len(spec):
-            ch = spec[end]
-            if ch == "\\":
-                end += 2
-                continue
-            if ch == '"':
-                break
-            end += 1
-        else:
-            raise ValueError("unterminated quoted local part")
-        local, rest = spec[: end + 1], spec[end + 1 :]
-        if not rest.startswith("@"):
-            raise ValueError("expected '@' after the quoted local part")
-        return local, rest[1:]
-    if spec.count("@") != 1:
-        raise ValueError("expected local@domain")
-    local, _, domain = spec.partition("@")
-    return local, domain
-
-
-def parse_recipient(raw: str, field: str = "address") -> str | None:
-    """A recipient per api.md §0.11 → the bare address, lowercased; ``None`` when blank.
-
-    Accepts ``addr`` or ``Display Name <addr>`` (the display name is dropped). The local part
-    may be a dot-atom or a quoted string; no source routes (``<@a:b@c>``), no group syntax,
-    no domain literals, no non-ASCII address.
-
-    Raises:
-        BadRequest: ``invalid_header_value`` for control characters (they would reach a mail
-            header), else ``invalid_address``.
-    """
-    if has_control_chars(raw):
-        raise BadRequest(f"{field} contains a control character", code="invalid_header_value")
-    text = raw.strip()
-    if not text:
-        return None
-
-    def bad(reason: str) -> BadRequest:
-        return BadRequest(f"invalid {field} {text!r}: {reason}", code="invalid_address")
-
-    try:
-        _display, spec = _split_angle(text)
-        if spec.startswith("@"):
-            raise ValueError("source routes are not supported")
-        if not spec.isascii():
-            raise ValueError("non-ASCII addresses are not supported")
-        local, domain_raw = _split_addr_spec(spec)
-    except ValueError as exc:
-        raise bad(str(exc)) from None
-    if not local:
-        raise bad("empty local part")
-    if not (_DOT_ATOM_RE.fullmatch(local) or _QUOTED_LOCAL_RE.fullmatch(local)):
-        raise bad("local part is not a dot-atom or quoted string")
-    if len(local) > MAX_LOCAL_OCTETS:
-        raise bad(f"local part longer than {MAX_LOCAL_OCTETS} octets")
-    if domain_raw.startswith("["):
-        raise bad("domain literals are not supported")
-    domain, problem = _domain_problem(domain_raw)
-    if domain is None:
-        raise bad(problem)
-    address = f"{local}@{domain}".lower()
-    if len(address) > MAX_ADDRESS_OCTETS:
-        raise bad(f"address longer than {MAX_ADDRESS_OCTETS} octets")
-    return address
 
 
 def parse_reviewers(values: list[str]) -> list[str]:
@@ -405,6 +221,57 @@ def agent_json(agent: Any) -> dict[str, Any]:
     if agent.webhook_status == "disabled" and agent.webhook_disabled_at is not None:
         body["webhook_disabled_at"] = format_ts_frac(agent.webhook_disabled_at)
     return body
+
+
+def api_key_json(key: ApiKey) -> dict[str, Any]:
+    """§11.2 list item: ts-frac times, ``last_used_at`` omitted until used."""
+    out: dict[str, Any] = {
+        "id": key.id,
+        "name": key.name,
+        "key_prefix": key.key_prefix,
+        "scope": key.scope,
+        "agent": key.agent_id if key.scope == "agent" else None,
+        "created_at": format_ts_frac(key.created_at),
+    }
+    if key.last_used_at is not None:
+        out["last_used_at"] = format_ts_frac(key.last_used_at)
+    return out
+
+
+def signing_secret_json(secret: SigningSecret) -> dict[str, Any]:
+    """§10.1 list item: ts-sec times, never the secret value."""
+    out: dict[str, Any] = {
+        "id": secret.id,
+        "name": secret.name,
+        "secret_prefix": secret.secret_prefix,
+        "created_at": ts_sec(secret.created_at),
+    }
+    if secret.last_signed_at is not None:
+        out["last_signed_at"] = ts_sec(secret.last_signed_at)
+    return out
+
+
+def delivery_json(d: Delivery) -> dict[str, Any]:
+    """The Delivery object of api.md §2.7 (unset times and a missing status code omitted)."""
+    out: dict[str, Any] = {
+        "id": d.id,
+        "message_id": d.message_id,
+        "agent_id": d.agent_id,
+        "webhook_url": d.webhook_url,
+        "status": d.status,
+        "attempts": d.attempts,
+    }
+    if d.last_status_code is not None:
+        out["last_status_code"] = d.last_status_code
+    out["last_error"] = d.last_error
+    out["created_at"] = format_ts_frac(d.created_at)
+    if d.last_attempt_at is not None:
+        out["last_attempt_at"] = format_ts_frac(d.last_attempt_at)
+    if d.next_attempt_at is not None and d.status == "pending":
+        out["next_attempt_at"] = format_ts_frac(d.next_attempt_at)
+    if d.delivered_at is not None:
+        out["delivered_at"] = format_ts_frac(d.delivered_at)
+    return out
 
 
 def dkim_record_value(public_key_b64: str) -> str:

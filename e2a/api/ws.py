@@ -6,8 +6,8 @@ So the checks run here, in the spec's order, and only when all pass does the rou
 ``WebSocketResource`` (Klein renders an ``IResource`` returned by a route), which performs the
 upgrade and hands the authenticated grant to the protocol.
 
-The service is looked up in ``deps.extras["websocket"]`` per request, so the composition root
-may add it after building the app; without it the path is an unknown route.
+The service is ``deps.services.websocket``, looked up per request; an API built without one
+(some tests) answers the path as an unknown route.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def install(router: Klein, deps: Any) -> None:
         # Nothing downstream needs the key in the URI: the access log (written when an error
         # response finishes) and Autobahn's re-parse of the request both see ``token=***``.
         request.uri = redact_token(request.uri)
-        service = deps.extras.get("websocket")
+        service = deps.services.websocket
         if service is None:
             raise NotFound("no such route", code="not_found")
         if not service.running:
@@ -53,14 +53,14 @@ def install(router: Klein, deps: Any) -> None:
 
         # 3. agent visible to this key (404 for foreign and missing alike), 4. local mode.
         agent = await visible_agent(db, principal, email)
-        if agent["agent_mode"] != "local":
+        if agent.agent_mode != "local":
             raise BadRequest("agent is not in local mode", code="agent_not_local")
 
         # 5. capacity, 6. a real upgrade request — then reserve synchronously (no await
         # between the count and the reservation, so concurrent handshakes cannot overshoot).
-        if not service.has_capacity(agent["id"]):
+        if not service.has_capacity(agent.id):
             raise E2AError("too many connections for this agent", code="too_many_connections", status=429)
         upgradable = getattr(request.channel, "transport", None) is not None  # None over HTTP/2
         if not upgradable or not is_upgrade_request(request.method, request.getHeader):
             raise UpgradeRequired(headers=UPGRADE_HEADERS)
-        return service.upgrade_resource(principal, agent["id"])
+        return service.upgrade_resource(principal, agent.id)

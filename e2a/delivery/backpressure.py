@@ -41,6 +41,9 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
+# The hysteresis rules live with the other "which job runs next" rules (re-exported here).
+from e2a.delivery.slots import gate_closed, held_agents
+
 __all__ = [
     "HIGH_WATER",
     "LOW_WATER",
@@ -50,6 +53,7 @@ __all__ = [
     "STALE_AFTER",
     "Backpressure",
     "gate_closed",
+    "held_agents",
 ]
 
 log = Logger()
@@ -70,26 +74,6 @@ REFRESH_INTERVAL = 0.05
 STALE_AFTER = 5.0
 #: At most one warning per this many seconds about accepts released by ``max_wait``.
 EXPIRY_LOG_INTERVAL = 60.0
-
-
-def gate_closed(closed: bool, backlog: int, high_water: int, low_water: int) -> bool:
-    """The hysteresis rule: close at ``backlog >= high_water``, open at ``backlog <= low_water``,
-    otherwise keep the current state."""
-    if backlog >= high_water:
-        return True
-    if backlog <= low_water:
-        return False
-    return closed
-
-
-def held_agents(held: set[str], backlogs: Mapping[str, int], high_water: int, low_water: int) -> set[str]:
-    """The per-agent rule: :func:`gate_closed` for every agent that is held or has a backlog
-    (an agent absent from ``backlogs`` has none)."""
-    return {
-        agent
-        for agent in held | set(backlogs)
-        if gate_closed(agent in held, backlogs.get(agent, 0), high_water, low_water)
-    }
 
 
 def _keys(agents: Iterable[str]) -> frozenset[str]:
@@ -141,6 +125,7 @@ class Backpressure:
         self.waited = 0
         self.expired = 0
         self._warned_at: float | None = None
+        self._update_waiters: list[defer.Deferred[None]] = []
 
     # ------------------------------------------------------------------ the estimate
 
@@ -165,9 +150,32 @@ class Backpressure:
     def begin_refresh(self) -> None:
         self._refreshing = True
 
+    @property
+    def refreshing(self) -> bool:
+        """A count is running."""
+        return self._refreshing
+
+    @property
+    def updated_at(self) -> float | None:
+        """Clock time of the last count (None: no estimate)."""
+        return self._updated_at
+
+    def next_update(self) -> defer.Deferred[None]:
+        """Fires when the next count ends (:meth:`update` or :meth:`refresh_failed`): lets
+        tests and tools wait for a refresh without polling."""
+        d: defer.Deferred[None] = defer.Deferred()
+        self._update_waiters.append(d)
+        return d
+
+    def _counted(self) -> None:
+        waiters, self._update_waiters = self._update_waiters, []
+        for d in waiters:
+            d.callback(None)
+
     def refresh_failed(self) -> None:
         """A count failed: keep the old estimate (it goes stale after ``stale_after``)."""
         self._refreshing = False
+        self._counted()
 
     def update(self, backlogs: Mapping[str, int]) -> None:
         """Feed a fresh count (agent id -> due jobs; absent agents have none); an agent whose
@@ -181,6 +189,7 @@ class Backpressure:
         # second (that is its job); only max-wait expiries are worth a (rate-limited) warning.
         if before - self.held:
             self._release(lambda agents: not (agents & self.held))
+        self._counted()
 
     def open(self) -> None:
         """Forget the estimate and release every waiter (the worker is stopping)."""

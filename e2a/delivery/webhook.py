@@ -41,11 +41,11 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 
 from e2a import __version__
-from e2a.delivery.ssrf import BLOCKED_ADDRESS, ParsedUrl, check_webhook_url, resolve_webhook_host
 from e2a.errors import BadRequest
 from e2a.logsetup import quiet_pool
 from e2a.mailauth.authheaders import AuthFields, auth_headers, format_ts_frac, standard_webhook_signature
 from e2a.mailauth.dns import DnsClient, DnsTemporaryError
+from e2a.policy.ssrf import BLOCKED_ADDRESS, ParsedUrl, check_webhook_url, resolve_webhook_host
 
 __all__ = [
     "MAX_RESPONSE_BODY",

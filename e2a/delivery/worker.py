@@ -19,11 +19,14 @@ order across agents decides who gets a freed slot, and a few busy agents cannot 
 others waiting.
 
 Fresh jobs skip the queue's wake-up path: when the inbound pipeline accepts mail for a cloud
-agent that has a free slot here (:meth:`DeliveryService.reserve_fresh`, counting the agent's
-leases in every process), the job row is inserted already leased to this process and attempted
-right after the commit (:meth:`DeliveryService.start_fresh`) — no NOTIFY, no claim. A slot
-whose delivered attempt found nothing more of its agent to hand on frees itself without a
-wake-up (nothing waits for it), unless a NOTIFY for that agent was skipped meanwhile.
+agent that has a free slot here (through the port, :class:`e2a.delivery.port.DeliveryPort`,
+counting the agent's leases in every process), the job row is inserted already leased to this
+process and attempted right after the commit — no NOTIFY, no claim. A slot whose delivered
+attempt found nothing more of its agent to hand on frees itself without a wake-up (nothing
+waits for it), unless a NOTIFY for that agent was skipped meanwhile.
+
+Every "which job runs next" decision is taken by :class:`e2a.delivery.slots.Slots`
+(``self.slots``); this module does the statements, the attempts and the wake-ups.
 
 Correctness never depends on process memory: the attempt count, the next due time and the
 lease live in the row; a process that dies mid-attempt leaves a lease that expires after
@@ -43,10 +46,11 @@ from twisted.logger import Logger
 from e2a import maillog
 from e2a.claimloop import ClaimLoop
 from e2a.config import WebhooksConfig
-from e2a.delivery import backoff
 from e2a.delivery.backpressure import Backpressure
+from e2a.delivery.port import LEASE_MARGIN, DeliveryPort
 from e2a.delivery.webhook import AttemptResult, WebhookClient, WebhookMessage, build_request
-from e2a.metrics import metrics_of
+from e2a.metrics import E2AMetrics, metrics_of
+from e2a.policy import backoff
 from e2a.store import deliveries
 from e2a.store.accounts import SecretCache
 from e2a.store.database import Database
@@ -56,10 +60,6 @@ from e2a.store.events import CHANNEL_DELIVERY
 __all__ = ["LEASE_MARGIN", "DeliveryService"]
 
 log = Logger()
-
-#: Lease = webhooks.timeout (headers) + timeout (body read) + this margin; the spec's
-#: "timeout + 30 s" with room for the bounded body read.
-LEASE_MARGIN = 30.0
 
 #: What a delivered attempt returns when its hand-on found no due job of its agent: the slot
 #: frees without waking the claim loop (nothing of that agent is waiting, and other agents'
@@ -86,6 +86,8 @@ class DeliveryService:
         client: a ready :class:`WebhookClient` (tests); by default one is built and owned.
         backpressure: the SMTP accept gate this worker feeds with the due backlog, counted
             from the database on wake-ups (at most once per its ``refresh_interval``).
+        port: the inbound → delivery port this worker serves (its slots, its backpressure);
+            by default one is built from ``config``, ``max_in_flight`` and ``backpressure``.
     """
 
     def __init__(
@@ -104,7 +106,11 @@ class DeliveryService:
         rng: Callable[[], float] = random.random,
         client: WebhookClient | None = None,
         backpressure: Backpressure | None = None,
+        port: DeliveryPort | None = None,
+        metrics: E2AMetrics | None = None,
     ) -> None:
+        # This process's counters (e2a.metrics); None: not counted (tests).
+        self.metrics = metrics
         self._db = db
         self._events = events
         self._config = config
@@ -114,7 +120,14 @@ class DeliveryService:
         self._secrets = SecretCache()
         self._clock = clock or reactor
         self._poll_interval = poll_interval
-        self._max_in_flight = max_in_flight
+        if port is None:
+            port = DeliveryPort(config, self._clock, max_in_flight=max_in_flight, backpressure=backpressure)
+        elif backpressure is not None and backpressure is not port.backpressure:
+            raise ValueError("pass the backpressure gate to the DeliveryPort")
+        self.port = port
+        #: The slot and hand-off rules (public: tests and diagnostics read them).
+        self.slots = port.slots
+        port.bind(self)
         self._rng = rng
         self._own_client = client is None
         self.client = client or WebhookClient(
@@ -126,40 +139,23 @@ class DeliveryService:
             clock=self._clock,
             max_per_host=config.max_concurrency_per_agent,
         )
-        self._lease_seconds = 2 * float(config.timeout) + LEASE_MARGIN
+        self._lease_seconds = self.slots.lease_seconds
         self._loop: task.LoopingCall | None = None
         self._unsubscribe: Callable[[], None] | None = None
-        self._running = False
-        # Set by stop(): no more hand-ons even inside a run_once (which may run un-started).
-        self._stopping = False
-        # run_once() calls in progress: they may hand slots on while the service is not started.
-        self._once = 0
-        self._claims = ClaimLoop(self._claim_and_start, lambda: self._running, "webhook delivery")
-        self._in_flight: dict[str, defer.Deferred[None]] = {}
-        self._per_agent: dict[str, int] = {}
-        # Agents that may have a due job no busy slot of theirs is coming for: a NOTIFY's claim
-        # was skipped because all their slots were busy, or a claimed job was given back. The
-        # next of their slots to free without a hand-on wakes the claim loop (the job may have
-        # committed after that slot's hand-on statement read the queue).
-        self._maybe_waiting: set[str] = set()
-        # Bumped by every NOTIFY that names no agent (redeliveries, re-enabled webhooks, mail to
-        # several agents): a slot whose hand-on found nothing may only free quietly if none came
-        # while its statement ran (the job may have committed after the statement's snapshot).
-        # A NOTIFY naming an agent marks that agent in _maybe_waiting instead.
-        self._epoch = 0
-        # Slots reserved for fresh jobs whose accept transaction has not committed yet
-        # (reserve_fresh); they count in _per_agent and against max_in_flight.
-        self._reserved: dict[str, int] = {}
-        self._backpressure = backpressure
+        self._claims = ClaimLoop(self._claim_and_start, lambda: self.slots.running, "webhook delivery")
+        # The attempts in flight (cancelled at the stop deadline) and the give-backs not yet
+        # answered; the counts that decide anything are in self.slots.
+        self._in_flight: dict[str, defer.Deferred[Any]] = {}
+        self._background: set[defer.Deferred[None]] = set()
+        self._backpressure = port.backpressure
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         """Subscribe to NOTIFY, start the poll loop and poll once right away."""
-        self._running = True
-        self._stopping = False
+        self.slots.start()
         if self._events is not None:
-            self._unsubscribe = self._events.subscribe(CHANNEL_DELIVERY, self._on_notify)
+            self._unsubscribe = self._events.subscribe(CHANNEL_DELIVERY, self.on_notify)
             self._events.on_reconnect(self.wake)
         self._loop = task.LoopingCall(self.wake)
         self._loop.clock = self._clock
@@ -176,8 +172,7 @@ class DeliveryService:
         job: it is started (rather than left to its lease) and waited for like the others,
         within the same deadline.
         """
-        self._running = False
-        self._stopping = True
+        self.slots.stop()
         if self._backpressure is not None:
             self._backpressure.open()  # nobody refreshes the estimate any more
         if self._unsubscribe is not None:
@@ -197,44 +192,41 @@ class DeliveryService:
                 await defer.DeferredList(list(self._in_flight.values()), consumeErrors=True)
             if deadline.active():
                 deadline.cancel()
+        if self._background:
+            await defer.DeferredList(list(self._background), consumeErrors=True)
         if self._own_client:
             await self.client.close()
+
+    async def wait_idle(self) -> None:
+        """Wait until no claim runs, no attempt is in flight and every give-back is answered
+        (without stopping). For tests and tools: waits on Deferreds, never polls."""
+        while True:
+            await self._claims.wait_idle()
+            if self._in_flight:
+                await defer.DeferredList(list(self._in_flight.values()), consumeErrors=True)
+            elif self._background:
+                await defer.DeferredList(list(self._background), consumeErrors=True)
+            elif not self._claims.busy:
+                return
 
     # ------------------------------------------------------------------ polling
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock.seconds(), UTC)
 
-    def _on_notify(self, payload: str) -> None:
+    def on_notify(self, payload: str) -> None:
         """NOTIFY on the delivery channel: new or re-enabled jobs; the payload names the agent
-        when the sender knew it was exactly one.
-
-        When every slot this process allows that agent is busy, a claim could not start its
-        job anyway: each busy slot ends in a hand-on (2xx: it leases the agent's next due job
-        itself) or frees the slot and wakes the claim loop (any other outcome). Skipping that
-        claim saves a statement per message while an agent's webhook is kept busy; the poll
-        still runs every ``poll_interval``. Another process's busy slots do not count here:
-        its own hand-ons pick the job up, and a claim from this process finds the agent at its
-        limit in the database.
-        """
-        if not payload:
-            self._epoch += 1
+        when the sender knew it was exactly one. Claims unless every slot this process allows
+        that agent is busy (:meth:`e2a.delivery.slots.Slots.on_notify`); the poll still runs
+        every ``poll_interval``."""
+        if self.slots.on_notify(payload):
             self.wake()
-            return
-        busy = self._per_agent.get(payload, 0)
-        if busy > 0 and self._running:
-            # A slot of this agent may be running a hand-on whose snapshot predates this job:
-            # the next of its slots to free without a hand-on must wake the claim loop.
-            self._maybe_waiting.add(payload)
-        if busy >= self._config.max_concurrency_per_agent:
-            if self._running:
-                self._maybe_refresh_backlog()
-            return
-        self.wake()
+        elif self.slots.running:
+            self._maybe_refresh_backlog()
 
     def wake(self) -> None:
         """Claim and start due jobs soon; coalesces while a poll is running. Never raises."""
-        if not self._running:
+        if not self.slots.running:
             return
         self._maybe_refresh_backlog()
         self._claims.wake()
@@ -258,36 +250,29 @@ class DeliveryService:
         bp.update(backlogs)
 
     async def _claim_and_start(self) -> tuple[int, int]:
-        limit = self._max_in_flight - len(self._in_flight) - sum(self._reserved.values())
+        limit = self.slots.claim_limit()
         if limit <= 0:
             return 0, 0
         jobs = await deliveries.claim_due(
-            self._db, self._now(), limit, self._lease_seconds, self._config.max_concurrency_per_agent
+            self._db, self._now(), limit, self._lease_seconds, self._config.max_concurrency_per_agent,
+            self.slots.full_users(),
         )
         started = [self._start_attempt(job) for job in self._within_limits(jobs)]
         return len(started), limit
 
     def _within_limits(self, jobs: list[ClaimedJob]) -> list[ClaimedJob]:
-        """The claimed jobs this process may start now; the others are given back.
+        """The claimed jobs this process may start now; the others are given back
+        (:meth:`e2a.delivery.slots.Slots.split_claimed`)."""
+        start, give_back = self.slots.split_claimed(jobs)
+        for job in give_back:
+            self.give_back(job)
+        return start
 
-        The claim counts leases in the database, so it cannot see a slot reserved here for a
-        fresh job whose accept has not committed yet (or one reserved while the claim ran):
-        starting every claimed job could put more than ``max_concurrency_per_agent`` attempts
-        of one agent in flight in this process. Such a job is unleased again at once and its
-        agent marked, so the next of its slots to free wakes the claim loop.
-        """
-        limit = self._config.max_concurrency_per_agent
-        out: list[ClaimedJob] = []
-        planned: dict[str, int] = {}
-        for job in jobs:
-            busy = self._per_agent.get(job.agent_id, 0) + planned.get(job.agent_id, 0)
-            if busy >= limit:
-                self._maybe_waiting.add(job.agent_id)
-                defer.Deferred.fromCoroutine(self._give_back(job))
-                continue
-            planned[job.agent_id] = planned.get(job.agent_id, 0) + 1
-            out.append(job)
-        return out
+    def give_back(self, job: ClaimedJob) -> None:
+        """Clear the lease of a job this process will not attempt, so a claim takes it at once."""
+        d = defer.Deferred.fromCoroutine(self._give_back(job))
+        self._background.add(d)
+        d.addBoth(lambda _: self._background.discard(d))
 
     async def _give_back(self, job: ClaimedJob) -> None:
         try:
@@ -295,79 +280,11 @@ class DeliveryService:
         except Exception:
             log.failure("giving back webhook job {delivery_id} failed (its lease will expire)", delivery_id=job.id)
 
-    def _may_hand_on(self) -> bool:
-        """Whether a delivered attempt may lease its agent's next job for its slot.
-
-        Not once stopping (no new claims), only while the service runs or a run_once is in
-        progress, and not while this process is saturated: then the claim loop's oldest-first
-        order across agents must decide who gets the next free slot.
-        """
-        return (
-            not self._stopping
-            and (self._running or self._once > 0)
-            and len(self._in_flight) + sum(self._reserved.values()) < self._max_in_flight
-        )
-
     # ------------------------------------------------------------------ fresh jobs from accept
 
-    def reserve_fresh(self, agent_id: str, in_flight_everywhere: int) -> datetime | None:
-        """Reserve a slot for a job the inbound pipeline is about to commit; returns the lease
-        expiry to write into the new row, or None (the job then goes through the queue).
-
-        Why: a message accepted while its agent's webhook has a free slot can be attempted by
-        this process straight after the commit — the row is inserted already leased, so no
-        NOTIFY, wake-up and claim statement stand between the 250 and the POST, and no other
-        process can take it. ``in_flight_everywhere`` is the agent's leased attempts in the
-        database (every process), read by the accept's context statement: together with the
-        reservations not yet committed here, the per-agent limit holds as for a claim. Every
-        reservation must end in :meth:`start_fresh` (committed) or :meth:`release_fresh`.
-        """
-        if not self._running or self._stopping:
-            return None
-        limit = self._config.max_concurrency_per_agent
-        pending = self._reserved.get(agent_id, 0)
-        if self._per_agent.get(agent_id, 0) >= limit or in_flight_everywhere + pending >= limit:
-            return None
-        if len(self._in_flight) + sum(self._reserved.values()) >= self._max_in_flight:
-            return None
-        self._reserved[agent_id] = pending + 1
-        self._per_agent[agent_id] = self._per_agent.get(agent_id, 0) + 1
-        return self._now() + timedelta(seconds=self._lease_seconds)
-
-    def release_fresh(self, agent_id: str) -> None:
-        """The accept transaction did not commit (or is being retried): give the slot back.
-
-        The reservation may have made its agent look busy (a NOTIFY skipped) or filled the
-        process (claims held back), so the claim loop is woken; this only happens when an
-        accept fails or is retried.
-        """
-        self._unreserve(agent_id)
-        self._drop_agent_slot(agent_id)
-        self._maybe_waiting.discard(agent_id)
-        self.wake()
-
-    def start_fresh(self, job: ClaimedJob) -> None:
-        """The accept transaction committed the leased row: attempt it in the reserved slot.
-
-        After :meth:`stop` began the job is left to its lease (another process, or this one
-        after a restart, retries it once the lease runs out): an attempt must not start on a
-        worker that is shutting down.
-        """
-        self._unreserve(job.agent_id)
-        self._drop_agent_slot(job.agent_id)
-        if not self._running or self._stopping:
-            # Committed after stop() began (a session that outlived the SMTP shutdown grace):
-            # give the lease back so the next start (or another process) claims it at once.
-            log.info("fresh webhook job {delivery_id} given back at shutdown", delivery_id=job.id)
-            defer.Deferred.fromCoroutine(self._give_back(job))
-            return
+    def run_fresh(self, job: ClaimedJob) -> None:
+        """The port's accept committed ``job`` leased to this process: attempt it now."""
         self._start_attempt(job)
-
-    def _unreserve(self, agent_id: str) -> None:
-        _decrement(self._reserved, agent_id)
-
-    def _drop_agent_slot(self, agent_id: str) -> None:
-        _decrement(self._per_agent, agent_id)
 
     def _start_attempt(self, job: ClaimedJob) -> defer.Deferred[int]:
         """Start ``job`` in a slot; fires with how many attempts the slot ran before it was
@@ -377,31 +294,24 @@ class DeliveryService:
         return slot_done
 
     def _run_in_slot(self, job: ClaimedJob, slot_done: defer.Deferred[int], ran_before: int) -> None:
-        self._per_agent[job.agent_id] = self._per_agent.get(job.agent_id, 0) + 1
+        self.slots.attempt_started(job.agent_id, job.user_id)
         d = defer.Deferred.fromCoroutine(self._attempt(job))
         self._in_flight[job.id] = d
 
         def finished(result: Any) -> None:
             self._in_flight.pop(job.id, None)
-            self._drop_agent_slot(job.agent_id)
+            self.slots.attempt_finished(job.agent_id)
             if isinstance(result, ClaimedJob):
                 # Handed on: the record statement leased this agent's next job for this very
-                # slot. The per-agent and per-process counts are unchanged, so nothing new is
-                # claimable because of this finish: no wake-up needed.
+                # slot. The counts are unchanged, so nothing new is claimable: no wake-up.
                 self._run_in_slot(result, slot_done, ran_before + 1)
                 return
-            if result is _AGENT_IDLE and job.agent_id not in self._maybe_waiting:
-                # The hand-on statement found no due job of this agent, the process was not
-                # saturated and no NOTIFY or claim came while it ran (_record checks): nothing
-                # waits for this slot. Without this, every message delivered while the webhook
-                # keeps up cost a claim pass.
-                slot_done.callback(ran_before + 1)
-                return
-            self._maybe_waiting.discard(job.agent_id)
             # A slot freed: jobs held back by a concurrency limit may be claimable now. Wake on
-            # every freed slot (wake() coalesces): waking only when this agent was at its limit
-            # let a backlog stall until the next safety poll once several attempts ended together.
-            self.wake()
+            # every freed slot (wake() coalesces) unless the hand-on found nothing and nothing
+            # happened meanwhile (Slots.slot_freed): without that, every message delivered
+            # while the webhook keeps up cost a claim pass.
+            if self.slots.slot_freed(job.agent_id, quiet=result is _AGENT_IDLE):
+                self.wake()
             slot_done.callback(ran_before + 1)
 
         d.addBoth(finished)
@@ -416,17 +326,18 @@ class DeliveryService:
         per-agent limit). Allowed on a service that was never started (hand-ons included).
         For tests and tools: the service itself never waits on attempts while claiming.
         """
-        self._once += 1
+        self.slots.begin_once()
         try:
-            limit = self._max_in_flight - len(self._in_flight) - sum(self._reserved.values())
+            limit = self.slots.claim_limit()
             jobs = await deliveries.claim_due(
-                self._db, self._now(), limit, self._lease_seconds, self._config.max_concurrency_per_agent
+                self._db, self._now(), limit, self._lease_seconds, self._config.max_concurrency_per_agent,
+                self.slots.full_users(),
             )
             slots = [self._start_attempt(job) for job in self._within_limits(jobs)]
             results = await defer.gatherResults(slots) if slots else []
             return sum(results)
         finally:
-            self._once -= 1
+            self.slots.end_once()
 
     # ------------------------------------------------------------------ one attempt
 
@@ -493,20 +404,17 @@ class DeliveryService:
                 # One info line per delivered webhook (docs/logging.md): operators asked to see
                 # mail flow; it costs one log event per message in the reactor thread.
                 logged("delivered")
-                if self._may_hand_on():
-                    epoch = self._epoch
+                if self.slots.may_hand_on():
+                    token = self.slots.hand_on_token()
                     _matched, next_job = await deliveries.record_delivered_and_claim_next(
                         self._db, job, result.status, url, now,
                         self._lease_seconds, self._config.max_concurrency_per_agent,
                     )
                     if next_job is not None:
                         return next_job
-                    # Nothing of this agent was due in the statement's snapshot. The slot may
-                    # free quietly only if no agent-less NOTIFY came meanwhile (a job may have
-                    # committed after the snapshot; NOTIFYs naming this agent mark it in
-                    # _maybe_waiting) and the process is not saturated now (this slot still
-                    # counts; a claim or reservation may have filled it meanwhile).
-                    if epoch == self._epoch and self._may_hand_on():
+                    # Nothing of this agent was due in the statement's snapshot: the slot may
+                    # free quietly only if nothing happened meanwhile (Slots.hand_on_found_nothing).
+                    if self.slots.hand_on_found_nothing(token):
                         return _AGENT_IDLE
                     return None
                 await deliveries.record_delivered(self._db, job, result.status, url, now)
@@ -537,15 +445,6 @@ class DeliveryService:
         )
         logged("retry", delay)
         return None
-
-
-def _decrement(counts: dict[str, int], key: str) -> None:
-    """One less for ``key``; the entry goes when it reaches zero (the dicts stay small)."""
-    count = counts.get(key, 0)
-    if count <= 1:
-        counts.pop(key, None)
-    else:
-        counts[key] = count - 1
 
 
 def _webhook_message(ctx: AttemptContext) -> WebhookMessage:

@@ -19,7 +19,8 @@ from typing import Any, NamedTuple
 
 from publicsuffixlist import PublicSuffixList
 
-from e2a.mailauth.authheaders import HeaderField, field_value, split_header_section
+from e2a.mailsyntax.domains import is_domain_name
+from e2a.mailsyntax.headers import HeaderField, field_value, split_header_section
 
 __all__ = [
     "DMARC_FOUND",
@@ -113,7 +114,6 @@ def dkim_summary(results: Sequence[DkimResult | tuple[str, str, str]]) -> str:
 _WSP_CHARS = " \t\r\n"
 _SPECIALS = "<>@,:;.[]"
 _ATEXT_RE = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+")
-_LDH_LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _ENCODED_WORD_RE = re.compile(r"=\?[^?\s]+\?[BbQq]\?[^?\s]*\?=")
 
 
@@ -207,13 +207,6 @@ def _dot_atom(tokens: Sequence[_Token]) -> str | None:
     return "".join(parts)
 
 
-def is_domain_name(domain: str) -> bool:
-    """LDH labels of 1–63 octets, at most 253 octets in all (RFC 1035/5321 host names)."""
-    if not domain or len(domain) > 253:
-        return False
-    return all(_LDH_LABEL_RE.fullmatch(label) for label in domain.split("."))
-
-
 def _addr_spec(tokens: Sequence[_Token]) -> str | None:
     """``local-part "@" domain`` → ``local@domain`` (domain lowercased) or None."""
     ats = [k for k, t in enumerate(tokens) if t.kind == "@"]
@@ -279,7 +272,7 @@ def from_address_of(raw: bytes) -> str | None:
 
 def from_address_of_fields(fields: Sequence[HeaderField]) -> str | None:
     """:func:`from_address_of` for a header section already split with
-    :func:`~e2a.mailauth.authheaders.split_header_section`: the one §2.1 rule, so callers
+    :func:`~e2a.mailsyntax.headers.split_header_section`: the one §2.1 rule, so callers
     that parsed the header section already (the inbound pipeline) need not parse it again."""
     froms = [f for f in fields if f.name is not None and f.name.lower() == b"from"]
     if len(froms) != 1:

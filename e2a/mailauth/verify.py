@@ -47,7 +47,6 @@ from twisted.internet import threads
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from e2a.mailauth.authheaders import HeaderField
 from e2a.mailauth.dns import (
     DkimDnsTemporaryError,
     DnsClient,
@@ -70,6 +69,7 @@ from e2a.mailauth.verdict import (
     organizational_domain,
     select_dmarc_record,
 )
+from e2a.mailsyntax.headers import HeaderField
 
 __all__ = ["MAX_DKIM_SIGNATURES", "DkimMessage", "MailVerifier"]
 

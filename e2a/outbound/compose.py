@@ -43,10 +43,11 @@ from email.message import EmailMessage
 from email.utils import encode_rfc2231, getaddresses, unquote
 from typing import Any
 
-from e2a.api.wire import check_header_text, has_control_chars, parse_recipient
 from e2a.errors import BadRequest
 from e2a.ids import smtp_message_id
-from e2a.mailauth.authheaders import split_header_section
+from e2a.mailsyntax.addresses import parse_recipient
+from e2a.mailsyntax.headers import split_header_section
+from e2a.mailsyntax.text import check_header_text, has_control_chars
 from e2a.messageview import MessageView
 
 __all__ = [

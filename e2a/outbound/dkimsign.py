@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives import serialization
 from dkim.canonicalization import CanonicalizationPolicy
 from dkim.crypto import parse_pem_private_key
 
-from e2a.mailauth.authheaders import split_header_section
 from e2a.mailauth.dkimkeys import thd_generate_key
+from e2a.mailsyntax.headers import split_header_section
 
 __all__ = [
     "SIGNED_HEADERS",

@@ -167,7 +167,7 @@ class HoldReview:
         self.db = db
         self.send = send
         self.clock = clock
-        self.max_recipients = send.config.outbound.max_recipients
+        self.max_recipients = send.outbound.max_recipients
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.seconds(), UTC)

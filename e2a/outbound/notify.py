@@ -24,8 +24,8 @@ from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import Logger
 
 from e2a import ids
-from e2a.config import Config
-from e2a.metrics import metrics_of
+from e2a.config import HitlConfig
+from e2a.metrics import E2AMetrics, metrics_of
 from e2a.outbound import dkimsign
 from e2a.outbound.compose import (
     _POLICY,
@@ -34,6 +34,7 @@ from e2a.outbound.compose import (
     _set_subject,
     _text_cte,
 )
+from e2a.outbound.identity import MailIdentity
 from e2a.outbound.magiclink import ApprovalTokens, approval_url
 from e2a.store import accounts
 from e2a.store import notifications as store
@@ -200,8 +201,9 @@ class ReviewerNotifier:
 
     Args:
         db: the database.
-        config: the whole configuration (``hitl``, ``http.public_url``, ``outbound_smtp``,
-            ``outbound``, ``dkim``, ``data_dir``, ``smtp`` for internal copies).
+        identity: the deployment's mail domain, DKIM keys, route and trace values.
+        hitl: ``hitl.*`` (``notify``, ``token_grace``).
+        public_url: ``http.public_url`` (the base of the magic links; empty: no notifications).
         master_key: signs internal copies (:func:`e2a.inbound.accept_internal_txn`).
         hmac_secret: the resolved ``signing.hmac_secret`` (approval tokens).
         clock: ``seconds()`` for the Date header and queue times.
@@ -209,16 +211,20 @@ class ReviewerNotifier:
     """
 
     def __init__(
-        self, db: Database, config: Config, master_key: bytes, hmac_secret: str, clock: Any,
-        reactor: Any = None, pool: Any = None,
+        self, db: Database, identity: MailIdentity, hitl: HitlConfig, public_url: str, master_key: bytes,
+        hmac_secret: str, clock: Any, reactor: Any = None, pool: Any = None, metrics: E2AMetrics | None = None,
     ) -> None:
+        # This process's counters (e2a.metrics); None: not counted (tests).
+        self.metrics = metrics
         self.db = db
-        self.config = config
+        self.identity = identity
+        self.hitl = hitl
+        self.public_url = public_url
         self.master_key = master_key
         self.clock = clock
         self.reactor = reactor
         self.pool = pool
-        self.tokens = ApprovalTokens(hmac_secret, config.hitl.token_grace) if hmac_secret else None
+        self.tokens = ApprovalTokens(hmac_secret, hitl.token_grace) if hmac_secret else None
         self._warned: set[str] = set()
 
     def _warn_once(self, reason: str, message: str, **fields: Any) -> None:
@@ -242,13 +248,13 @@ class ReviewerNotifier:
         self, agent: Any, held_message_id: str, subject: str, to: Sequence[str], cc: Sequence[str],
         bcc: Sequence[str], expires: datetime,
     ) -> Notice | None:
-        config = self.config
-        if not (config.hitl.notify and agent.hitl_notify):
+        identity = self.identity
+        if not (self.hitl.notify and agent.hitl_notify):
             return None
-        if not config.http.public_url:
+        if not self.public_url:
             self._warn_once("public_url", "http.public_url is not set: HITL reviewer notifications are not sent")
             return None
-        if self.tokens is None or not config.mail_domain:
+        if self.tokens is None or not identity.mail_domain:
             self._warn_once("setup", "no signing.hmac_secret or mail domain: HITL reviewer notifications are not sent")
             return None
         reviewers = list(dict.fromkeys(r.lower() for r in agent.hitl_reviewers))
@@ -256,7 +262,7 @@ class ReviewerNotifier:
             user = await accounts.get_user(self.db, agent.user_id)
             reviewers = [user.email.lower()] if user is not None and user.email else []
         internal = await store.internal_addresses(self.db, reviewers)
-        can_smtp = bool(config.outbound_smtp.host or config.outbound.direct_mx)
+        can_smtp = identity.can_relay
         routes: dict[str, str] = {}
         for address in reviewers:
             if address in internal:
@@ -272,9 +278,9 @@ class ReviewerNotifier:
             log.warn("HITL notification for {message_id}: reviewers without a route dropped",
                      message_id=held_message_id)
         now = datetime.fromtimestamp(self.clock.seconds(), UTC)
-        mail_domain = config.mail_domain
+        mail_domain = identity.mail_domain
         notification_id = ids.new_message_id()
-        public_url = config.http.public_url
+        public_url = self.public_url
         composed = compose_notification(
             notification_id=notification_id,
             mail_domain=mail_domain,
@@ -308,12 +314,12 @@ class ReviewerNotifier:
     async def _sign(self, composed: bytes, now: datetime) -> bytes:
         """mail.md §7.5 with the key of ``M`` (``dkim.keys`` or ``<data_dir>/dkim/M.pem``);
         no usable key → unsigned, with a warning."""
-        config = self.config
-        domain = config.mail_domain
+        identity = self.identity
+        domain = identity.mail_domain
 
         def thd_sign() -> bytes:
-            selector, pem = dkimsign.thd_load_deployment_key(config.data_dir, domain, config.dkim.keys,
-                                                              config.dkim.selector)
+            selector, pem = dkimsign.thd_load_deployment_key(identity.data_dir, domain, identity.dkim.keys,
+                                                              identity.dkim.selector)
             return dkimsign.thd_dkim_sign(composed, domain, selector, pem, int(now.timestamp()))
 
         try:
@@ -358,8 +364,8 @@ class ReviewerNotifier:
                             recipient=address,
                             conversation_id="",
                             master_key=self.master_key,
-                            smtp_domain=self.config.smtp.domain,
-                            authserv_id=self.config.smtp.effective_authserv_id,
+                            smtp_domain=self.identity.smtp_domain,
+                            authserv_id=self.identity.authserv_id,
                             received_at=notice.now,
                         )
                         await metrics_of(self).stored_copy_txn(txn, "internal", address)

@@ -13,7 +13,6 @@ with the stored content, which is why composition happens at release, never at h
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -23,18 +22,23 @@ from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import Logger
 
 from e2a import ids, maillog
-from e2a.api import wire
-from e2a.config import Config
+from e2a.config import OutboundConfig, RateLimitConfig
 from e2a.errors import BadRequest, E2AError, Forbidden, NotFound
 from e2a.inbound import accept_internal_txn
 from e2a.mailauth import dkimkeys
-from e2a.metrics import metrics_of
+from e2a.mailsyntax.addresses import lookup_key
+from e2a.metrics import E2AMetrics, metrics_of
 from e2a.outbound import compose, dkimsign
+from e2a.outbound.identity import MailIdentity
+from e2a.outbound.notify import ReviewerNotifier
 from e2a.store import agents as agents_store
+from e2a.store import approvals as approvals_store
+from e2a.store import domains as domains_store
+from e2a.store import outbound as outbound_store
 from e2a.store import ratelimits
 from e2a.store.database import Database, Txn
 from e2a.store.events import CHANNEL_OUTBOUND
-from e2a.store.models import Agent
+from e2a.store.models import Agent, HeldAttachment, NewOutboundMessage
 from e2a.timefmt import ts_frac
 
 log = Logger()
@@ -103,12 +107,19 @@ def release_result(draft: Draft, prepared: PreparedRelease) -> dict[str, Any]:
 
 
 class SendService:
-    #: e2a.outbound.notify.ReviewerNotifier, set by the composition root; None = no notifications.
-    notifier: Any = None
-
-    def __init__(self, db: Database, config: Config, master_key: bytes, clock: Any, reactor: Any, pool: Any) -> None:
+    def __init__(
+        self, db: Database, identity: MailIdentity, outbound: OutboundConfig, rate_limits: RateLimitConfig,
+        master_key: bytes, clock: Any, reactor: Any, pool: Any,
+        *, notifier: ReviewerNotifier | None = None, metrics: E2AMetrics | None = None,
+    ) -> None:
+        # Reviewer mail for held messages (e2a.outbound.notify); None = no notifications.
+        self.notifier = notifier
+        # This process's counters (e2a.metrics); None: not counted (tests).
+        self.metrics = metrics
         self.db = db
-        self.config = config
+        self.identity = identity
+        self.outbound = outbound  # ``outbound.max_recipients`` (HoldReview)
+        self.rate_limits = rate_limits  # ``rate_limits.send_per_minute``
         self.master_key = master_key
         self.clock = clock
         self.reactor = reactor
@@ -122,7 +133,10 @@ class SendService:
     async def resolve_sender(self, principal: Any, from_value: str | None) -> Agent:
         """§6.1 #5: ``from`` must be an agent of the user (and the agent key's agent)."""
         if from_value:
-            agent = await agents_store.get_agent(self.db, principal.user_id, wire.path_agent_key(from_value))
+            key = lookup_key(from_value)
+            if key is None:  # as the API's path rule: a control character names no agent
+                raise NotFound("agent not found", code="agent_not_found")
+            agent = await agents_store.get_agent(self.db, principal.user_id, key)
             if agent is None or not principal.may_see_agent(agent.id):
                 raise BadRequest("from is not an agent this key may send as", code="invalid_from")
             return agent
@@ -139,7 +153,7 @@ class SendService:
     async def check_send_allowed(self, agent: Agent) -> None:
         """Send limit (per agent, all processes), then the agent's domain must be verified."""
         await ratelimits.hit(
-            self.db, f"send:{agent.id.lower()}", self.config.rate_limits.send_per_minute, 60, self.clock.seconds()
+            self.db, f"send:{agent.id.lower()}", self.rate_limits.send_per_minute, 60, self.clock.seconds()
         )
         if not agent.domain_verified:
             raise Forbidden("the agent's domain is not verified", code="domain_not_verified")
@@ -147,16 +161,10 @@ class SendService:
     async def route(self, recipients: Sequence[str]) -> dict[str, str]:
         """mail.md §7.3: agents on this deployment are internal; everything else needs SMTP."""
         routes: dict[str, str] = {}
-        if recipients:
-            rows = await self.db.fetchall(
-                "SELECT lower(id) AS key FROM agents WHERE lower(id) = ANY(%s)", ([r.lower() for r in recipients],)
-            )
-            internal = {r["key"] for r in rows}
-        else:
-            internal = set()
+        internal = await agents_store.existing_agent_keys(self.db, list(recipients))
         for address in recipients:
             routes[address] = "internal" if address.lower() in internal else "smtp"
-        if "smtp" in routes.values() and not (self.config.outbound_smtp.host or self.config.outbound.direct_mx):
+        if "smtp" in routes.values() and not self.identity.can_relay:
             raise OutboundNotConfigured()
         return routes
 
@@ -190,11 +198,8 @@ class SendService:
                 extra={
                     "body_text": c.body_text,
                     "body_html": c.body_html,
-                    "attachments": json.dumps(
-                        [
-                            {"filename": a.filename, "content_type": a.content_type, "data": _b64(a.data)}
-                            for a in c.attachments
-                        ]
+                    "attachments": tuple(
+                        HeldAttachment(a.filename, a.content_type, _b64(a.data)) for a in c.attachments
                     ),
                     "approval_expires_at": expires,
                     "hitl_expiration_action": draft.agent.hitl_expiration_action,
@@ -202,9 +207,7 @@ class SendService:
                     "delivery_status": "",
                 },
             )
-            await txn.execute(
-                "INSERT INTO approvals (message_id, action, actor) VALUES (%s, 'hold', 'api')", (message_id,)
-            )
+            await approvals_store.record_hold_txn(txn, message_id)
             if notice is not None:
                 await self.notifier.queue_txn(txn, notice)  # never fails the hold
 
@@ -245,7 +248,7 @@ class SendService:
         c = draft.content
         composed = compose.compose_message(
             message_id=message_id,
-            mail_domain=self.config.mail_domain,
+            mail_domain=self.identity.mail_domain,
             agent_address=draft.agent.id,
             agent_name=draft.agent.name,
             to=draft.recipients.to,
@@ -264,13 +267,13 @@ class SendService:
         if draft.method == "smtp":
             smtp_bytes = await self._dkim_sign(composed, draft, now)
         return PreparedRelease(
-            message_id, ids.smtp_message_id(message_id, self.config.mail_domain), composed, smtp_bytes, now
+            message_id, ids.smtp_message_id(message_id, self.identity.mail_domain), composed, smtp_bytes, now
         )
 
     async def release_jobs_txn(self, txn: Txn, draft: Draft, prepared: PreparedRelease) -> None:
         """Inside the release transaction: one ``outbound_recipients`` row per envelope recipient,
         the internal copies through the inbound pipeline, and the relay worker's wake-up."""
-        mail_domain = self.config.mail_domain
+        mail_domain = self.identity.mail_domain
         message_id, now = prepared.message_id, prepared.now
         if draft.type == "test":
             sender, delegation = f"noreply@{mail_domain}", ""
@@ -279,12 +282,7 @@ class SendService:
         for kind, addresses in (("to", draft.recipients.to), ("cc", draft.recipients.cc), ("bcc", draft.recipients.bcc)):
             for address in addresses:
                 route = draft.routes[address]
-                await txn.execute(
-                    "INSERT INTO outbound_recipients (message_id, address, kind, route, status, queued_at,"
-                    " updated_at, next_attempt_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                    (message_id, address, kind, route, "sent" if route == "internal" else "queued", now, now,
-                     None if route == "internal" else now),
-                )
+                await outbound_store.insert_recipient_txn(txn, message_id, address, kind, route, now)
         for address in (a for a, r in draft.routes.items() if r == "internal"):
             await accept_internal_txn(
                 txn,
@@ -294,8 +292,8 @@ class SendService:
                 recipient=address,
                 conversation_id=draft.content.conversation_id,
                 master_key=self.master_key,
-                smtp_domain=self.config.smtp.domain,
-                authserv_id=self.config.smtp.effective_authserv_id,
+                smtp_domain=self.identity.smtp_domain,
+                authserv_id=self.identity.authserv_id,
                 received_at=now,
             )
             await metrics_of(self).internal_copy_txn(txn, address)
@@ -306,18 +304,16 @@ class SendService:
     async def _dkim_sign(self, composed: bytes, draft: Draft, now: datetime) -> bytes:
         """mail.md §7.5: sign with the From domain's key; no key → unsigned, with a warning."""
         domain = draft.agent.domain
-        row = await self.db.fetchone(
-            "SELECT is_shared, dkim_selector, dkim_private_key FROM domains WHERE domain = %s", (domain,)
-        )
-        config = self.config
+        key = await domains_store.get_signing_key(self.db, domain)
+        identity = self.identity
 
         def thd_sign() -> bytes | None:
-            if row is not None and not row["is_shared"] and row["dkim_private_key"]:
-                selector = row["dkim_selector"]
-                pem = dkimkeys.open_private_key(self.master_key, row["dkim_private_key"], domain)
-            elif domain in (config.shared_domain, config.mail_domain):
+            if key is not None and not key.is_shared and key.dkim_private_key:
+                selector = key.dkim_selector
+                pem = dkimkeys.open_private_key(self.master_key, key.dkim_private_key, domain)
+            elif domain in (identity.shared_domain, identity.mail_domain):
                 selector, pem = dkimsign.thd_load_deployment_key(
-                    config.data_dir, domain, config.dkim.keys, config.dkim.selector
+                    identity.data_dir, domain, identity.dkim.keys, identity.dkim.selector
                 )
             else:
                 return None
@@ -350,33 +346,27 @@ async def _insert_outbound_txn(
     created_at: datetime,
     extra: dict[str, Any],
 ) -> None:
-    row = {
-        "id": message_id,
-        "agent_id": draft.agent.id,
-        "user_id": draft.agent.user_id,
-        "type": draft.type,
-        "status": status,
-        "sender": draft.agent.id,
-        "subject": draft.content.subject,
-        "to_addrs": json.dumps(list(draft.recipients.to)),
-        "cc_addrs": json.dumps(list(draft.recipients.cc)),
-        "bcc_addrs": json.dumps(list(draft.recipients.bcc)),
-        "email_message_id": draft.replied_message_id,
-        "in_reply_to": draft.in_reply_to,
-        "references_ids": draft.references,
-        "smtp_message_id": smtp_message_id,
-        "conversation_id": draft.content.conversation_id,
-        "composed": composed,
-        "created_at": created_at,
-        "body_text": None,
-        "body_html": None,
-        "attachments": None,
-        "approval_expires_at": None,
+    message = NewOutboundMessage(
+        id=message_id,
+        agent_id=draft.agent.id,
+        user_id=draft.agent.user_id,
+        type=draft.type,
+        status=status,
+        sender=draft.agent.id,
+        subject=draft.content.subject,
+        to_addrs=tuple(draft.recipients.to),
+        cc_addrs=tuple(draft.recipients.cc),
+        bcc_addrs=tuple(draft.recipients.bcc),
+        email_message_id=draft.replied_message_id,
+        in_reply_to=draft.in_reply_to,
+        references_ids=draft.references,
+        smtp_message_id=smtp_message_id,
+        conversation_id=draft.content.conversation_id,
+        composed=composed,
+        created_at=created_at,
         **extra,
-    }
-    columns = ", ".join(row)
-    values = ", ".join(f"%({k})s" for k in row)
-    await txn.execute(f"INSERT INTO messages (direction, {columns}) VALUES ('outbound', {values})", row)
+    )
+    await outbound_store.insert_message_txn(txn, message)
 
 
 def not_found_message() -> NotFound:

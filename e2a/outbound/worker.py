@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from e2a import maillog
 from e2a.claimloop import ClaimLoop
 from e2a.config import OutboundConfig, WebhooksConfig
-from e2a.metrics import metrics_of
+from e2a.metrics import E2AMetrics, metrics_of
 from e2a.outbound import relay as relay_mod
 from e2a.outbound.relay import RecipientOutcome, Relay, RouteConfig
 from e2a.store import outbound as store
@@ -91,7 +91,10 @@ class OutboundService:
         stop_timeout: float = 30.0,
         rng: Callable[[], float] = random.random,
         relay: Relay | None = None,
+        metrics: E2AMetrics | None = None,
     ) -> None:
+        # This process's counters (e2a.metrics); None: not counted (tests).
+        self.metrics = metrics
         self._db = db
         self._events = events
         self._clock = clock or reactor
@@ -201,7 +204,7 @@ class OutboundService:
                 log.failure("renewing outbound leases failed")
                 return
             if kept < len(rows):
-                # Another claim owns them now; this session's writes are refused by the
+                # Another claim owns them now; this SMTP session's writes are refused by the
                 # lease-token guard and mark_in_doubt stops it before any data is sent.
                 log.warn("{lost} of {total} outbound leases were lost before renewal",
                          lost=len(rows) - kept, total=len(rows))

@@ -1,34 +1,16 @@
 """RCPT TO resolution: which envelope addresses are agents e2a accepts mail for.
 
-An address matches when its domain (lowercased, IDNA) and local part (case-insensitive)
-equal an agent's address on a *verified* domain (custom or shared). Anything else is
+An address matches when its agent key (:func:`e2a.mailsyntax.addresses.agent_key`: local part
+case-insensitive, domain as lowercase IDNA A-labels — the same key the API looks agents up by)
+equals an agent's on a *verified* domain (custom or shared). Anything else is
 ``550 5.1.1``: e2a is never a relay.
 """
 
 from __future__ import annotations
 
-import idna
-
-from e2a.store.database import Database, Prepared
-
-
-def normalise_rcpt(address: str) -> str | None:
-    """Lowercase local part and IDNA A-label domain, or None when the domain is unusable."""
-    local, sep, domain = address.rpartition("@")
-    if not sep or not local or not domain:
-        return None
-    try:
-        domain = idna.encode(domain.rstrip("."), uts46=True).decode("ascii") if not domain.isascii() else domain
-    except idna.IDNAError:
-        return None
-    return f"{local}@{domain}".lower()
-
-
-# One statement per RCPT, planned once per pooled connection.
-_LOOKUP = Prepared(
-    "e2a_rcpt_lookup",
-    "SELECT a.id FROM agents a JOIN domains d ON d.domain = a.domain WHERE lower(a.id) = %(key)s AND d.verified",
-)
+from e2a.mailsyntax.addresses import agent_key
+from e2a.store import agents as agent_store
+from e2a.store.database import Database
 
 
 class AgentRecipients:
@@ -38,8 +20,7 @@ class AgentRecipients:
         self.db = db
 
     async def __call__(self, address: str) -> str | None:
-        key = normalise_rcpt(address)
+        key = agent_key(address)
         if key is None:
             return None
-        row = await self.db.fetchone_prepared(_LOOKUP, {"key": key})
-        return None if row is None else row["id"]
+        return await agent_store.find_receiving_agent(self.db, key)

@@ -14,25 +14,33 @@ stored encrypted with the master key, bound to their row id (config.md §2.4).
 
 from __future__ import annotations
 
-import base64
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from e2a import crypto, ids
 from e2a.errors import BadRequest, Conflict, NotFound
+from e2a.store.agents import agent_row
 from e2a.store.database import Database, Txn
 from e2a.store.events import CHANNEL_REVOKE
-from e2a.store.models import ApiKey, SigningSecret, User
-from e2a.timefmt import ts_frac, ts_sec
+from e2a.store.models import (
+    AccountExport,
+    ApiKey,
+    Delivery,
+    ExportedDomain,
+    ExportedMessage,
+    KeyOwner,
+    SigningSecret,
+    SocketGrantState,
+    UsageEvent,
+    User,
+)
 
 MAX_ACTIVE_KEYS = 100
 MAX_SIGNING_SECRETS = 5
 DEFAULT_SECRET_NAME = "default"
-EXPORT_SCHEMA_VERSION = "1"
 
 # An agent-scoped key whose agent row is gone (agent_id set NULL by the FK) is dead even if
 # nobody stamped revoked_at; it must neither authenticate nor count as active.
@@ -83,37 +91,6 @@ def _secret(row: dict[str, Any]) -> SigningSecret:
         created_at=row["created_at"],
         last_signed_at=row["last_signed_at"],
     )
-
-
-# ---------------------------------------------------------------- wire shapes
-
-
-def api_key_json(key: ApiKey) -> dict[str, Any]:
-    """§11.2 list item: ts-frac times, ``last_used_at`` omitted until used."""
-    out: dict[str, Any] = {
-        "id": key.id,
-        "name": key.name,
-        "key_prefix": key.key_prefix,
-        "scope": key.scope,
-        "agent": key.agent_id if key.scope == "agent" else None,
-        "created_at": ts_frac(key.created_at),
-    }
-    if key.last_used_at is not None:
-        out["last_used_at"] = ts_frac(key.last_used_at)
-    return out
-
-
-def signing_secret_json(secret: SigningSecret) -> dict[str, Any]:
-    """§10.1 list item: ts-sec times, never the secret value."""
-    out: dict[str, Any] = {
-        "id": secret.id,
-        "name": secret.name,
-        "secret_prefix": secret.secret_prefix,
-        "created_at": ts_sec(secret.created_at),
-    }
-    if secret.last_signed_at is not None:
-        out["last_signed_at"] = ts_sec(secret.last_signed_at)
-    return out
 
 
 # ---------------------------------------------------------------- users
@@ -472,81 +449,10 @@ async def active_secrets(db: Database, master_key: bytes, user_id: str) -> list[
 # ---------------------------------------------------------------- export (§12.1)
 
 
-def _put(out: dict[str, Any], name: str, value: Any) -> None:
-    """Set ``name`` unless the value is unset (None or ""): §12.1 omits unset values."""
-    if value is None or value == "":
-        return
-    if isinstance(value, datetime):
-        value = ts_frac(value)
-    out[name] = value
+_EXPORT_MESSAGE_COLUMNS = ", ".join(ExportedMessage.__dataclass_fields__)
 
 
-def _export_agent(row: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "id": row["id"],
-        "domain": row["domain"],
-        "email": row["id"],
-        "name": row["name"],
-        "webhook_url": row["webhook_url"],
-        "agent_mode": row["agent_mode"],
-        "domain_verified": bool(row["domain_verified"]),
-        "created_at": ts_frac(row["created_at"]),
-        "hitl_enabled": row["hitl_enabled"],
-        "hitl_ttl_seconds": row["hitl_ttl_seconds"],
-        "hitl_expiration_action": row["hitl_expiration_action"],
-        "hitl_notify": row["hitl_notify"],
-        "hitl_reviewers": list(row["hitl_reviewers"] or []),
-        "webhook_status": row["webhook_status"],
-    }
-    if row["webhook_status"] == "disabled" and row["webhook_disabled_at"] is not None:
-        out["webhook_disabled_at"] = ts_frac(row["webhook_disabled_at"])
-    out["user_id"] = row["user_id"]
-    out["public"] = True
-    return out
-
-
-def _export_message(row: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name in ("id", "agent_id", "direction", "sender", "recipient", "subject", "email_message_id",
-                 "provider_message_id", "method", "type"):
-        _put(out, name, row[name])
-    raw = row["raw_message"]
-    if raw is not None and row["direction"] == "inbound":
-        out["raw_message"] = base64.b64encode(bytes(raw)).decode("ascii")
-    _put(out, "auth_headers", row["auth_headers"])
-    for name in ("conversation_id", "status", "delivery_status", "created_at", "expires_at"):
-        _put(out, name, row[name])
-    _put(out, "to_recipients", row["to_addrs"])
-    _put(out, "cc", row["cc_addrs"])
-    _put(out, "bcc", row["bcc_addrs"])
-    for name in ("approval_expires_at", "reviewed_at", "rejection_reason"):
-        _put(out, name, row[name])
-    out["edited"] = bool(row["edited"])
-    for name in ("body_text", "body_html", "attachments", "smtp_message_id"):
-        _put(out, name, row[name])
-    return out
-
-
-def _export_delivery(row: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "id": row["id"],
-        "message_id": row["message_id"],
-        "agent_id": row["agent_id"],
-        "webhook_url": row["webhook_url"],
-        "status": row["status"],
-        "attempts": row["attempts"],
-    }
-    if row["last_status_code"] is not None:
-        out["last_status_code"] = row["last_status_code"]
-    out["last_error"] = row["last_error"]
-    out["created_at"] = ts_frac(row["created_at"])
-    for name in ("last_attempt_at", "next_attempt_at", "delivered_at"):
-        if row[name] is not None:
-            out[name] = ts_frac(row[name])
-    return out
-
-
-async def _export_user_txn(txn: Txn, user_id: str) -> dict[str, Any] | None:
+async def _export_user_txn(txn: Txn, user_id: str) -> AccountExport | None:
     # One snapshot for every SELECT below: the export is internally consistent.
     await txn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
     now = await txn.fetchval("SELECT clock_timestamp()")
@@ -570,8 +476,9 @@ async def _export_user_txn(txn: Txn, user_id: str) -> dict[str, Any] | None:
     secrets = await _list_signing_secrets_txn(txn, user_id)
     messages = await txn.fetchall(
         # Reviewer notifications are e2a's own mail about a hold (they carry approval links),
-        # not the user's messages: the export lists the user's inbound and outbound mail only.
-        "SELECT * FROM messages WHERE user_id = %s AND type IS DISTINCT FROM 'notify'"
+        # and console sign-in mail carries a sign-in link: neither is the user's messages, the
+        # export lists the user's inbound and outbound mail only.
+        f"SELECT {_EXPORT_MESSAGE_COLUMNS} FROM messages WHERE user_id = %s AND type NOT IN ('notify', 'signin')"
         " ORDER BY created_at, id",
         (user_id,),
     )
@@ -586,62 +493,26 @@ async def _export_user_txn(txn: Txn, user_id: str) -> dict[str, Any] | None:
         (user_id,),
     )
 
-    def key_json(row: dict[str, Any]) -> dict[str, Any]:
-        key = _key(row)
-        out: dict[str, Any] = {
-            "id": key.id,
-            "name": key.name,
-            "key_prefix": key.key_prefix,
-            "created_at": ts_frac(key.created_at),
-        }
-        if key.last_used_at is not None:
-            out["last_used_at"] = ts_frac(key.last_used_at)
-        if key.revoked_at is not None:
-            out["revoked_at"] = ts_frac(key.revoked_at)
-        out["scope"] = key.scope
-        out["agent"] = key.agent_id if key.scope == "agent" else None
-        return out
+    def message(row: dict[str, Any]) -> ExportedMessage:
+        raw = row["raw_message"]
+        return ExportedMessage(**{**row, "raw_message": None if raw is None else bytes(raw)})
 
-    def domain_json(row: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "domain": row["domain"],
-            "user_id": row["user_id"],
-            "verified": row["verified"],
-            "verification_token": row["verification_token"],
-            "created_at": ts_frac(row["created_at"]),
-        }
-        if row["verified_at"] is not None:
-            out["verified_at"] = ts_frac(row["verified_at"])
-        return out
-
-    doc: dict[str, Any] = {
-        "generated_at": ts_frac(now),
-        "schema_version": EXPORT_SCHEMA_VERSION,
-        "user": {"id": user.id, "email": user.email, "name": user.name, "created_at": ts_frac(user.created_at)},
-        "domains": [domain_json(r) for r in domains],
-        "agents": [_export_agent(r) for r in agents],
-        "api_keys": [key_json(r) for r in keys],
-        "signing_secrets": [signing_secret_json(s) for s in secrets],
-        "messages": [_export_message(r) for r in messages],
-        "deliveries": [_export_delivery(r) for r in deliveries],
-    }
-    if usage:
-        doc["usage_events"] = [
-            {
-                "id": r["id"],
-                "agent_id": r["agent_id"],
-                "domain": r["domain"],
-                "direction": r["direction"],
-                "event_type": r["event_type"],
-                "created_at": ts_frac(r["created_at"]),
-            }
-            for r in usage
-        ]
-    return doc
+    return AccountExport(
+        generated_at=now,
+        user=user,
+        domains=tuple(ExportedDomain(**r) for r in domains),
+        agents=tuple(agent_row(r) for r in agents),
+        api_keys=tuple(_key(r) for r in keys),
+        signing_secrets=tuple(secrets),
+        messages=tuple(message(r) for r in messages),
+        deliveries=tuple(Delivery.from_row(r) for r in deliveries),
+        usage_events=tuple(UsageEvent(**r) for r in usage),
+    )
 
 
-async def export_user(db: Database, user_id: str) -> dict[str, Any] | None:
-    """The §12.1 document (JSON-ready), read in one repeatable-read snapshot; None if no user."""
+async def export_user(db: Database, user_id: str) -> AccountExport | None:
+    """Everything the user owns for the §12.1 export, read in one repeatable-read snapshot;
+    None if no user. The JSON document is built by :mod:`e2a.api.export`."""
     return await db.run("export_user", _export_user_txn, user_id)
 
 
@@ -689,3 +560,43 @@ async def delete_user(db: Database, user_id: str) -> dict[str, Any]:
     Returns the counts in the spec's key order; announces ``user\\t<id>`` on ``e2a_revoke``.
     """
     return await db.run("delete_user", _delete_user_txn, user_id)
+
+
+async def socket_grant_state_txn(txn: Txn, key_id: str, agent_id: str) -> SocketGrantState:
+    """Whether an open WebSocket's key still stands and its agent's mode, in one statement."""
+    row = await txn.fetchone(
+        f"SELECT (SELECT {_ACTIVE_KEY} FROM api_keys WHERE id = %s) AS key_ok,"
+        " (SELECT agent_mode FROM agents WHERE id = %s) AS mode",
+        (key_id, agent_id),
+    )
+    assert row is not None
+    return SocketGrantState(key_ok=row["key_ok"], agent_mode=row["mode"])
+
+
+# last_used_at is coalesced: written at most once per minute per key.
+LAST_USED_GRANULARITY_SECONDS = 60
+
+
+async def _find_live_key_txn(txn: Txn, key_hash: str) -> KeyOwner | None:
+    row = await txn.fetchone(
+        "SELECT k.id, k.user_id, k.scope, k.agent_id, u.email,"
+        " (k.last_used_at IS NULL OR k.last_used_at < now() - make_interval(secs => %s)) AS stale"
+        " FROM api_keys k JOIN users u ON u.id = k.user_id"
+        " WHERE k.key_hash = %s AND k.revoked_at IS NULL",
+        (LAST_USED_GRANULARITY_SECONDS, key_hash),
+    )
+    if row is None:
+        return None
+    if row["scope"] == "agent" and row["agent_id"] is None:
+        return None  # its agent was deleted: the key is dead
+    if row["stale"]:
+        await txn.execute("UPDATE api_keys SET last_used_at = now() WHERE id = %s", (row["id"],))
+    return KeyOwner(
+        key_id=row["id"], user_id=row["user_id"], user_email=row["email"], scope=row["scope"], agent_id=row["agent_id"]
+    )
+
+
+async def find_live_key(db: Database, key_hash: str) -> KeyOwner | None:
+    """The live key with this SHA-256 and its owner (None: unknown, revoked or agent gone);
+    touches ``last_used_at`` at most once per :data:`LAST_USED_GRANULARITY_SECONDS`."""
+    return await db.run("authenticate", _find_live_key_txn, key_hash)

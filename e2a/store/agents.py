@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from e2a.errors import BadRequest, Conflict
-from e2a.store.database import Database, Txn
+from e2a.store.database import Database, Prepared, Txn
 from e2a.store.events import CHANNEL_DELIVERY, CHANNEL_REVOKE
 from e2a.store.models import Agent
 
@@ -47,7 +47,8 @@ _SELECT = (
 )
 
 
-def _agent(row: dict[str, Any]) -> Agent:
+def agent_row(row: dict[str, Any]) -> Agent:
+    """An agents row (joined with ``domain_verified``) as the model."""
     reviewers = row["hitl_reviewers"]
     if isinstance(reviewers, str):
         reviewers = json.loads(reviewers)
@@ -79,7 +80,7 @@ async def _fetch_txn(txn: Txn, user_id: str | None, key: str, lock: bool = False
     if lock:
         sql += " FOR UPDATE OF a"
     row = await txn.fetchone(sql, params)
-    return None if row is None else _agent(row)
+    return None if row is None else agent_row(row)
 
 
 async def list_agents(db: Database, user_id: str, only_agent: str | None = None) -> list[Agent]:
@@ -92,7 +93,7 @@ async def list_agents(db: Database, user_id: str, only_agent: str | None = None)
             sql += " AND lower(a.id) = lower(%s)"
             params.append(only_agent)
         rows = await txn.fetchall(sql + " ORDER BY a.created_at DESC, a.id", params)
-        return [_agent(r) for r in rows]
+        return [agent_row(r) for r in rows]
 
     return await db.run("list_agents", _list_txn)
 
@@ -100,6 +101,12 @@ async def list_agents(db: Database, user_id: str, only_agent: str | None = None)
 async def get_agent(db: Database, user_id: str, key: str) -> Agent | None:
     """The user's agent whose address equals ``key`` case-insensitively, else ``None``."""
     return await db.run("get_agent", _fetch_txn, user_id, key)
+
+
+async def fetch_agent_txn(txn: Txn, user_id: str | None, key: str) -> Agent | None:
+    """Inside a caller's transaction: the agent whose address equals ``key`` case-insensitively
+    (of ``user_id`` when given, of any user when None)."""
+    return await _fetch_txn(txn, user_id, key)
 
 
 async def get_agent_by_address(db: Database, address: str) -> Agent | None:
@@ -334,3 +341,32 @@ async def delete_agent(db: Database, user_id: str, key: str) -> str | None:
     Returns the deleted agent's id, or ``None`` when the agent is not the user's.
     """
     return await db.run("delete_agent", _delete_txn, user_id, key)
+
+
+# One statement per RCPT, planned once per pooled connection.
+_RECEIVING_AGENT = Prepared(
+    "e2a_rcpt_lookup",
+    "SELECT a.id FROM agents a JOIN domains d ON d.domain = a.domain WHERE lower(a.id) = %(key)s AND d.verified",
+)
+
+
+async def find_receiving_agent(db: Database, key: str) -> str | None:
+    """The exact id of the agent whose agent key is ``key``, if its domain is verified (RCPT TO)."""
+    row = await db.fetchone_prepared(_RECEIVING_AGENT, {"key": key})
+    return None if row is None else row["id"]
+
+
+async def find_agent(db: Database, user_id: str, key: str) -> Agent | None:
+    """As :func:`get_agent` in one plain read (no transaction): the per-request path lookups."""
+    row = await db.fetchone(_SELECT + " WHERE lower(a.id) = lower(%s) AND a.user_id = %s", (key, user_id))
+    return None if row is None else agent_row(row)
+
+
+async def existing_agent_keys(db: Database, addresses: list[str]) -> set[str]:
+    """Which of ``addresses`` are agents on this deployment, as lowercased agent keys."""
+    if not addresses:
+        return set()
+    rows = await db.fetchall(
+        "SELECT lower(id) AS key FROM agents WHERE lower(id) = ANY(%s)", ([a.lower() for a in addresses],)
+    )
+    return {r["key"] for r in rows}

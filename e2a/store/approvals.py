@@ -253,3 +253,8 @@ async def expire_reject_txn(
             {"ids": done, "actor": actor, "reason": reason},
         )
     return done
+
+
+async def record_hold_txn(txn: Txn, message_id: str) -> None:
+    """The audit row of a new API hold, in the hold's transaction."""
+    await txn.execute("INSERT INTO approvals (message_id, action, actor) VALUES (%s, 'hold', 'api')", (message_id,))

@@ -137,12 +137,11 @@ async def list_outbound(db: Database, agent_id: str, limit: int = 50) -> list[Ou
 async def recent_inbox(db: Database, agent_id: str, limit: int = 100) -> list[Any]:
     """An agent's newest inbound messages, newest first, without their bytes (the API's inbox
     pages oldest first; a person looks at what came last)."""
-    from e2a.store.messages import InboundRecord
+    from e2a.store.messages import INBOUND_LIST_COLUMNS, inbound_message
 
     rows = await db.fetchall(
-        "SELECT id, agent_id, user_id, status, sender, display_from, recipient, subject, to_addrs, cc_addrs,"
-        " conversation_id, auth_headers, NULL AS raw_message, created_at FROM messages"
+        f"SELECT {INBOUND_LIST_COLUMNS} FROM messages"
         " WHERE agent_id = %s AND direction = 'inbound' ORDER BY created_at DESC, id DESC LIMIT %s",
         (agent_id, limit),
     )
-    return [InboundRecord.from_row(r) for r in rows]
+    return [inbound_message(r) for r in rows]

@@ -22,6 +22,7 @@ Queue rules:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -31,7 +32,7 @@ from e2a.errors import Conflict, NotFound
 from e2a.store.accounts import MAX_WEBHOOK_SECRETS, NEWEST_SECRETS_LATERAL, SecretCache, active_secrets_txn
 from e2a.store.database import Database, Prepared, Txn
 from e2a.store.events import CHANNEL_DELIVERY
-from e2a.timefmt import ts_frac
+from e2a.store.models import Delivery
 
 __all__ = [
     "DELIVERY_STATUSES",
@@ -41,7 +42,6 @@ __all__ = [
     "claim_due",
     "count_due",
     "due_by_agent",
-    "delivery_json",
     "list_deliveries",
     "load_attempt",
     "record_delivered",
@@ -60,49 +60,6 @@ _COLUMNS = (
     "id, message_id, agent_id, webhook_url, status, attempts, last_status_code, last_error,"
     " created_at, last_attempt_at, next_attempt_at, delivered_at"
 )
-
-
-@dataclass(frozen=True)
-class Delivery:
-    id: str
-    message_id: str
-    agent_id: str
-    webhook_url: str
-    status: str
-    attempts: int
-    last_status_code: int | None
-    last_error: str
-    created_at: datetime
-    last_attempt_at: datetime | None
-    next_attempt_at: datetime | None
-    delivered_at: datetime | None
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> Delivery:
-        return cls(**{name: row[name] for name in cls.__dataclass_fields__})
-
-
-def delivery_json(d: Delivery) -> dict[str, Any]:
-    """The Delivery object of api.md §2.7 (unset times and a missing status code omitted)."""
-    out: dict[str, Any] = {
-        "id": d.id,
-        "message_id": d.message_id,
-        "agent_id": d.agent_id,
-        "webhook_url": d.webhook_url,
-        "status": d.status,
-        "attempts": d.attempts,
-    }
-    if d.last_status_code is not None:
-        out["last_status_code"] = d.last_status_code
-    out["last_error"] = d.last_error
-    out["created_at"] = ts_frac(d.created_at)
-    if d.last_attempt_at is not None:
-        out["last_attempt_at"] = ts_frac(d.last_attempt_at)
-    if d.next_attempt_at is not None and d.status == "pending":
-        out["next_attempt_at"] = ts_frac(d.next_attempt_at)
-    if d.delivered_at is not None:
-        out["delivered_at"] = ts_frac(d.delivered_at)
-    return out
 
 
 # ------------------------------------------------------------------------------ the queue
@@ -126,6 +83,11 @@ class ClaimedJob:
     @property
     def attempt(self) -> int:
         return self.attempts + 1
+
+    @property
+    def user_id(self) -> str | None:
+        """The owner of the job's agent when the row says (the per-user slot share)."""
+        return None if self.row is None else self.row.get("user_id")
 
 
 MAX_SECRETS = MAX_WEBHOOK_SECRETS
@@ -156,7 +118,7 @@ _LEASE_CHOSEN = """claimed AS (
 _ATTEMPT_COLUMNS = """j.id, j.message_id, j.agent_id, j.attempts,
        m.id AS m_id, m.conversation_id, m.display_from, m.to_addrs, m.cc_addrs, m.recipient,
        m.raw_message, m.auth_headers, m.created_at,
-       a.id AS a_id, a.agent_mode, a.webhook_url, a.webhook_status,
+       a.id AS a_id, a.agent_mode, a.webhook_url, a.webhook_status, a.user_id,
        s.secret_ids, s.secrets"""
 _ATTEMPT_JOINS = """LEFT JOIN messages m ON m.id = j.message_id AND m.agent_id = j.agent_id AND m.direction = 'inbound'
 LEFT JOIN agents a ON a.id = j.agent_id AND m.id IS NOT NULL
@@ -182,6 +144,9 @@ WITH in_flight AS (
     LEFT JOIN in_flight f ON f.agent_id = c.agent_id
     WHERE {_DUE_UNLEASED}
       AND COALESCE(f.n, 0) < %(per_agent)s
+      AND (cardinality(%(skip_users)s::text[]) = 0 OR NOT EXISTS (
+          SELECT 1 FROM agents u WHERE u.id = c.agent_id AND u.user_id = ANY(%(skip_users)s::text[])
+      ))
     ORDER BY c.next_attempt_at, c.id
     LIMIT %(scan)s
     FOR UPDATE OF c SKIP LOCKED
@@ -203,10 +168,19 @@ FROM claimed j
 
 
 async def claim_due(
-    db: Database, now: datetime, limit: int, lease_seconds: float, max_per_agent: int
+    db: Database,
+    now: datetime,
+    limit: int,
+    lease_seconds: float,
+    max_per_agent: int,
+    skip_users: Sequence[str] = (),
 ) -> list[ClaimedJob]:
     """Lease up to ``limit`` due pending deliveries (oldest due first), at most
     ``max_per_agent`` in flight per agent, for ``lease_seconds`` from ``now``.
+
+    ``skip_users``: owners whose agents' jobs are not claimed (they hold their share of the
+    caller's slots, :meth:`e2a.delivery.slots.Slots.full_users`), so the oldest-first order
+    reaches other tenants' jobs instead of leasing jobs that would only be given back.
 
     One statement on its own (autocommit): the lease and the attempt's inputs in one round
     trip (see ``_CLAIM``).
@@ -218,6 +192,7 @@ async def claim_due(
         {
             "now": now,
             "per_agent": max_per_agent,
+            "skip_users": list(skip_users),
             "scan": max(limit * 4, limit),
             "limit": limit,
             "lease_until": now + timedelta(seconds=lease_seconds),
@@ -637,3 +612,34 @@ async def list_deliveries(
         params,
     )
     return [Delivery.from_row(r) for r in rows[:page_size]], len(rows) > page_size
+
+
+async def latest_for_message(db: Database, message_id: str) -> Delivery | None:
+    """The newest delivery of one inbound message (the inbox detail's ``delivery``), if any."""
+    row = await db.fetchone(
+        f"SELECT {_COLUMNS} FROM deliveries WHERE message_id = %s ORDER BY created_at DESC, id DESC LIMIT 1",
+        (message_id,),
+    )
+    return None if row is None else Delivery.from_row(row)
+
+
+async def insert_job_txn(
+    txn: Txn,
+    delivery_id: str,
+    message_id: str,
+    agent_id: str,
+    webhook_url: str,
+    *,
+    paused: bool,
+    lease_until: datetime | None = None,
+) -> None:
+    """A webhook delivery job: pending and due now (leased to this process's worker until
+    ``lease_until`` when given), or paused (no due time, no lease) while the webhook is disabled."""
+    await txn.execute(
+        "INSERT INTO deliveries (id, message_id, agent_id, webhook_url, status, next_attempt_at, leased_until)"
+        " VALUES (%s, %s, %s, %s, %s, CASE WHEN %s THEN NULL ELSE now() END, %s)",
+        (
+            delivery_id, message_id, agent_id, webhook_url, "paused" if paused else "pending", paused,
+            None if paused else lease_until,
+        ),
+    )

@@ -30,7 +30,7 @@ from e2a.ids import new_verification_token
 from e2a.mailauth import dkimkeys
 from e2a.mailauth.dkimkeys import DkimKeyPair
 from e2a.store.database import Database, Txn
-from e2a.store.models import Domain
+from e2a.store.models import Domain, DomainSigningKey
 
 __all__ = [
     "ClaimOutcome",
@@ -291,3 +291,11 @@ async def ensure_shared_domain(db: Database, domain: str) -> None:
     The operator's configuration wins over an earlier user claim of the same name.
     """
     await db.run("ensure_shared_domain", _ensure_shared_txn, domain)
+
+
+async def get_signing_key(db: Database, domain: str) -> DomainSigningKey | None:
+    """The DKIM selector and encrypted private key of ``domain`` for outbound signing."""
+    row = await db.fetchone(
+        "SELECT is_shared, dkim_selector, dkim_private_key FROM domains WHERE domain = %s", (domain,)
+    )
+    return None if row is None else DomainSigningKey(row["is_shared"], row["dkim_selector"], row["dkim_private_key"])

@@ -13,52 +13,37 @@ from typing import Any
 
 from e2a.store.accounts import MAX_WEBHOOK_SECRETS, NEWEST_SECRETS_LATERAL
 from e2a.store.database import Database, Prepared, Txn
+from e2a.store.models import InboundMessage, InboundSummary, ReplySource
 
 # RFC 1047 duplicate suppression: a sender that lost our reply to its final dot resends the
 # same message; within this window the same Message-ID from the same MAIL FROM to the same
-# agent, from the same client IP and with the same verdict (domain check, verified, sender),
-# is answered 250 with the first copy's id and not stored twice. A copy whose verdict or
-# client differs is stored: else a forged copy sent first would stand in for the genuine
-# one (issue 15.5, docs/decisions.md).
+# agent, from the same client IP, with the same verdict (domain check, verified, sender) and
+# the same received content (SHA-256 of the DATA bytes) is answered 250 with the first copy's
+# id and not stored twice. A copy whose verdict, client or content differs is stored: else a
+# forged copy sent first would stand in for the genuine one (issue 15.5, docs/decisions.md).
 DUPLICATE_WINDOW_SECONDS = 3600
 
 
-@dataclass(frozen=True)
-class InboundRecord:
-    id: str
-    agent_id: str
-    user_id: str
-    status: str
-    sender: str
-    display_from: str
-    recipient: str
-    subject: str
-    to_addrs: list[str] | None
-    cc_addrs: list[str] | None
-    conversation_id: str
-    auth_headers: dict[str, str]
-    raw_message: bytes
-    created_at: datetime
+# Every column of the stored inbound message (models.InboundMessage), in field order.
+INBOUND_COLUMNS = ", ".join(InboundMessage.__dataclass_fields__)
+# The same without the stored bytes: list reads (``raw_message`` comes back as b"").
+INBOUND_LIST_COLUMNS = INBOUND_COLUMNS.replace("raw_message", "NULL AS raw_message")
 
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> InboundRecord:
-        raw = row.get("raw_message")
-        return cls(
-            id=row["id"],
-            agent_id=row["agent_id"],
-            user_id=row["user_id"],
-            status=row["status"],
-            sender=row["sender"],
-            display_from=row["display_from"],
-            recipient=row["recipient"],
-            subject=row["subject"],
-            to_addrs=row["to_addrs"],
-            cc_addrs=row["cc_addrs"],
-            conversation_id=row["conversation_id"],
-            auth_headers=row["auth_headers"] or {},
-            raw_message=bytes(raw) if raw is not None else b"",
-            created_at=row["created_at"],
-        )
+
+def inbound_message(row: dict[str, Any]) -> InboundMessage:
+    """A messages row (:data:`INBOUND_COLUMNS`) as the model."""
+    raw = row["raw_message"]
+    return InboundMessage(
+        **{
+            **row,
+            "auth_headers": row["auth_headers"] or {},
+            "raw_message": bytes(raw) if raw is not None else b"",
+        }
+    )
+
+
+# Before InboundMessage there were several shapes of one stored message; the name stays for callers.
+InboundRecord = InboundMessage
 
 
 _DUPLICATE_WHERE = (
@@ -66,6 +51,7 @@ _DUPLICATE_WHERE = (
     " AND envelope_from = {sender} AND created_at > now() - make_interval(secs => {window})"
     " AND client_ip = {ip} AND auth_headers->>'X-E2A-Auth-Domain-Check' = {check}"
     " AND auth_headers->>'X-E2A-Auth-Verified' = {verified} AND auth_headers->>'X-E2A-Auth-Sender' = {auth_sender}"
+    " AND content_sha256 = {sha}"
 )
 
 _CONVERSATION_WHERE = (
@@ -103,6 +89,7 @@ class Verdict:
     domain_check: str  # X-E2A-Auth-Domain-Check
     verified: str  # X-E2A-Auth-Verified ("true" / "false")
     sender: str  # X-E2A-Auth-Sender
+    content_sha256: str | None = None  # the received DATA content (e2a.inbound.content_digest); None never matches
 
 
 async def find_duplicate_txn(
@@ -112,10 +99,11 @@ async def find_duplicate_txn(
         return None
     return await txn.fetchval(
         _duplicate_select(
-            agent="%s", mid="%s", sender="%s", window="%s", ip="%s", check="%s", verified="%s", auth_sender="%s"
+            agent="%s", mid="%s", sender="%s", window="%s", ip="%s", check="%s", verified="%s", auth_sender="%s",
+            sha="%s",
         ),
         (agent_id, email_message_id, envelope_from, DUPLICATE_WINDOW_SECONDS,
-         verdict.client_ip, verdict.domain_check, verdict.verified, verdict.sender),
+         verdict.client_ip, verdict.domain_check, verdict.verified, verdict.sender, verdict.content_sha256),
     )
 
 
@@ -130,7 +118,7 @@ _INBOUND_CONTEXT = Prepared(
     " CASE WHEN %(mid)s = '' THEN NULL ELSE ("
     + _duplicate_select(
         agent="a.id", mid="%(mid)s", sender="%(sender)s", window="%(window)s", ip="%(ip)s",
-        check="%(check)s", verified="%(verified)s", auth_sender="%(auth_sender)s",
+        check="%(check)s", verified="%(verified)s", auth_sender="%(auth_sender)s", sha="%(sha)s",
     )
     + ") END AS duplicate_id,"
     " CASE WHEN %(n)s = 0 THEN '' ELSE"
@@ -174,6 +162,7 @@ async def inbound_context_txn(
             "check": verdict.domain_check,
             "verified": verdict.verified,
             "auth_sender": verdict.sender,
+            "sha": verdict.content_sha256,
             "n": len(candidates),
             "c": candidates,
             "bases": provider_id_bases(candidates),
@@ -205,31 +194,40 @@ async def find_conversation_txn(txn: Txn, agent_id: str, candidates: list[str]) 
 
 _INSERT_INBOUND = Prepared(
     "e2a_insert_inbound",
-    "INSERT INTO messages (id, agent_id, user_id, direction, status, route, sender, display_from,"
-    " recipient, envelope_from, client_ip, subject, to_addrs, cc_addrs, email_message_id, in_reply_to,"
-    " references_ids, conversation_id, raw_message, auth_headers, created_at)"
-    " VALUES (%(id)s, %(agent_id)s, %(user_id)s, 'inbound', 'unread', %(route)s, %(sender)s, %(display_from)s,"
-    " %(recipient)s, %(envelope_from)s, %(client_ip)s, %(subject)s, %(to_addrs)s, %(cc_addrs)s,"
-    " %(email_message_id)s, %(in_reply_to)s, %(references_ids)s, %(conversation_id)s, %(raw_message)s,"
-    " %(auth_headers)s, %(created_at)s)",
+    f"INSERT INTO messages (direction, {INBOUND_COLUMNS}, content_sha256) VALUES ('inbound', "
+    + ", ".join(f"%({name})s" for name in InboundMessage.__dataclass_fields__)
+    + ", %(content_sha256)s)",
 )
 
 
-async def insert_inbound_txn(txn: Txn, row: dict[str, Any]) -> None:
+async def insert_inbound_txn(txn: Txn, message: InboundMessage, content_sha256: str | None = None) -> None:
+    """Write one inbound copy inside the accept's transaction (:mod:`e2a.inbound`);
+    ``content_sha256``: the received content's hash, for the duplicate check (None: never one)."""
     await txn.execute_prepared(
         _INSERT_INBOUND,
         {
-            **row,
-            "to_addrs": None if row["to_addrs"] is None else json.dumps(row["to_addrs"]),
-            "cc_addrs": None if row["cc_addrs"] is None else json.dumps(row["cc_addrs"]),
-            "auth_headers": json.dumps(row["auth_headers"]),
+            "content_sha256": content_sha256,
+            **{name: getattr(message, name) for name in InboundMessage.__dataclass_fields__},
+            "to_addrs": None if message.to_addrs is None else json.dumps(message.to_addrs),
+            "cc_addrs": None if message.cc_addrs is None else json.dumps(message.cc_addrs),
+            "auth_headers": json.dumps(message.auth_headers),
         },
     )
 
 
+async def inbound_exists(db: Database, message_id: str) -> bool:
+    """Whether the copy ``message_id`` is stored: one primary-key read, committed data only.
+
+    How the SMTP reply learns a transaction's real outcome when the accept itself failed or
+    was given up (e2a.abort ``probe``): the copies' ids are chosen before their INSERT, and
+    all copies of a message commit together, so one id tells whether they all did.
+    """
+    return await db.fetchone("SELECT 1 AS found FROM messages WHERE id = %s", (message_id,)) is not None
+
+
 async def list_inbox(
     db: Database, agent_id: str, status: str, page_size: int, after: tuple[datetime, str] | None
-) -> tuple[list[InboundRecord], bool]:
+) -> tuple[list[InboundMessage], bool]:
     """Oldest first, keyset pagination on (created_at, id). Returns (rows, more)."""
     clauses = ["agent_id = %s", "direction = 'inbound'"]
     params: list[Any] = [agent_id]
@@ -241,37 +239,33 @@ async def list_inbox(
         params.extend(after)
     params.append(page_size + 1)
     rows = await db.fetchall(
-        "SELECT id, agent_id, user_id, status, sender, display_from, recipient, subject, to_addrs, cc_addrs,"
-        " conversation_id, auth_headers, NULL AS raw_message, created_at FROM messages"
+        f"SELECT {INBOUND_LIST_COLUMNS} FROM messages"
         f" WHERE {' AND '.join(clauses)} ORDER BY created_at, id LIMIT %s",
         params,
     )
     more = len(rows) > page_size
-    return [InboundRecord.from_row(r) for r in rows[:page_size]], more
+    return [inbound_message(r) for r in rows[:page_size]], more
 
 
-async def _read_inbound_txn(txn: Txn, agent_id: str, message_id: str) -> InboundRecord | None:
+async def _read_inbound_txn(txn: Txn, agent_id: str, message_id: str) -> InboundMessage | None:
     row = await txn.fetchone(
         "UPDATE messages SET status = 'read', read_at = COALESCE(read_at, now())"
         " WHERE id = %s AND agent_id = %s AND direction = 'inbound'"
-        " RETURNING id, agent_id, user_id, status, sender, display_from, recipient, subject, to_addrs,"
-        " cc_addrs, conversation_id, auth_headers, raw_message, created_at",
+        f" RETURNING {INBOUND_COLUMNS}",
         (message_id, agent_id),
     )
-    return None if row is None else InboundRecord.from_row(row)
+    return None if row is None else inbound_message(row)
 
 
-async def read_inbound(db: Database, agent_id: str, message_id: str, mark_read: bool = True) -> InboundRecord | None:
+async def read_inbound(db: Database, agent_id: str, message_id: str, mark_read: bool = True) -> InboundMessage | None:
     """Fetch one inbound message of the agent and mark it read (api.md §5.2); with
     ``mark_read=False`` the status is left alone (the client acks after handling it)."""
     if not mark_read:
         row = await db.fetchone(
-            "SELECT id, agent_id, user_id, status, sender, display_from, recipient, subject, to_addrs,"
-            " cc_addrs, conversation_id, auth_headers, raw_message, created_at FROM messages"
-            " WHERE id = %s AND agent_id = %s AND direction = 'inbound'",
+            f"SELECT {INBOUND_COLUMNS} FROM messages WHERE id = %s AND agent_id = %s AND direction = 'inbound'",
             (message_id, agent_id),
         )
-        return None if row is None else InboundRecord.from_row(row)
+        return None if row is None else inbound_message(row)
     return await db.run("read_inbound", _read_inbound_txn, agent_id, message_id)
 
 
@@ -287,3 +281,79 @@ async def mark_read(db: Database, agent_id: str, message_id: str) -> bool:
         return txn.rowcount == 1
 
     return await db.run("mark_read", _mark_read_txn)
+
+
+_SUMMARY_COLUMNS = "id, conversation_id, display_from, recipient, subject, created_at"
+
+
+def _summary(row: dict[str, Any]) -> InboundSummary:
+    return InboundSummary(
+        message_id=row["id"],
+        conversation_id=row["conversation_id"] or "",
+        sender=row["display_from"],
+        recipient=row["recipient"],
+        subject=row["subject"],
+        received_at=row["created_at"],
+    )
+
+
+async def unread_page(
+    db: Database, agent_id: str, after: tuple[datetime, str] | None, page_size: int
+) -> list[InboundSummary]:
+    """One WebSocket drain page: the agent's unread inbound mail, oldest first (``created_at``, ``id``)."""
+    clauses = "agent_id = %s AND direction = 'inbound' AND status = 'unread'"
+    params: list[Any] = [agent_id]
+    if after is not None:
+        clauses += " AND (created_at, id) > (%s, %s)"
+        params.extend(after)
+    params.append(page_size)
+    rows = await db.fetchall(
+        f"SELECT {_SUMMARY_COLUMNS} FROM messages WHERE {clauses} ORDER BY created_at, id LIMIT %s", params
+    )
+    return [_summary(r) for r in rows]
+
+
+async def fetch_summary(db: Database, agent_id: str, message_id: str) -> InboundSummary | None:
+    """One inbound message of the agent for a live push; None when it is gone."""
+    row = await db.fetchone(
+        # agent ids keep the local part's case; live events are keyed by the lowercased address
+        f"SELECT {_SUMMARY_COLUMNS} FROM messages WHERE id = %s AND lower(agent_id) = lower(%s) AND direction = 'inbound'",
+        (message_id, agent_id),
+    )
+    return None if row is None else _summary(row)
+
+
+async def purge_inbound_older_than(db: Database, days: int) -> None:
+    """Retention (mail.md §9): drop inbound mail older than ``days`` (one statement)."""
+    await db.execute(
+        "DELETE FROM messages WHERE direction = 'inbound' AND created_at < now() - make_interval(days => %(days)s)",
+        {"days": days},
+    )
+
+
+async def purge_outbound_older_than(db: Database, days: int) -> None:
+    """Retention: drop outbound records older than ``days``; held mail is never purged."""
+    await db.execute(
+        "DELETE FROM messages WHERE direction = 'outbound' AND status <> 'pending_approval'"
+        " AND created_at < now() - make_interval(days => %(days)s)",
+        {"days": days},
+    )
+
+
+async def get_reply_source(db: Database, agent_id: str, message_id: str) -> ReplySource | None:
+    """The inbound message of ``agent_id`` a reply answers; None when it is not there."""
+    row = await db.fetchone(
+        "SELECT raw_message, subject, display_from, conversation_id, email_message_id FROM messages"
+        " WHERE id = %s AND agent_id = %s AND direction = 'inbound'",
+        (message_id, agent_id),
+    )
+    if row is None:
+        return None
+    raw = row["raw_message"]
+    return ReplySource(
+        raw_message=bytes(raw) if raw is not None else None,
+        subject=row["subject"],
+        display_from=row["display_from"],
+        conversation_id=row["conversation_id"],
+        email_message_id=row["email_message_id"],
+    )

@@ -20,7 +20,7 @@ from txpostgres import txpostgres
 
 from twisted.logger import Logger
 
-from e2a.store.database import DatabaseUnavailable
+from e2a.store.database import Database, DatabaseUnavailable
 
 log = Logger()
 
@@ -150,3 +150,9 @@ def _as_deferred(coro: Any) -> Any:
     from twisted.internet.defer import Deferred
 
     return Deferred.fromCoroutine(coro)
+
+
+async def applied_versions(db: Database) -> set[int]:
+    """The migration versions recorded in the database (readiness check; fails when the DB is down)."""
+    rows = await db.fetchall("SELECT version FROM schema_migrations")
+    return {r["version"] for r in rows}

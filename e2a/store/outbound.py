@@ -22,13 +22,15 @@ possible duplicate instead of resending silently (docs/outbound.md).
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from e2a.store.database import Database, Txn
+from e2a.store.models import NewOutboundMessage, OutboundRecipientState, OutboundRecord
 
 __all__ = [
     "IN_DOUBT_PREFIX",
@@ -293,3 +295,81 @@ async def record_outcomes(
     terminal. Returns (rows changed, new delivery_status); rows whose lease was lost meanwhile
     are left alone."""
     return await db.run("record_outbound", _record_txn, message_id, results, now, provider_message_id)
+
+
+# ------------------------------------------------------------------------------ the API's view
+
+_RECORD_COLUMNS = (
+    "id, agent_id, subject, type, conversation_id, to_addrs, cc_addrs, bcc_addrs, status, approval_expires_at,"
+    " created_at, email_message_id, body_text, body_html, attachments, edited, reviewed_at, rejection_reason,"
+    " method, smtp_message_id, provider_message_id, delivery_status"
+)
+
+
+def _record(row: dict[str, Any]) -> OutboundRecord:
+    return OutboundRecord(**{name: row[name] for name in OutboundRecord.__dataclass_fields__})
+
+
+async def list_pending(db: Database, user_id: str, agent_id: str | None = None) -> list[OutboundRecord]:
+    """The user's held messages, soonest expiry first (at most 100); only ``agent_id``'s when given."""
+    sql = (
+        f"SELECT {_RECORD_COLUMNS} FROM messages WHERE user_id = %s AND direction = 'outbound'"
+        " AND status = 'pending_approval'"
+    )
+    params: list[Any] = [user_id]
+    if agent_id is not None:
+        sql += " AND lower(agent_id) = lower(%s)"
+        params.append(agent_id)
+    rows = await db.fetchall(sql + " ORDER BY approval_expires_at ASC, id LIMIT 100", params)
+    return [_record(r) for r in rows]
+
+
+async def get_record(db: Database, user_id: str, message_id: str) -> OutboundRecord | None:
+    """One of the user's agents' outbound messages (never e2a's own notify/sign-in mail)."""
+    row = await db.fetchone(
+        f"SELECT {_RECORD_COLUMNS} FROM messages WHERE id = %s AND user_id = %s AND direction = 'outbound'"
+        # reviewer notifications and console sign-in mail are e2a's own mail, not the agents'
+        " AND type NOT IN ('notify', 'signin')",
+        (message_id, user_id),
+    )
+    return None if row is None else _record(row)
+
+
+async def list_recipient_states(db: Database, message_id: str) -> list[OutboundRecipientState]:
+    """Every recipient row of one outbound message, in insertion order."""
+    rows = await db.fetchall(
+        "SELECT address, kind, route, status, attempts, last_reply, updated_at FROM outbound_recipients"
+        " WHERE message_id = %s ORDER BY id",
+        (message_id,),
+    )
+    return [OutboundRecipientState(**r) for r in rows]
+
+
+# ------------------------------------------------------------------------------ the send path
+
+
+async def insert_message_txn(txn: Txn, message: NewOutboundMessage) -> None:
+    """Write one outbound record (a hold or a released message) inside the send transaction."""
+    row = asdict(message)
+    for name in ("to_addrs", "cc_addrs", "bcc_addrs"):
+        row[name] = json.dumps(list(row[name]))
+    if message.attachments is not None:
+        row["attachments"] = json.dumps(
+            [{"filename": a.filename, "content_type": a.content_type, "data": a.data} for a in message.attachments]
+        )
+    columns = ", ".join(row)
+    values = ", ".join(f"%({k})s" for k in row)
+    await txn.execute(f"INSERT INTO messages (direction, {columns}) VALUES ('outbound', {values})", row)
+
+
+async def insert_recipient_txn(
+    txn: Txn, message_id: str, address: str, kind: str, route: str, now: datetime
+) -> None:
+    """One envelope recipient of a released message: ``sent`` when internal (its copy is stored in
+    the same transaction), else ``queued`` and due at ``now`` for the relay worker."""
+    await txn.execute(
+        "INSERT INTO outbound_recipients (message_id, address, kind, route, status, queued_at,"
+        " updated_at, next_attempt_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+        (message_id, address, kind, route, "sent" if route == "internal" else "queued", now, now,
+         None if route == "internal" else now),
+    )

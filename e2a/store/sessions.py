@@ -10,20 +10,26 @@ links go with the user (``ON DELETE CASCADE``): deleting the account signs every
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from e2a.store.database import Database, Txn
+from e2a.store.events import CHANNEL_OUTBOUND
 
 __all__ = [
     "SESSION_TTL",
     "LOGIN_LINK_TTL",
+    "SIGNIN_MAIL_TYPE",
     "ConsoleSession",
+    "SigninMail",
     "consume_login_link",
     "create_login_link",
     "create_session",
     "get_session",
+    "new_link_token",
+    "queue_signin_mail",
     "rate_count",
     "revoke_session",
     "token_hash",
@@ -31,6 +37,8 @@ __all__ = [
 
 SESSION_TTL = timedelta(days=7)
 LOGIN_LINK_TTL = timedelta(minutes=15)
+#: ``messages.type`` of a mailed sign-in link: e2a's mail to an account, no agent's (schema 0006).
+SIGNIN_MAIL_TYPE = "signin"
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,53 @@ async def create_login_link(db: Database, email: str, now: datetime, ttl: timede
         return True
 
     return token if await db.run("console_login_link_create", _txn) else None
+
+
+def new_link_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True)
+class SigninMail:
+    """A composed (and DKIM-signed when possible) sign-in mail carrying ``token``'s link."""
+
+    message_id: str
+    user_id: str
+    sender: str
+    recipient: str
+    subject: str
+    smtp_message_id: str
+    composed: bytes
+
+
+async def queue_signin_mail(db: Database, token: str, mail: SigninMail, now: datetime,
+                            ttl: timedelta = LOGIN_LINK_TTL) -> None:
+    """Store the one-time link and queue its mail in one transaction: a link never exists
+    without its mail, nor a mail with a link that was not stored. The mail is queued exactly
+    like a reviewer notification (:mod:`e2a.store.notifications`): a ``messages`` row
+    (outbound, type ``signin``, no agent) and one ``smtp`` recipient row, so the relay worker
+    sends it with its usual retries; NOTIFY wakes it."""
+
+    async def _txn(txn: Txn) -> None:
+        await txn.execute(
+            "INSERT INTO console_login_links (token_hash, user_id, expires_at) VALUES (%s, %s, %s)",
+            (token_hash(token), mail.user_id, now + ttl),
+        )
+        await txn.execute(
+            "INSERT INTO messages (id, agent_id, user_id, direction, type, status, sender, subject, to_addrs,"
+            " cc_addrs, bcc_addrs, smtp_message_id, composed, method, delivery_status, created_at)"
+            " VALUES (%s, NULL, %s, 'outbound', %s, 'sent', %s, %s, %s, '[]', '[]', %s, %s, 'smtp', 'queued', %s)",
+            (mail.message_id, mail.user_id, SIGNIN_MAIL_TYPE, mail.sender, mail.subject,
+             json.dumps([mail.recipient]), mail.smtp_message_id, mail.composed, now),
+        )
+        await txn.execute(
+            "INSERT INTO outbound_recipients (message_id, address, kind, route, status, queued_at, updated_at,"
+            " next_attempt_at) VALUES (%s, %s, 'to', 'smtp', 'queued', %s, %s, %s)",
+            (mail.message_id, mail.recipient, now, now, now),
+        )
+        await txn.notify(CHANNEL_OUTBOUND, mail.message_id)
+
+    await db.run("console_signin_mail", _txn)
 
 
 async def consume_login_link(db: Database, token: str, now: datetime) -> str | None:

@@ -4,6 +4,7 @@ loopback DNS zone for TXT verification and webhook host resolution."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import itertools
 import secrets
@@ -53,7 +54,7 @@ def make_api(api_server_factory, zone):
         dns = DnsClient(zone.nameservers, timeout=2, reactor=reactor)
         api = await api_server_factory(config=make_test_config(**overrides), dns=dns)
         if fast_keys:
-            api.deps.extras["dkim_keygen"] = fake_keygen
+            api.deps.services = dataclasses.replace(api.deps.services, dkim_keygen=fake_keygen)
         return api
 
     return make

@@ -87,11 +87,13 @@ async def test_streamed_oversize_body_is_cut_off(api_server_factory):
         (b"/api/v1/approve?t=abc.def&x=1", b"/api/v1/approve?t=***&x=1"),
         (b"/x?%74oken=e2a_secret", b"/x?%74oken=***"),
         (b"/x?tokens=keep&at=keep", b"/x?tokens=keep&at=keep"),
+        (b"/x?api_key=e2a_secret&n=2", b"/x?api_key=***&n=2"),
+        (b"/x?key=%65%32%61_secret", b"/x?key=***"),
         (b"/x", b"/x"),
     ],
 )
 def test_access_log_redacts_secret_query_values(uri, expected):
-    """`token` and `t` values never reach the access log, however their names are spelled."""
+    """`token` and `t` values, and any value holding an API key, never reach the access log."""
     assert redact_query(uri) == expected
 
 

@@ -17,7 +17,6 @@ from e2a.delivery.worker import DeliveryService
 from e2a.inbound import InboundPipeline, TraceInput
 from e2a.store import accounts
 from tests.support.apiserver import TEST_MASTER_KEY
-from tests.support.waiting import wait_for
 
 DOMAIN = "acme.test"
 RAW = b"From: Alice <alice@example.com>\r\nTo: bot@acme.test\r\nSubject: hi\r\nMessage-ID: <m@example.com>\r\n\r\nHi\r\n"
@@ -90,13 +89,10 @@ async def _drain(db, n: int) -> None:
 
 async def _refreshed(svc: DeliveryService, bp: Backpressure, clock: task.Clock) -> None:
     """Let the worker's safety poll run on the clock, and wait for its backlog count."""
-    before = bp._updated_at
+    counted = bp.next_update()
     clock.advance(1.0)
-
-    async def counted() -> bool:
-        return bp._updated_at != before and not bp._refreshing
-
-    await wait_for(counted, timeout=10, step=0.01)
+    await counted.addTimeout(10, reactor)
+    assert not bp.refreshing
 
 
 @pytest_twisted.ensureDeferred
@@ -113,7 +109,7 @@ async def test_accept_waits_while_webhook_backlog_is_high(db):
     )
     verifier = CountingVerifier()
     pipeline = InboundPipeline(
-        db, verifier, TEST_MASTER_KEY, "mx.e2a.test", "mx.e2a.test", to_trace=lambda _v: TRACE, backpressure=bp
+        db, verifier, TEST_MASTER_KEY, "mx.e2a.test", "mx.e2a.test", to_trace=lambda _v: TRACE, delivery=svc.port
     )
     await _backlog(db, user_id, cloud, 70, "a")
     await svc.start()
@@ -121,11 +117,7 @@ async def test_accept_waits_while_webhook_backlog_is_high(db):
     assert bp.backlog == 70 and bp.holding
 
     held = defer.Deferred.fromCoroutine(pipeline.accept(Envelope((cloud,)), RAW))
-
-    async def waiting() -> bool:
-        return bp.waiting == 1
-
-    await wait_for(waiting, timeout=10, step=0.01)
+    assert bp.waiting == 1  # the accept registered its wait before its first statement
     assert not held.called and verifier.calls == 0
 
     # Mail for a local agent adds nothing to the webhook backlog: it goes straight through.
@@ -147,7 +139,7 @@ async def test_accept_waits_while_webhook_backlog_is_high(db):
     await _refreshed(svc, bp, clock)
     assert bp.holding
     late = defer.Deferred.fromCoroutine(pipeline.accept(Envelope((cloud,)), RAW))
-    await wait_for(waiting, timeout=10, step=0.01)
+    assert bp.waiting == 1
     clock.advance(4.9)
     assert not late.called
     clock.advance(0.1)

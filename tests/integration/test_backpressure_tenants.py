@@ -18,6 +18,7 @@ from twisted.web import resource, server
 
 from e2a.config import WebhooksConfig
 from e2a.delivery.backpressure import Backpressure
+from e2a.delivery.port import DeliveryPort
 from e2a.delivery.worker import DeliveryService
 from e2a.mailauth.dns import DnsClient
 from e2a.store import accounts
@@ -51,7 +52,10 @@ class _Hook(resource.Resource):
 
 @pytest_twisted.async_yield_fixture
 async def env(db):
-    stack = await InboundStack(db).setup({"stuck": "cloud"})
+    bp = Backpressure(reactor, high_water=64, low_water=32, max_wait=5.0)
+    config = WebhooksConfig(allow_private=True, timeout=60)
+    delivery_port = DeliveryPort(config, reactor, backpressure=bp)  # the inbound → delivery port
+    stack = await InboundStack(db).setup({"stuck": "cloud"}, delivery=delivery_port)
     other = await accounts.bootstrap(db, TEST_MASTER_KEY, "other-tenant@example.com")
     await stack.add_agents({"victim": "cloud"}, user_id=other.user.id)
     hooks = {"stuck": _Hook(hang=True), "victim": _Hook(hang=False)}
@@ -64,14 +68,10 @@ async def env(db):
             "UPDATE agents SET webhook_url = %s WHERE id = %s",
             (f"http://127.0.0.1:{ports[name].getHost().port}/hook", f"{name}@{DOMAIN}"),
         )
-    bp = Backpressure(reactor, high_water=64, low_water=32, max_wait=5.0)
     svc = DeliveryService(
         db, None, DnsClient([("127.0.0.1", 9)], timeout=1, reactor=reactor),
-        WebhooksConfig(allow_private=True, timeout=60), False, TEST_MASTER_KEY, reactor, reactor,
-        poll_interval=0.1, backpressure=bp,
+        config, False, TEST_MASTER_KEY, reactor, reactor, poll_interval=0.1, port=delivery_port,
     )
-    stack.pipeline.backpressure = bp
-    stack.pipeline.fresh_jobs = svc
     await svc.start()
     yield stack, bp, hooks
     bp.open()

@@ -105,7 +105,7 @@ def walker_yaml(tmp: Path, dsn: str) -> dict[str, Any]:
             "max_errors": 4, "max_messages_per_session": 6, "store_timeout": 17,
         },
         "http": {"listen_addr": f"127.0.0.1:{_free_port()}", "public_url": "http://walk.test",
-                 "trusted_proxies": ["10.9.0.0/16"], "max_connections": 55, "max_connections_per_ip": 9,
+                 "trusted_proxies": ["198.51.100.0/24"], "max_connections": 55, "max_connections_per_ip": 9,
                  "header_timeout": 13, "request_timeout": 44},
         "metrics": {"token": "walker-metrics-token"},
         "websocket": {"allowed_origins": ["https://app.walk.test"], "max_connections_per_agent": 1,
@@ -319,7 +319,7 @@ async def _trusted_proxies(walk: Walk, request: Any) -> None:
     """The API resolves client IPs through these networks."""
     import ipaddress
 
-    assert walk.service.api.deps.trusted_proxies == [ipaddress.ip_network("10.9.0.0/16")]
+    assert walk.service.api.deps.trusted_proxies == [ipaddress.ip_network("198.51.100.0/24")]
 
 
 @check("http.max_connections", "http.max_connections_per_ip", "http.header_timeout", "http.request_timeout")
@@ -344,9 +344,10 @@ async def _metrics_enabled(walk: Walk, request: Any) -> None:
     from e2a.api.app import ApiApp, ApiDeps
     from e2a.config import MetricsConfig
 
+    services = walk.service.api.deps.services
     off = ApiApp(ApiDeps(config=dataclasses.replace(walk.config, metrics=MetricsConfig(enabled=False)),
-                         db=walk.service.db, clock=reactor))
-    on = ApiApp(ApiDeps(config=walk.config, db=walk.service.db, clock=reactor))
+                         db=walk.service.db, clock=reactor, services=services))
+    on = ApiApp(ApiDeps(config=walk.config, db=walk.service.db, clock=reactor, services=services))
     assert "/metrics" not in {r.rule for r in off.router.url_map.iter_rules()}
     assert "/metrics" in {r.rule for r in on.router.url_map.iter_rules()}
 
@@ -620,7 +621,7 @@ async def _domains(walk: Walk, request: Any) -> None:
 @check("hitl.notify")
 async def _hitl_notify(walk: Walk, request: Any) -> None:
     """false: the reviewer notifier sends nothing."""
-    assert walk.service.hold_review.send.notifier.config.hitl.notify is False
+    assert walk.service.hold_review.send.notifier.hitl.notify is False
 
 
 @check("hitl.sweep_interval")

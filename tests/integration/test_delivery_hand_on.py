@@ -18,7 +18,7 @@ import psycopg2
 import pytest
 import pytest_twisted
 
-from twisted.internet import reactor, task
+from twisted.internet import defer, reactor, task
 
 from e2a.config import WebhooksConfig
 from e2a.delivery import worker
@@ -251,7 +251,7 @@ async def test_run_once_drains_agent_backlog_with_one_claim(db, monkeypatch):
         assert await svc.run_once() == 12
         assert probe.claims == 1
         assert probe.most_posting == 4
-        assert svc._in_flight == {} and svc._per_agent == {}
+        assert svc.slots.idle
         await _all_delivered_once(db, sink, sent)
         await svc.stop()
     finally:
@@ -269,20 +269,14 @@ async def test_running_service_delivers_backlog_once_with_fewer_claims(db, monke
         sent, _agent_id = await _seed(db, sink, 20)
         svc = _worker(db, _clock())  # the safety poll never fires: the clock is not advanced
         probe = _Probe(monkeypatch, svc)
-        if not hand_on:
-            svc._may_hand_on = lambda: False  # type: ignore[method-assign]
+        svc.slots.hand_on = hand_on
         await svc.start()
-        for _ in range(500):  # real time, bounded
-            n = (await db.fetchone("SELECT count(*) AS n FROM deliveries WHERE status = 'delivered'"))["n"]
-            if n == 20 and not svc._in_flight:
-                break
-            await task.deferLater(reactor, 0.01, lambda: None)
-        await svc._claims.wait_idle()
+        await svc.wait_idle()  # the claims, the attempts and the hand-ons they chained
         await svc.stop()
         await _all_delivered_once(db, sink, sent)
         assert len(sink.received) == 20
         assert probe.most_posting <= 4
-        assert svc._in_flight == {} and svc._per_agent == {}
+        assert svc.slots.idle
         if hand_on:
             assert probe.claims <= 5
         else:
@@ -319,19 +313,22 @@ async def test_notify_naming_an_agent_whose_slots_are_busy_claims_nothing(db, mo
     svc = _worker(db, _clock())
     probe = _Probe(monkeypatch, svc)
     await svc.start()  # one claim at start (nothing due)
+    busy = "busy@agents.test"
     try:
-        await svc._claims.wait_idle()
+        await svc.wait_idle()
         base = probe.claims
-        svc._per_agent["busy@agents.test"] = svc._config.max_concurrency_per_agent
-        svc._on_notify("busy@agents.test")
-        await svc._claims.wait_idle()
+        for _ in range(svc.slots.max_per_agent):  # every local slot of the agent is running
+            svc.slots.attempt_started(busy)
+        svc.on_notify(busy)
+        await svc.wait_idle()
         assert probe.claims == base
         for payload in ("idle@agents.test", ""):
-            svc._on_notify(payload)
-            await svc._claims.wait_idle()
+            svc.on_notify(payload)
+            await svc.wait_idle()
         assert probe.claims == base + 2
     finally:
-        svc._per_agent.clear()
+        while svc.slots.busy(busy):
+            svc.slots.attempt_finished(busy)
         await svc.stop()
 
 
@@ -346,7 +343,14 @@ async def test_inbound_notify_names_the_single_cloud_agent(db):
     events = EventListener(db.dsn, reactor)
     await events.start()
     got: list[str] = []
-    unsubscribe = events.subscribe(CHANNEL_DELIVERY, got.append)
+    two_arrived: defer.Deferred[None] = defer.Deferred()
+
+    def arrived(payload: str) -> None:
+        got.append(payload)
+        if len(got) == 2:
+            two_arrived.callback(None)
+
+    unsubscribe = events.subscribe(CHANNEL_DELIVERY, arrived)
     try:
         user_id, _key, _secret = await _user(db)
         one = await _agent(db, user_id, URL, local="one")
@@ -357,10 +361,8 @@ async def test_inbound_notify_names_the_single_cloud_agent(db):
         raw = b"From: a@example.org\r\nTo: x@acme.test\r\nSubject: s\r\nMessage-ID: <m1@example.org>\r\n\r\nhi\r\n"
         await pipeline.accept(Envelope((one,)), raw)
         await pipeline.accept(Envelope((one, two)), raw.replace(b"<m1@", b"<m2@"))
-        for _ in range(200):  # real time, bounded: NOTIFYs arrive on another connection
-            if len(got) >= 2:
-                break
-            await task.deferLater(reactor, 0.01, lambda: None)
+        # NOTIFYs arrive on another connection: wait for both (bounded by the reactor's clock).
+        await two_arrived.addTimeout(10, reactor)
         assert got == [one, ""]
     finally:
         unsubscribe()

@@ -12,7 +12,6 @@ import spf
 
 from twisted.internet import reactor, threads
 
-from e2a.delivery.ssrf import resolve_webhook_host, validate_webhook_url
 from e2a.errors import BadRequest
 from e2a.mailauth.dns import (
     DkimDnsRecorder,
@@ -22,6 +21,7 @@ from e2a.mailauth.dns import (
     install_spf_lookup,
     restore_spf_lookup,
 )
+from e2a.policy.ssrf import resolve_webhook_host, validate_webhook_url
 from tests.support.dnsserver import start_dns_server
 
 LONG_KEY = "v=DKIM1; k=rsa; p=" + "A" * 600  # > 255 bytes: served as several strings

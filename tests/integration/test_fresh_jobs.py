@@ -1,5 +1,6 @@
-"""Fresh webhook jobs handed from the accept transaction to this process's worker
-(``InboundPipeline.fresh_jobs`` → ``DeliveryService.reserve_fresh``/``start_fresh``)."""
+"""Fresh webhook jobs handed from the accept transaction to this process's worker through the
+inbound → delivery port (``InboundPipeline(delivery=…)`` → ``DeliveryPort.reserve_fresh``/
+``start_fresh``). The slot rules themselves are table-tested in tests/unit/test_delivery_slots.py."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from twisted.internet import reactor, task
+from twisted.internet import defer, reactor
 
-from e2a.delivery import worker
+from e2a.delivery.port import DeliveryPort, InboundDelivery
 from e2a.inbound import InboundPipeline
 from e2a.store import deliveries
 from e2a.store.accounts import SecretCache
@@ -34,7 +35,7 @@ def _raw(n: int) -> bytes:
 
 
 class RecordingFreshJobs:
-    """A worker stand-in: reserves while ``free`` > 0, records what is started or released."""
+    """A port stand-in: reserves while ``free`` > 0, records what is started or released."""
 
     def __init__(self, free: int = 10) -> None:
         self.free = free
@@ -42,7 +43,9 @@ class RecordingFreshJobs:
         self.released: list[str] = []
         self.started: list[ClaimedJob] = []
 
-    def reserve_fresh(self, agent_id: str, in_flight_everywhere: int) -> datetime | None:
+    def reserve_fresh(
+        self, agent_id: str, in_flight_everywhere: int, user_id: str | None = None
+    ) -> datetime | None:
         self.reserved.append((agent_id, in_flight_everywhere))
         if self.free <= 0:
             return None
@@ -55,11 +58,17 @@ class RecordingFreshJobs:
     def start_fresh(self, job: ClaimedJob) -> None:
         self.started.append(job)
 
+    def holds(self, agents: Any) -> bool:
+        return False
 
-def _pipeline(db: Database, fresh: Any) -> InboundPipeline:
-    pipeline = InboundPipeline(db, CountingVerifier(), TEST_MASTER_KEY, "mx.test", "mx.test", to_trace=lambda _v: TRACE)
-    pipeline.fresh_jobs = fresh
-    return pipeline
+    def wait(self, agents: Any) -> defer.Deferred[float]:
+        return defer.succeed(0.0)
+
+
+def _pipeline(db: Database, fresh: InboundDelivery) -> InboundPipeline:
+    return InboundPipeline(
+        db, CountingVerifier(), TEST_MASTER_KEY, "mx.test", "mx.test", to_trace=lambda _v: TRACE, delivery=fresh
+    )
 
 
 @pytest_twisted.ensureDeferred
@@ -125,31 +134,6 @@ async def test_reservation_is_released_when_the_accept_does_not_commit(db):
 
 
 @pytest_twisted.ensureDeferred
-async def test_worker_reservations_respect_every_limit():
-    """reserve_fresh: the local per-agent count, the database's in-flight count plus
-    uncommitted reservations, max_in_flight, and never once stopping; release and start keep
-    the bookkeeping exact."""
-    svc = _worker(None, _clock(), max_in_flight=5)  # type: ignore[arg-type]
-    svc._running = True
-    a, b = "a@acme.test", "b@acme.test"
-    assert all(svc.reserve_fresh(a, 0) is not None for _ in range(4))
-    assert svc.reserve_fresh(a, 0) is None  # local per-agent limit (4)
-    assert svc.reserve_fresh(b, 3) is not None  # 3 elsewhere + 0 pending < 4
-    assert svc.reserve_fresh(b, 3) is None  # 3 elsewhere + 1 pending
-    assert svc.reserve_fresh("c@acme.test", 0) is None  # max_in_flight: 5 reserved
-    for _ in range(4):
-        svc.release_fresh(a)
-    svc.release_fresh(b)
-    assert svc._per_agent == {} and svc._reserved == {}
-    lease_until = svc.reserve_fresh(a, 0)
-    assert lease_until == datetime.fromtimestamp(svc._clock.seconds(), UTC) + timedelta(seconds=svc._lease_seconds)
-    svc._stopping = True
-    assert svc.reserve_fresh(b, 0) is None
-    svc.start_fresh(ClaimedJob("dlv_x", "msg_x", a, 0))  # stopping: left to its lease
-    assert svc._per_agent == {} and svc._reserved == {} and svc._in_flight == {}
-
-
-@pytest_twisted.ensureDeferred
 async def test_accepted_mail_is_delivered_without_claims_or_notify(db, monkeypatch):
     """With the real worker, each accepted message is POSTed once straight from the accept: no
     claim statement beyond the start-up pass, ≤ 4 attempts at once, all delivered and read."""
@@ -161,19 +145,17 @@ async def test_accepted_mail_is_delivered_without_claims_or_notify(db, monkeypat
         svc = _worker(db, _clock())
         probe = _Probe(monkeypatch, svc)
         await svc.start()
-        await svc._claims.wait_idle()
+        await svc.wait_idle()
         claims_at_start = probe.claims
-        pipeline = _pipeline(db, svc)
+        pipeline = _pipeline(db, svc.port)
         sent = [await pipeline.accept(Envelope((agent,)), _raw(n)) for n in range(6)]
-        for _ in range(500):  # real time, bounded
-            done = (await db.fetchone("SELECT count(*) AS n FROM deliveries WHERE status = 'delivered'"))["n"]
-            if done == 6 and not svc._in_flight:
-                break
-            await task.deferLater(reactor, 0.01, lambda: None)
+        await svc.wait_idle()  # every started attempt and its hand-ons
+        done = (await db.fetchone("SELECT count(*) AS n FROM deliveries WHERE status = 'delivered'"))["n"]
+        assert done == 6
         assert sorted(r.headers["webhook-id"] for r in sink.received) == sorted(sent)
         assert probe.claims == claims_at_start  # no NOTIFY (none is subscribed here) and no claim
         assert probe.most_posting <= 4
-        assert svc._per_agent == {} and svc._reserved == {}
+        assert svc.slots.idle
         unread = await db.fetchone("SELECT count(*) AS n FROM messages WHERE status <> 'read'")
         assert unread["n"] == 0
     finally:
@@ -182,10 +164,10 @@ async def test_accepted_mail_is_delivered_without_claims_or_notify(db, monkeypat
         await sink.stop()
 
 
-def test_worker_module_exposes_the_fresh_job_api():
-    """The pipeline's FreshJobs protocol is what DeliveryService provides."""
-    for name in ("reserve_fresh", "release_fresh", "start_fresh"):
-        assert callable(getattr(worker.DeliveryService, name))
+def test_port_provides_what_the_pipeline_calls():
+    """The pipeline's InboundDelivery protocol is what DeliveryPort provides."""
+    for name in ("holds", "wait", "reserve_fresh", "release_fresh", "start_fresh"):
+        assert callable(getattr(DeliveryPort, name))
 
 
 @pytest_twisted.ensureDeferred
@@ -214,29 +196,22 @@ async def test_slot_freed_after_a_skipped_notify_wakes_the_claim_loop(db, monkey
         async def post(*args: Any) -> Any:
             if not notified:  # while the only slot is busy, a NOTIFY for its agent arrives
                 notified.append(True)
-                svc._on_notify(agent)
-                assert agent in svc._maybe_waiting and probe.claims == 1
+                svc.on_notify(agent)
+                assert svc.slots.marked(agent) and probe.claims == 1
             return await real_post(*args)
 
         svc.client.post = post  # type: ignore[method-assign]
         await svc.start()  # the start-up claim takes the job
-        for _ in range(500):  # real time, bounded
-            if not svc._in_flight and probe.claims >= 2:
-                break
-            await task.deferLater(reactor, 0.01, lambda: None)
-        await svc._claims.wait_idle()
+        await svc.wait_idle()
         assert probe.claims == 2  # start-up + the wake of the freed slot
-        assert svc._maybe_waiting == set()
+        assert not svc.slots.marked(agent)
 
         # Without a skipped NOTIFY the same kind of finish wakes nobody.
         await _message(db, user_id, agent, secret)
         svc.wake()
-        for _ in range(500):
-            done = (await db.fetchone("SELECT count(*) AS n FROM deliveries WHERE status = 'delivered'"))["n"]
-            if done == 2 and not svc._in_flight:
-                break
-            await task.deferLater(reactor, 0.01, lambda: None)
-        await svc._claims.wait_idle()
+        await svc.wait_idle()
+        done = (await db.fetchone("SELECT count(*) AS n FROM deliveries WHERE status = 'delivered'"))["n"]
+        assert done == 2
         assert probe.claims == 3  # only the explicit wake
     finally:
         if svc is not None:
@@ -259,17 +234,17 @@ async def test_claimed_jobs_beyond_a_local_reservation_are_given_back(db, monkey
             await _message(db, user_id, agent, secret)
         svc = _worker(db, _clock())
         probe = _Probe(monkeypatch, svc)
-        svc._running = True  # reserve as a started service would, without its poll loop
-        assert svc.reserve_fresh(agent, 0) is not None  # an accept is committing meanwhile
-        svc._running = False
-        ran = await svc.run_once()  # the claim leases all 4; only 3 fit beside the reservation
-        # The fourth was given back unstarted and then taken by a hand-on of one of the 3 slots.
-        assert ran == 4 and probe.most_posting == 3
-        assert svc._maybe_waiting == set()  # marked at the give-back, consumed by the next freed slot
+        svc.slots.start()  # reserve as a started service would, before its first claim
+        assert svc.port.reserve_fresh(agent, 0) is not None  # an accept is committing meanwhile
+        await svc.start()  # the start-up claim leases all 4; only 3 fit beside the reservation
+        await svc.wait_idle()
+        # The fourth was given back unstarted, then taken by a hand-on or the freed slot's claim.
+        assert probe.most_posting == 3
+        assert not svc.slots.marked(agent)  # marked at the give-back, consumed by the next freed slot
         delivered = await db.fetchone("SELECT count(*) AS n FROM deliveries WHERE status = 'delivered'")
         assert delivered["n"] == 4 and len(sink.received) == 4
-        svc.release_fresh(agent)
-        assert svc._per_agent == {} and svc._reserved == {}
+        svc.port.release_fresh(agent)
+        assert svc.slots.idle
     finally:
         if svc is not None:
             await svc.stop()
@@ -295,38 +270,6 @@ async def test_reservation_is_released_when_storing_the_copy_raises(db, monkeypa
     assert [a for a, _n in fresh.reserved] == [agent] and fresh.released == [agent] and fresh.started == []
 
 
-@pytest.mark.parametrize("what", ["quiet", "notify", "notify_agent", "saturated"])
-@pytest_twisted.ensureDeferred
-async def test_hand_on_that_found_nothing_frees_quietly_only_when_nothing_happened(monkeypatch, what):
-    """_record returns _AGENT_IDLE (free the slot without a wake-up) only when no agent-less
-    NOTIFY came while the hand-on statement ran and the process is not saturated; a NOTIFY
-    naming the agent marks it so the freed slot wakes the claim loop anyway."""
-    from e2a.delivery.webhook import AttemptResult
-
-    svc = _worker(None, _clock(), max_in_flight=1 if what == "saturated" else 64)  # type: ignore[arg-type]
-    svc._running = True
-    job = ClaimedJob("dlv_1", "msg_1", "a@acme.test", 0)
-    svc._in_flight[job.id] = None  # type: ignore[assignment]  # this slot, still counted
-
-    async def statement(*args: Any) -> tuple[bool, None]:
-        if what == "notify":
-            svc._on_notify("")  # e.g. a redelivery committed after the statement's snapshot
-        elif what == "notify_agent":
-            svc._per_agent[job.agent_id] = 1  # this slot
-            svc._on_notify(job.agent_id)
-        return True, None
-
-    monkeypatch.setattr(worker.deliveries, "record_delivered_and_claim_next", statement)
-    monkeypatch.setattr(svc, "wake", lambda: None)
-    if what == "saturated":
-        svc._max_in_flight = 2  # room to try the hand-on, then a fresh reservation fills it
-        svc._reserved["b@acme.test"] = 1
-        monkeypatch.setattr(svc, "_may_hand_on", iter([True, False]).__next__)
-    result = await svc._record(job, URL, AttemptResult(200))
-    assert (result is worker._AGENT_IDLE) == (what in ("quiet", "notify_agent"))
-    assert (job.agent_id in svc._maybe_waiting) == (what == "notify_agent")
-
-
 @pytest_twisted.ensureDeferred
 async def test_fresh_job_committed_after_stop_is_given_back(db):
     """An accept that commits after the worker stopped leaves a claimable job, not a lease."""
@@ -334,15 +277,16 @@ async def test_fresh_job_committed_after_stop_is_given_back(db):
     agent = await _agent(db, user_id, URL)
     svc = _worker(db, _clock())
     await svc.start()
-    pipeline = _pipeline(db, svc)
-    real_start = svc.start_fresh
+    port = svc.port
+    pipeline = _pipeline(db, port)
+    real_start = port.start_fresh
     stopped: list[bool] = []
 
     def start_after_stop(job: ClaimedJob) -> None:
         stopped.append(True)
         real_start(job)
 
-    svc.start_fresh = start_after_stop  # type: ignore[method-assign]
+    port.start_fresh = start_after_stop  # type: ignore[method-assign]
     original_run_batched = db.run_batched
 
     async def commit_then_stop(*args: Any, **kwargs: Any) -> Any:
@@ -356,10 +300,7 @@ async def test_fresh_job_committed_after_stop_is_given_back(db):
     finally:
         db.run_batched = original_run_batched  # type: ignore[method-assign]
     assert stopped == [True]
-    for _ in range(200):
-        row = await db.fetchone("SELECT leased_until, status FROM deliveries")
-        if row["leased_until"] is None:
-            break
-        await task.deferLater(reactor, 0.01, lambda: None)
+    await svc.wait_idle()  # the give-back statement
+    row = await db.fetchone("SELECT leased_until, status FROM deliveries")
     assert row["leased_until"] is None and row["status"] == "pending"
-    assert svc._per_agent == {} and svc._reserved == {}
+    assert svc.slots.idle

@@ -15,6 +15,7 @@ from twisted.internet import defer, task
 from e2a.api.review import hold_review
 from e2a.outbound.expiry import ExpiryService
 from e2a.outbound.hitl import HoldReview
+from e2a.outbound.identity import MailIdentity
 from e2a.outbound.send import SendService
 from e2a.store import accounts, approvals
 from e2a.store.domains import ensure_shared_domain
@@ -127,7 +128,11 @@ async def test_worker_applies_each_expiry_row_of_the_states_table(api_server_fac
     two = await s.hold(approver, ("beta@agents.test", "rej@agents.test"))
     cfg = s.server.config
     strict = dataclasses.replace(cfg, outbound=dataclasses.replace(cfg.outbound, max_recipients=1))
-    review = HoldReview(db, SendService(db, strict, s.server.deps.master_key, s.clock, s.clock, None), s.clock)
+    send = SendService(
+        db, MailIdentity.from_config(strict), strict.outbound, strict.rate_limits, s.server.deps.master_key,
+        s.clock, s.clock, None,
+    )
+    review = HoldReview(db, send, s.clock)
     s.clock.advance(TTL)
     assert await review.expire_due() == 1
     row = await s.row(two)

@@ -4,6 +4,7 @@ headers on every status, escaping, the public URL's path prefix, and tokens kept
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 import secrets
@@ -282,13 +283,14 @@ async def test_unexpected_failure_is_generic_500_page_without_token_in_log(stack
 
     events: list[dict] = []
     globalLogPublisher.addObserver(events.append)
-    saved = stack.service.api.deps.extras.get("hold_review")
-    stack.service.api.deps.extras["hold_review"] = Broken()
+    deps = stack.service.api.deps
+    saved = deps.services
+    deps.services = dataclasses.replace(saved, hold_review=Broken())
     try:
         body = assert_page(await stack.page("GET", f"/api/v1/approve?t={t}"), 500, "Something went wrong")
     finally:
         globalLogPublisher.removeObserver(events.append)
-        stack.service.api.deps.extras["hold_review"] = saved
+        deps.services = saved
     assert "exploded" not in body
     assert any("magic-link" in str(e.get("log_format", "")) for e in events)
     assert t not in repr(events)

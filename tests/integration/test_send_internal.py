@@ -91,7 +91,7 @@ async def test_agent_to_agent_is_internal_signed_and_threads_back(e2a_service_fa
 
 @pytest_twisted.ensureDeferred
 async def test_internal_recipient_outcome_is_logged_after_the_release(e2a_service_factory):
-    """An agent → agent send logs one outbound.recipient line (status sent) per internal recipient."""
+    """An agent → agent send, and the approval of a held one, log one outbound.recipient line (sent)."""
     service, boot, api = await _two_agents(e2a_service_factory)
     events: list[dict] = []
     globalLogPublisher.addObserver(events.append)
@@ -108,6 +108,26 @@ async def test_internal_recipient_outcome_is_logged_after_the_release(e2a_servic
         (sent.json()["message_id"], "beta@agents.test", "sent")
     ]
     assert "Secret body." not in formatEvent(lines[0])
+
+    # A held send logs nothing until it is approved; the approval logs the line.
+    r = await api.call("PUT", "/api/v1/agents/alpha@agents.test", {"hitl_enabled": True, "hitl_notify": False})
+    assert r.code == 200, r.body
+    events.clear()
+    globalLogPublisher.addObserver(events.append)
+    try:
+        held = await api.call(
+            "POST", "/api/v1/send", {"from": "alpha@agents.test", "to": ["beta@agents.test"], "subject": "P", "body": "b"}
+        )
+        assert held.code == 202, held.body
+        assert not [e for e in events if e.get("event") == maillog.EVENT_OUTBOUND]
+        approved = await api.call("POST", f"/api/v1/messages/{held.json()['message_id']}/approve")
+        assert approved.code == 200, approved.body
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    lines = [e for e in events if e.get("event") == maillog.EVENT_OUTBOUND]
+    assert [(e["message_id"], e["recipient"], e["status"]) for e in lines] == [
+        (held.json()["message_id"], "beta@agents.test", "sent")
+    ]
 
 
 @pytest_twisted.ensureDeferred

@@ -15,7 +15,8 @@ import pytest_twisted
 
 from twisted.internet import defer, reactor, task
 
-from e2a.store.database import BatchTxn
+from e2a.smtp import session as smtp_session
+from e2a.store.database import BatchTxn, _BackendCanceller
 from tests.support.inboundstack import DOMAIN, InboundStack, message, send
 
 BOT = f"bot@{DOMAIN}"
@@ -87,6 +88,10 @@ async def test_store_timeout_with_answer_pending_reply_matches_rows(stack, db, d
         if where == "read" and not stalled and reads.count("e2a_inbound_context") == 2:
             stalled.append(where)
             _stall_reactor(db_dsn, STORE_TIMEOUT + 0.5)
+            # txpostgres may read the answer, already there, in the same reactor step as the
+            # stall ends, before the due store timer runs: give the timer its turn first, so
+            # the abort always lands between this read and the writes.
+            await task.deferLater(reactor, 0, lambda: None)
         return await d
 
     async def flush(self):
@@ -119,7 +124,9 @@ async def test_lock_released_around_store_timeout_replies_match_rows(stack, db, 
     holder = psycopg2.connect(db_dsn)
     with holder.cursor() as cur:
         cur.execute("SELECT id FROM agents WHERE id = %s FOR UPDATE", (BOT,))
-    reactor.callLater(STORE_TIMEOUT + 0.1, holder.rollback)
+    # A real lock on a real PostgreSQL released near the real store timeout: the race under
+    # test is between the database and the timer, which a fake clock cannot stage.
+    reactor.callLater(STORE_TIMEOUT + 0.1, holder.rollback)  # allow-sleep
     sends = []
     for i in range(20):
         sends.append(defer.Deferred.fromCoroutine(
@@ -138,3 +145,78 @@ async def test_lock_released_around_store_timeout_replies_match_rows(stack, db, 
     print(f"\n250: {codes.count(250)}, 451: {codes.count(451)}, mismatches: {len(mismatches)}")
     assert set(codes) <= {250, 451}
     assert mismatches == []
+
+
+async def _assert_250_with_stored_copies(db, reply, mid: str) -> None:
+    await task.deferLater(reactor, 0.3, lambda: None)
+    copies = await _copies(db, mid)
+    assert (reply.code, copies) == (250, 2), (reply, copies)  # before the fix: (451, 2)
+    first = reply.text.rsplit(" ", 1)[1]
+    assert await db.fetchone("SELECT id FROM messages WHERE id = %s", (first,)) is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_request_slower_than_grace_after_commit_answers_250(stack, db, monkeypatch):
+    """Residual of 15.2: the abort is set while the writes are in flight; they commit, but
+    the cancel request (PQcancel, in a thread) does not go through within ABORT_GRACE, so the
+    accept is given up. The session reads whether the first id is stored: 250 with it."""
+    monkeypatch.setattr(smtp_session, "ABORT_GRACE", 0.5)
+    port = stack.listen(store_timeout=STORE_TIMEOUT)
+    held: defer.Deferred[None] = defer.Deferred()  # the cancel request, stuck on its way
+    cancels: list[str] = []
+
+    def on_abort(self):
+        if self._running and self._sent is None:
+            cancels.append("sent")
+            self._sent = held
+
+    original_flush = BatchTxn.flush
+    stalled: list[str] = []
+
+    async def flush(self):
+        d = defer.Deferred.fromCoroutine(original_flush(self))  # the writes are sent now
+        if not stalled:
+            stalled.append("commit")
+            # The abort is set while the writes are in flight (as store_timeout would; the
+            # session's own timer then finds it set and starts ABORT_GRACE).
+            self.canceller.abort.request()
+        return await d
+
+    monkeypatch.setattr(_BackendCanceller, "_on_abort", on_abort)
+    monkeypatch.setattr(BatchTxn, "flush", flush)
+    try:
+        reply = await send(port, "alice@example.com", [BOT, f"other@{DOMAIN}"], message("<slow-cancel@x>"))
+    finally:
+        held.callback(None)  # ignored once the give-up cancelled it
+    assert stalled == ["commit"] and cancels == ["sent"]
+    await _assert_250_with_stored_copies(db, reply, "<slow-cancel@x>")
+
+
+@pytest_twisted.ensureDeferred
+async def test_canceled_reported_after_commit_applied_answers_250(stack, db, monkeypatch):
+    """Residual of 15.2: the abort is set while the writes run and PostgreSQL reports the
+    statement "canceled" although its COMMIT was applied (the accept raises Aborted). The
+    session reads whether the first id is stored: 250 with it, not 451."""
+    port = stack.listen()
+    original_flush = BatchTxn.flush
+    staged: list[str] = []
+
+    async def flush(self):
+        if self._queued and not staged:
+            staged.append("canceled after commit")
+
+            async def run(sql, params=None):
+                async def committed_then_canceled():
+                    await self._cursor.execute(sql, params)  # the writes commit here
+                    self.canceller.abort.request()  # store_timeout fires at this instant
+                    raise psycopg2.extensions.QueryCanceledError("canceling statement due to user request")
+
+                await self.canceller.statement(committed_then_canceled)
+
+            self._run = run
+        await original_flush(self)
+
+    monkeypatch.setattr(BatchTxn, "flush", flush)
+    reply = await send(port, "alice@example.com", [BOT, f"other@{DOMAIN}"], message("<late-cancel@x>"))
+    assert staged == ["canceled after commit"]
+    await _assert_250_with_stored_copies(db, reply, "<late-cancel@x>")

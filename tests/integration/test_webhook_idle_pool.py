@@ -15,12 +15,13 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from e2a.delivery.webhook import MAX_IDLE_CONNECTIONS, WebhookClient
+from tests.support.waiting import wait_for
 
 HOSTS = [f"127.0.0.{i}" for i in range(2, 2 + MAX_IDLE_CONNECTIONS + 16)]
 
@@ -78,13 +79,10 @@ async def test_idle_webhook_connections_bounded_across_many_receiver_hosts():
             results.append(await client.post(f"http://{host}:{port}/hook", b"{}", [("Content-Type", "application/json")]))
         assert [r.status for r in results] == [200] * len(HOSTS)
         assert len(client._pool._timeouts) <= MAX_IDLE_CONNECTIONS
-        for _ in range(100):  # the closes reach the receivers within a few reactor turns
-            if len(open_server_side) <= MAX_IDLE_CONNECTIONS:
-                break
-            d: defer.Deferred[None] = defer.Deferred()
-            reactor.callLater(0.01, d.callback, None)
-            await d
-        assert len(open_server_side) <= MAX_IDLE_CONNECTIONS
+        async def closed_down() -> bool:  # the closes reach the receivers within a few reactor turns
+            return len(open_server_side) <= MAX_IDLE_CONNECTIONS
+
+        await wait_for(closed_down, timeout=5.0, step=0.01)
     finally:
         await client.close()
         for p in ports:

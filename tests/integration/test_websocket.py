@@ -57,8 +57,7 @@ class Stack:
         self.service = WebSocketService(self.db, self.events, self.ws, PUBLIC_URL, reactor, clock=self.clock)
         self.service.start()
         config = make_test_config(websocket=self.ws, http=HttpConfig(public_url=PUBLIC_URL))
-        self.api = ApiServer(self.db, config)
-        self.api.deps.extras["websocket"] = self.service
+        self.api = ApiServer(self.db, config, websocket=self.service)
         await self.api.start()
         return self
 

@@ -11,6 +11,7 @@ from twisted.internet import defer
 
 from e2a import crypto
 from e2a.api.auth import authenticate_key
+from e2a.api.export import export_document
 from e2a.errors import BadRequest, Conflict, NotFound, Unauthorized
 from e2a.store import accounts
 from e2a.store.events import CHANNEL_REVOKE, EventListener
@@ -258,7 +259,9 @@ async def test_export_contains_every_section(db):
         )
 
     await db.run("msg", msg)
-    doc = await accounts.export_user(db, user.id)
+    snapshot = await accounts.export_user(db, user.id)
+    assert snapshot is not None
+    doc = export_document(snapshot)
     assert doc["schema_version"] == "1" and doc["user"]["email"] == "alice@example.com"
     assert [d["domain"] for d in doc["domains"]] == ["acme.test"]
     assert doc["agents"][0]["public"] is True and doc["agents"][0]["domain_verified"] is True
@@ -303,3 +306,48 @@ async def test_delete_user_counts_everything_and_kills_keys(db):
     with pytest.raises(Unauthorized):
         await authenticate_key(db, plaintext)
     assert await accounts.get_user(db, other.id) is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_find_live_key_returns_owner_and_touches_last_used_once(db):
+    """A live key's hash finds its owner; last_used_at is written on first use only."""
+    user = await _user(db)
+    key, plaintext = await accounts.create_api_key(db, user.id, "k")
+    owner = await accounts.find_live_key(db, hashlib.sha256(plaintext.encode()).hexdigest())
+    assert owner is not None and (owner.key_id, owner.user_id, owner.user_email) == (key.id, user.id, user.email)
+    assert owner.scope == "user" and owner.agent_id is None
+    first = (await db.fetchone("SELECT last_used_at FROM api_keys WHERE id = %s", (key.id,)))["last_used_at"]
+    await accounts.find_live_key(db, hashlib.sha256(plaintext.encode()).hexdigest())
+    again = (await db.fetchone("SELECT last_used_at FROM api_keys WHERE id = %s", (key.id,)))["last_used_at"]
+    assert first is not None and again == first
+    assert await accounts.find_live_key(db, "0" * 64) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_find_live_key_refuses_revoked_and_orphaned_agent_keys(db):
+    """Revoked keys and agent keys whose agent was deleted are dead."""
+    user = await _user(db)
+    agent = await _agent(db, user.id)
+    await accounts.create_api_key(db, user.id, "keep")  # the last user key cannot be revoked
+    revoked, p1 = await accounts.create_api_key(db, user.id, "r")
+    await accounts.revoke_api_key(db, user.id, revoked.id)
+    _scoped, p2 = await accounts.create_api_key(db, user.id, "a", agent)
+    await db.execute("DELETE FROM agents WHERE id = %s", (agent,))
+    for plaintext in (p1, p2):
+        assert await accounts.find_live_key(db, hashlib.sha256(plaintext.encode()).hexdigest()) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_socket_grant_state_reports_key_and_agent_mode(db):
+    """The WebSocket re-check reads key liveness and agent mode; gone rows read as None."""
+    user = await _user(db)
+    agent = await _agent(db, user.id)
+    await accounts.create_api_key(db, user.id, "keep")  # the last user key cannot be revoked
+    key, _ = await accounts.create_api_key(db, user.id, "k")
+    state = await db.run("t", accounts.socket_grant_state_txn, key.id, agent)
+    assert (state.key_ok, state.agent_mode) == (True, "local")
+    await accounts.revoke_api_key(db, user.id, key.id)
+    state = await db.run("t", accounts.socket_grant_state_txn, key.id, "gone@acme.test")
+    assert (state.key_ok, state.agent_mode) == (False, None)
+    state = await db.run("t", accounts.socket_grant_state_txn, "apk_missing", agent)
+    assert state.key_ok is None

@@ -366,3 +366,15 @@ async def test_delete_agent_removes_mail_and_revokes_agent_keys(db):
     key = await db.fetchone("SELECT revoked_at FROM api_keys WHERE id = 'apk_a'")
     assert key["revoked_at"] is not None
     assert await agent_store.delete_agent(db, alice, "bot@agents.test") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_get_signing_key_returns_encrypted_key_and_selector(db):
+    """Outbound signing reads the selector and the still-encrypted key of a domain."""
+    user_id, _ = await insert_user_with_key(db)
+    await claim(db, user_id, "sign.test")
+    key = await domain_store.get_signing_key(db, "sign.test")
+    stored = await stored_key(db, "sign.test")
+    assert key is not None and not key.is_shared
+    assert (key.dkim_selector, key.dkim_private_key) == (stored["dkim_selector"], stored["dkim_private_key"])
+    assert await domain_store.get_signing_key(db, "none.test") is None

@@ -17,6 +17,8 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from e2a.api.app import ApiApp, ApiDeps
 from e2a.config import Config, DnsConfig
+from e2a.metrics import E2AMetrics
+from e2a.service import Secrets, build_api_services
 from e2a.store.database import Database
 
 TEST_MASTER_KEY = bytes(range(32))
@@ -43,10 +45,21 @@ class Response:
 
 
 class ApiServer:
-    def __init__(self, db: Database, config: Config, dns: Any = None, clock: Any = None) -> None:
+    def __init__(
+        self, db: Database, config: Config, dns: Any = None, clock: Any = None, websocket: Any = None
+    ) -> None:
         self.db = db
         self.config = config
-        self.deps = ApiDeps(config=config, db=db, clock=clock or reactor, dns=dns, master_key=TEST_MASTER_KEY)
+        clock = clock or reactor
+        # The deployment's API services, built as e2a/service.py builds them, minus the blocking
+        # pool (DKIM work inline) and reviewer mail; ``websocket``: a started WebSocketService.
+        secrets = Secrets(master_key=TEST_MASTER_KEY, hmac_secret=config.signing.hmac_secret)
+        services = build_api_services(
+            db, config, secrets, clock, pool=None, metrics=E2AMetrics(), websocket=websocket
+        )
+        self.deps = ApiDeps(
+            config=config, db=db, clock=clock, services=services, dns=dns, master_key=TEST_MASTER_KEY
+        )
         self.app = ApiApp(self.deps)
         self.port: Any = None
         self.pool = HTTPConnectionPool(reactor, persistent=False)

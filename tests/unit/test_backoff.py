@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from e2a.config import WebhooksConfig
-from e2a.delivery import backoff
+from e2a.policy import backoff
 
 SCHEDULE = WebhooksConfig().retry_schedule
 NOW = datetime(2026, 4, 27, 12, 0, 0, tzinfo=UTC)

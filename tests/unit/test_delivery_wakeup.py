@@ -13,6 +13,7 @@ agent's next job (the claim loop then runs only at the start and at the end)."""
 from __future__ import annotations
 
 import itertools
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -84,25 +85,30 @@ def test_backlog_drains_without_safety_poll(monkeypatch, hand_on):
     monkeypatch.setattr(worker.deliveries, "claim_due", claim_due)
     monkeypatch.setattr(worker.deliveries, "record_delivered_and_claim_next", record_delivered_and_claim_next)
     monkeypatch.setattr(worker.deliveries, "record_delivered", record_delivered)
+
+    async def load_attempt(db: Any, job: ClaimedJob, *args: Any) -> Any:
+        # Every field an attempt reads; the request itself is not built (build_request below).
+        return SimpleNamespace(
+            agent_mode="cloud", webhook_status="active", webhook_url="u", secrets=[b"s"],
+            message_id=job.message_id, conversation_id="c", display_from="", to_addrs=[], cc_addrs=[],
+            recipient=job.agent_id, raw_message=b"", auth_headers={}, received_at=None,
+        )
+
+    monkeypatch.setattr(worker.deliveries, "load_attempt", load_attempt)
+    monkeypatch.setattr(worker, "build_request", lambda *a, **k: SimpleNamespace(body=b"", headers=[]))
     svc = worker.DeliveryService(None, None, None, WebhooksConfig(), False, b"k" * 32, clock, clock, client=FakeClient())
-    if not hand_on:
-        svc._may_hand_on = lambda: False  # type: ignore[method-assign]
-
-    async def attempt(job: ClaimedJob) -> ClaimedJob | None:
-        return await svc._record(job, "u", await svc.client.post("u", b"", []))
-
-    svc._attempt_unguarded = attempt
+    svc.slots.hand_on = hand_on
     defer.Deferred.fromCoroutine(svc.start())
     for _ in range(900):  # 0.9 s: the 1 s safety poll never fires
         clock.advance(0.001)
     delivered = sum(j["done"] for j in jobs.values())
-    in_flight, per_agent = dict(svc._in_flight), dict(svc._per_agent)
-    svc._running = False
-    svc._loop.stop()
+    idle = svc.slots.idle
+    stopped = defer.Deferred.fromCoroutine(svc.stop())
     clock.advance(5)
+    assert stopped.called
     assert delivered == 40
     assert most_posting[0] == 4
-    assert in_flight == {} and per_agent == {}
+    assert idle
     if hand_on:
         # One claim filled the 4 slots; the rest only ran once slots stopped being handed on.
         assert len(claims) <= 5

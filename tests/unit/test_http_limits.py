@@ -88,7 +88,7 @@ def test_trusted_proxies_exempt_from_per_address_cap():
     from e2a.api.limits import guard_site
 
     limits = HttpLimits.from_config(HttpConfig(max_connections=10, max_connections_per_ip=1,
-                                               trusted_proxies=("10.0.0.0/8",)))
+                                               trusted_proxies=("198.51.100.0/24",)))
     guard = guard_site(Site(Resource()), limits, Clock())
 
     class Addr:
@@ -97,8 +97,8 @@ def test_trusted_proxies_exempt_from_per_address_cap():
 
     from e2a.api.limits import _CountedConnection
 
-    assert isinstance(guard.buildProtocol(Addr("10.1.2.3")), _CountedConnection)
-    assert isinstance(guard.buildProtocol(Addr("10.1.2.3")), _CountedConnection)
+    assert isinstance(guard.buildProtocol(Addr("198.51.100.3")), _CountedConnection)
+    assert isinstance(guard.buildProtocol(Addr("198.51.100.3")), _CountedConnection)
     assert isinstance(guard.buildProtocol(Addr("192.0.2.1")), _CountedConnection)
     assert not isinstance(guard.buildProtocol(Addr("192.0.2.1")), _CountedConnection)
     assert guard.open == 3 and guard.refused_per_ip == 1
@@ -156,9 +156,9 @@ def test_mapped_ipv4_peer_is_its_ipv4_address_for_cap_and_exemption():
     and a trusted proxy given as IPv4 stays exempt."""
     from e2a.api.limits import _CountedConnection
 
-    guard = _guard_with(max_connections=100, max_connections_per_ip=1, trusted_proxies=("10.0.0.0/8",))
-    assert isinstance(guard.buildProtocol(_Addr("::ffff:10.1.2.3")), _CountedConnection)
-    assert isinstance(guard.buildProtocol(_Addr("::ffff:10.1.2.3")), _CountedConnection)
+    guard = _guard_with(max_connections=100, max_connections_per_ip=1, trusted_proxies=("198.51.100.0/24",))
+    assert isinstance(guard.buildProtocol(_Addr("::ffff:198.51.100.3")), _CountedConnection)
+    assert isinstance(guard.buildProtocol(_Addr("::ffff:198.51.100.3")), _CountedConnection)
     assert isinstance(guard.buildProtocol(_Addr("192.0.2.1")), _CountedConnection)
     assert not isinstance(guard.buildProtocol(_Addr("::ffff:192.0.2.1")), _CountedConnection)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -11,12 +12,13 @@ import sys
 import pytest
 
 from twisted.application import service
+from twisted.internet import reactor
 from twisted.logger import FilteringLogObserver, ILogObserver, Logger, LogLevel
 from twisted.python.logfile import LogFile
 
 from e2a.config import Config, LoggingConfig
 from e2a.logsetup import build_log_observer, log_level, twistd_log_file, twistd_log_observer
-from e2a.service import E2AService
+from e2a.service import E2AService, FailedStart, build_service
 
 LEVELS = ["debug", "info", "warn", "error"]
 
@@ -179,28 +181,51 @@ def test_sigusr1_handler_already_set_is_left_alone(tmp_path, restore_sigusr1):
 # ---- handing it to twistd ---------------------------------------------------------------------
 
 
-def test_service_sets_its_observer_on_the_twistd_application():
+def _service(tmp_path, observer: ILogObserver | None = None) -> E2AService:
+    """A built, never started service (its data dir and secrets in ``tmp_path``)."""
+    config = dataclasses.replace(_config(), data_dir=str(tmp_path / "data"))
+    built = build_service(config, reactor, standalone=False, log_observer=observer)
+    assert isinstance(built, E2AService)
+    return built
+
+
+def test_service_sets_its_observer_on_the_twistd_application(tmp_path):
     """setServiceParent puts log_observer on the application, where AppLogger.start looks for it."""
     observer = build_log_observer(_config(), io.StringIO())
     application = service.Application("e2a")
-    E2AService(_config(), object(), log_observer=observer).setServiceParent(application)
+    _service(tmp_path, observer).setServiceParent(application)
     assert application.getComponent(ILogObserver) is observer
     assert service.IServiceCollection(application).getServiceNamed("e2a") is not None
 
 
-def test_service_without_observer_leaves_the_application_alone():
+def test_service_without_observer_leaves_the_application_alone(tmp_path):
     """No observer (tests, e2a.tac): twistd's default stays."""
     application = service.Application("e2a")
-    E2AService(_config(), object()).setServiceParent(application)
+    _service(tmp_path).setServiceParent(application)
     assert application.getComponent(ILogObserver, None) is None
 
 
-def test_service_under_a_plain_multiservice_is_attached_normally():
+def test_service_under_a_plain_multiservice_is_attached_normally(tmp_path):
     """A parent that is not Componentized (a MultiService) just gets the child."""
     parent = service.MultiService()
-    child = E2AService(_config(), object(), log_observer=build_log_observer(_config(), io.StringIO()))
+    child = _service(tmp_path, build_log_observer(_config(), io.StringIO()))
     child.setServiceParent(parent)
     assert child.parent is parent
+
+
+def test_failed_build_sets_the_observer_and_reports_at_start(tmp_path):
+    """A graph that cannot be built (data_dir under a file) still hands twistd its observer,
+    and reports the one line only when started, as a failed start-up step does."""
+    (tmp_path / "file").write_text("not a directory")
+    config = dataclasses.replace(_config(), data_dir=str(tmp_path / "file" / "data"))
+    observer = build_log_observer(_config(), io.StringIO())
+    built = build_service(config, reactor, standalone=True, log_observer=observer)
+    assert isinstance(built, FailedStart)
+    application = service.Application("e2a")
+    built.setServiceParent(application)
+    assert application.getComponent(ILogObserver) is observer
+    with pytest.raises(OSError):
+        build_service(config, reactor, standalone=False)
 
 
 def test_tap_makeservice_builds_the_observer_from_twistd_options(tmp_path, monkeypatch):

@@ -11,6 +11,8 @@ from twisted.internet import task
 
 from e2a.api import openapi_doc
 from e2a.api.app import HEAD_PATHS, ApiApp, ApiDeps
+from e2a.metrics import E2AMetrics
+from e2a.service import Secrets, build_api_services
 from tests.support.apiserver import make_test_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,7 +52,12 @@ NOT_IN_DOCUMENT.update(dict.fromkeys([
 
 def _real_app() -> ApiApp:
     """The app exactly as the service builds it (route installation touches no database)."""
-    return ApiApp(ApiDeps(config=make_test_config(), db=object(), clock=task.Clock()))
+    config, clock = make_test_config(), task.Clock()
+    services = build_api_services(
+        object(), config, Secrets(master_key=bytes(32), hmac_secret=""), clock,  # type: ignore[arg-type]
+        pool=None, metrics=E2AMetrics(),
+    )
+    return ApiApp(ApiDeps(config=config, db=object(), clock=clock, services=services))  # type: ignore[arg-type]
 
 
 def _template(rule: str) -> str:

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import pytest
 
-from e2a.delivery.ssrf import (
+from e2a.errors import BadRequest
+from e2a.policy.ssrf import (
     MAX_URL_LENGTH,
     ParsedUrl,
     check_webhook_url,
     is_public_address,
 )
-from e2a.errors import BadRequest
 
 # (url, production, allow_private) -> accepted
 ACCEPTED = [
@@ -276,7 +276,7 @@ def test_validate_webhook_url_hint_for_name_resolving_private(production, hinted
     """A DNS name resolving to loopback: the hint in development only."""
     from twisted.internet import defer
 
-    from e2a.delivery.ssrf import validate_webhook_url
+    from e2a.policy.ssrf import validate_webhook_url
 
     d = defer.ensureDeferred(
         validate_webhook_url(_LoopbackDns(), "https://sink.example.com/", production=production, allow_private=False)

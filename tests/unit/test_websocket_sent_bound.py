@@ -13,6 +13,7 @@ from autobahn.websocket.protocol import WebSocketProtocol
 
 from e2a.delivery import websocket
 from e2a.delivery.websocket import SENT_IDS_KEPT, AgentSocketProtocol, Notification, RecentIds
+from e2a.delivery.websocket import protocol as ws_protocol
 
 
 def _note(n: int) -> Notification:
@@ -39,7 +40,7 @@ def test_recent_ids_refuses_empty_limit():
 
 def test_sent_ids_bounded_over_a_long_connection(monkeypatch):
     """Far more notifications than the bound: memory stays at SENT_IDS_KEPT, recent duplicates are still skipped."""
-    monkeypatch.setattr(websocket, "SENT_IDS_KEPT", 50)
+    monkeypatch.setattr(ws_protocol, "SENT_IDS_KEPT", 50)  # read where the protocol lives
     proto = AgentSocketProtocol()
     proto.state = WebSocketProtocol.STATE_OPEN
     frames: list[str] = []

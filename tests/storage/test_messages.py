@@ -1,0 +1,130 @@
+"""Message store contract on PostgreSQL: the one InboundMessage shape written and read back,
+the inbox, WebSocket summaries, reply sources, retention purges and feedback."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest_twisted
+
+from e2a.store import feedback as feedback_store
+from e2a.store import messages as message_store
+from e2a.store.models import InboundMessage, InboundSummary, ReplySource
+from tests.storage.storehelpers import user_with_agent
+
+T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+
+
+def _message(user_id: str, agent_id: str, n: int = 1, **changes) -> InboundMessage:
+    values = dict(
+        id=f"msg_{n:032x}",
+        agent_id=agent_id,
+        user_id=user_id,
+        status="unread",
+        route="smtp",
+        sender="alice@example.com",
+        display_from="Alice <alice@example.com>",
+        recipient=agent_id,
+        envelope_from="bounce@example.com",
+        client_ip="192.0.2.1",
+        subject=f"hello {n}",
+        to_addrs=[agent_id],
+        cc_addrs=None,
+        email_message_id=f"<m{n}@example.com>",
+        in_reply_to="",
+        references_ids="",
+        conversation_id="conv_1",
+        auth_headers={"X-E2A-Auth-Verified": "true"},
+        raw_message=b"Subject: hi\r\n\r\nbody",
+        created_at=T0.replace(minute=n),
+    )
+    values.update(changes)
+    return InboundMessage(**values)
+
+
+async def _insert(db, message: InboundMessage) -> None:
+    await db.run("insert", message_store.insert_inbound_txn, message)
+
+
+@pytest_twisted.ensureDeferred
+async def test_inbound_message_round_trips_through_insert_and_read(db):
+    """What insert_inbound_txn writes, read_inbound returns field for field (then marked read)."""
+    user_id, agent = await user_with_agent(db)
+    message = _message(user_id, agent)
+    await _insert(db, message)
+    unread = await message_store.read_inbound(db, agent, message.id, mark_read=False)
+    assert unread == message
+    read = await message_store.read_inbound(db, agent, message.id)
+    assert read is not None and read.status == "read"
+    assert await message_store.read_inbound(db, agent, "msg_" + "f" * 32) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_list_inbox_pages_oldest_first_without_bytes(db):
+    """list_inbox pages by (created_at, id), filters by status and leaves raw_message empty."""
+    user_id, agent = await user_with_agent(db)
+    for n in (1, 2, 3):
+        await _insert(db, _message(user_id, agent, n))
+    page, more = await message_store.list_inbox(db, agent, "unread", 2, None)
+    assert [m.id for m in page] == [f"msg_{1:032x}", f"msg_{2:032x}"] and more
+    assert all(m.raw_message == b"" for m in page) and page[0].envelope_from == "bounce@example.com"
+    rest, more = await message_store.list_inbox(db, agent, "all", 2, (page[-1].created_at, page[-1].id))
+    assert [m.id for m in rest] == [f"msg_{3:032x}"] and not more
+
+
+@pytest_twisted.ensureDeferred
+async def test_unread_page_and_fetch_summary_give_notification_rows(db):
+    """The WebSocket drain reads unread summaries in order; a live push finds one by any case."""
+    user_id, agent = await user_with_agent(db)
+    await _insert(db, _message(user_id, agent, 1))
+    await _insert(db, _message(user_id, agent, 2, status="read"))
+    page = await message_store.unread_page(db, agent, None, 10)
+    assert page == [
+        InboundSummary(f"msg_{1:032x}", "conv_1", "Alice <alice@example.com>", agent, "hello 1", T0.replace(minute=1))
+    ]
+    assert await message_store.fetch_summary(db, agent.upper(), f"msg_{2:032x}") is not None
+    assert await message_store.fetch_summary(db, agent, "msg_" + "f" * 32) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_get_reply_source_reads_the_answered_message(db):
+    """A reply reads the stored bytes and threading fields of the agent's own inbound message."""
+    user_id, agent = await user_with_agent(db)
+    message = _message(user_id, agent)
+    await _insert(db, message)
+    assert await message_store.get_reply_source(db, agent, message.id) == ReplySource(
+        message.raw_message, message.subject, message.display_from, "conv_1", message.email_message_id
+    )
+    assert await message_store.get_reply_source(db, "other@agents.test", message.id) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_purges_drop_old_mail_but_never_holds(db):
+    """Retention purges old inbound and released outbound mail, never a pending hold."""
+    user_id, agent = await user_with_agent(db)
+    await _insert(db, _message(user_id, agent, 1))
+    await db.execute("UPDATE messages SET created_at = now() - interval '40 days'")
+    for mid, status in (("msg_out_sent", "sent"), ("msg_out_held", "pending_approval")):
+        await db.execute(
+            "INSERT INTO messages (id, agent_id, user_id, direction, status, created_at)"
+            " VALUES (%s, %s, %s, 'outbound', %s, now() - interval '40 days')",
+            (mid, agent, user_id, status),
+        )
+    await message_store.purge_inbound_older_than(db, 30)
+    await message_store.purge_outbound_older_than(db, 30)
+    assert {r["id"] for r in await db.fetchall("SELECT id FROM messages")} == {"msg_out_held"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_feedback_is_stored_and_purged(db):
+    """Feedback is written under its id and purged after the retention period."""
+    await feedback_store.insert_feedback(
+        db, "fb_1", user_id=None, email="a@example.com", category="bug", message="hi", client_ip="192.0.2.1"
+    )
+    row = await db.fetchone("SELECT email, category, message, client_ip FROM feedback WHERE id = 'fb_1'")
+    assert dict(row) == {"email": "a@example.com", "category": "bug", "message": "hi", "client_ip": "192.0.2.1"}
+    await feedback_store.purge_older_than(db, 30)
+    assert await db.fetchone("SELECT 1 FROM feedback") is not None
+    await db.execute("UPDATE feedback SET created_at = now() - interval '31 days'")
+    await feedback_store.purge_older_than(db, 30)
+    assert await db.fetchone("SELECT 1 FROM feedback") is None
