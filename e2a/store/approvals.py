@@ -91,10 +91,12 @@ def _held(row: dict[str, Any]) -> HeldMessage:
 
 async def get_held(db: Database, message_id: str) -> HeldMessage | None:
     """The outbound message ``message_id`` (any status, any owner); None for unknown or
-    inbound ids and for reviewer notifications (e2a's own mail, 404 like in the message API).
+    inbound ids and for e2a's own mail (reviewer notifications, console sign-in links: 404 like
+    in the message API).
     Ownership is the caller's check (magic links have none)."""
     row = await db.fetchone(
-        f"SELECT {_COLUMNS} FROM messages WHERE id = %s AND direction = 'outbound' AND type <> 'notify'",
+        f"SELECT {_COLUMNS} FROM messages WHERE id = %s AND direction = 'outbound'"
+        " AND type NOT IN ('notify', 'signin')",
         (message_id,),
     )
     return None if row is None else _held(row)
@@ -104,7 +106,7 @@ async def get_status(db: Database, message_id: str) -> tuple[str, datetime | Non
     """(status, approval_expires_at) of an outbound message, to explain a lost transition."""
     row = await db.fetchone(
         "SELECT status, approval_expires_at FROM messages WHERE id = %s AND direction = 'outbound'"
-        " AND type <> 'notify'",
+        " AND type NOT IN ('notify', 'signin')",
         (message_id,),
     )
     return None if row is None else (row["status"], row["approval_expires_at"])

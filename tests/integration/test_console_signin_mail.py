@@ -97,6 +97,8 @@ async def test_mailed_sign_in_link_arrives_signed_and_signs_in_once(stacks):
     assert len(rows) == 1 and rows[0]["agent_id"] is None  # nothing queued for the unknown address
     assert await val(stack.service.db, "SELECT count(*) FROM console_login_links") == 1
     assert (await stack.api("GET", f"/api/v1/messages/{rows[0]['id']}")).code == 404  # e2a's own mail
+    for action in ("approve", "reject"):  # not a hold either: review answers as for unknown ids
+        assert (await stack.api("POST", f"/api/v1/messages/{rows[0]['id']}/{action}")).code == 404
     export = await stack.api("GET", "/api/v1/users/me/export")
     assert export.code == 200 and rows[0]["id"].encode() not in export.body
 
