@@ -11,8 +11,8 @@ import base64
 from datetime import datetime
 from typing import Any
 
-from e2a.api.wire import signing_secret_json
-from e2a.store.models import AccountExport, Agent, ApiKey, Delivery, ExportedDomain, ExportedMessage, UsageEvent
+from e2a.api.wire import delivery_json, signing_secret_json
+from e2a.store.models import AccountExport, Agent, ApiKey, ExportedDomain, ExportedMessage, UsageEvent
 from e2a.timefmt import ts_frac
 
 __all__ = ["EXPORT_SCHEMA_VERSION", "export_document"]
@@ -74,27 +74,6 @@ def _message(m: ExportedMessage) -> dict[str, Any]:
     return out
 
 
-def _delivery(d: Delivery) -> dict[str, Any]:
-    """As the API's Delivery object, except that ``next_attempt_at`` shows for any status."""
-    out: dict[str, Any] = {
-        "id": d.id,
-        "message_id": d.message_id,
-        "agent_id": d.agent_id,
-        "webhook_url": d.webhook_url,
-        "status": d.status,
-        "attempts": d.attempts,
-    }
-    if d.last_status_code is not None:
-        out["last_status_code"] = d.last_status_code
-    out["last_error"] = d.last_error
-    out["created_at"] = ts_frac(d.created_at)
-    for name in ("last_attempt_at", "next_attempt_at", "delivered_at"):
-        value = getattr(d, name)
-        if value is not None:
-            out[name] = ts_frac(value)
-    return out
-
-
 def _key(key: ApiKey) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": key.id,
@@ -147,7 +126,7 @@ def export_document(snapshot: AccountExport) -> dict[str, Any]:
         "api_keys": [_key(k) for k in snapshot.api_keys],
         "signing_secrets": [signing_secret_json(s) for s in snapshot.signing_secrets],
         "messages": [_message(m) for m in snapshot.messages],
-        "deliveries": [_delivery(d) for d in snapshot.deliveries],
+        "deliveries": [delivery_json(d, next_attempt_always=True) for d in snapshot.deliveries],
     }
     if snapshot.usage_events:
         doc["usage_events"] = [_usage(e) for e in snapshot.usage_events]

@@ -251,8 +251,11 @@ def signing_secret_json(secret: SigningSecret) -> dict[str, Any]:
     return out
 
 
-def delivery_json(d: Delivery) -> dict[str, Any]:
-    """The Delivery object of api.md §2.7 (unset times and a missing status code omitted)."""
+def delivery_json(d: Delivery, *, next_attempt_always: bool = False) -> dict[str, Any]:
+    """The Delivery object of api.md §2.7 (unset times and a missing status code omitted).
+
+    ``next_attempt_always``: the export shows ``next_attempt_at`` whatever the status (a
+    record of the row), where the API shows it only while the delivery is pending."""
     out: dict[str, Any] = {
         "id": d.id,
         "message_id": d.message_id,
@@ -267,7 +270,7 @@ def delivery_json(d: Delivery) -> dict[str, Any]:
     out["created_at"] = format_ts_frac(d.created_at)
     if d.last_attempt_at is not None:
         out["last_attempt_at"] = format_ts_frac(d.last_attempt_at)
-    if d.next_attempt_at is not None and d.status == "pending":
+    if d.next_attempt_at is not None and (d.status == "pending" or next_attempt_always):
         out["next_attempt_at"] = format_ts_frac(d.next_attempt_at)
     if d.delivered_at is not None:
         out["delivered_at"] = format_ts_frac(d.delivered_at)
