@@ -9,12 +9,11 @@ PostgreSQL → DeliveryService → webhook sinks (one never answers, one answers
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import pytest_twisted
 
 from twisted.internet import defer, reactor
-from twisted.web import resource, server
+from twisted.web import server
 
 from e2a.config import WebhooksConfig
 from e2a.delivery.backpressure import Backpressure
@@ -23,31 +22,13 @@ from e2a.delivery.worker import DeliveryService
 from e2a.mailauth.dns import DnsClient
 from e2a.store import accounts
 from tests.support.apiserver import TEST_MASTER_KEY
-from tests.support.inboundstack import DOMAIN, InboundStack, message, send
+from tests.support.inboundstack import DOMAIN, InboundStack, WebhookReceiver, message, send
 from tests.support.waiting import wait_for
 
 STUCK = f"stuck@{DOMAIN}"
 VICTIM = f"victim@{DOMAIN}"
 ATTACK_MAILS = 150
 VICTIM_BOUND = 1.5  # seconds to the victim's 250 (5 s = max_wait before the fix)
-
-
-class _Hook(resource.Resource):
-    isLeaf = True
-
-    def __init__(self, hang: bool) -> None:
-        super().__init__()
-        self.hang = hang
-        self.bodies: list[bytes] = []
-        self.hanging: list[Any] = []
-
-    def render_POST(self, request):  # noqa: N802 - twisted.web API
-        self.bodies.append(request.content.read())
-        if self.hang:
-            self.hanging.append(request)
-            request.notifyFinish().addErrback(lambda _: None)
-            return server.NOT_DONE_YET
-        return b"ok"
 
 
 @pytest_twisted.async_yield_fixture
@@ -58,7 +39,7 @@ async def env(db):
     stack = await InboundStack(db).setup({"stuck": "cloud"}, delivery=delivery_port)
     other = await accounts.bootstrap(db, TEST_MASTER_KEY, "other-tenant@example.com")
     await stack.add_agents({"victim": "cloud"}, user_id=other.user.id)
-    hooks = {"stuck": _Hook(hang=True), "victim": _Hook(hang=False)}
+    hooks = {"stuck": WebhookReceiver(hang=True), "victim": WebhookReceiver(hang=False)}
     ports = {}
     for name, hook in hooks.items():
         site = server.Site(hook)

@@ -12,12 +12,10 @@ of them by default; docs/decisions.md), so the other half stays open to other te
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest_twisted
 
 from twisted.internet import defer, reactor
-from twisted.web import resource, server
+from twisted.web import server
 
 from e2a.config import WebhooksConfig
 from e2a.delivery.port import DeliveryPort
@@ -25,29 +23,11 @@ from e2a.delivery.worker import DeliveryService
 from e2a.mailauth.dns import DnsClient
 from e2a.store import accounts
 from tests.support.apiserver import TEST_MASTER_KEY
-from tests.support.inboundstack import DOMAIN, InboundStack, message
+from tests.support.inboundstack import DOMAIN, InboundStack, WebhookReceiver, message
 from tests.support.waiting import wait_for
 
 STUCK = [f"stuck{i}@{DOMAIN}" for i in range(3)]
 VICTIM = f"victim@{DOMAIN}"
-
-
-class _Hook(resource.Resource):
-    isLeaf = True
-
-    def __init__(self, hang: bool) -> None:
-        super().__init__()
-        self.hang = hang
-        self.bodies: list[bytes] = []
-        self.hanging: list[Any] = []
-
-    def render_POST(self, request):  # noqa: N802 - twisted.web API
-        self.bodies.append(request.content.read())
-        if self.hang:
-            self.hanging.append(request)
-            request.notifyFinish().addErrback(lambda _: None)
-            return server.NOT_DONE_YET
-        return b"ok"
 
 
 class _Envelope:
@@ -67,7 +47,7 @@ async def env(db):
     stack = await InboundStack(db).setup({f"stuck{i}": "cloud" for i in range(3)}, delivery=delivery_port)
     other = await accounts.bootstrap(db, TEST_MASTER_KEY, "other-tenant@example.com")
     await stack.add_agents({"victim": "cloud"}, user_id=other.user.id)
-    hooks = {"stuck": _Hook(hang=True), "victim": _Hook(hang=False)}
+    hooks = {"stuck": WebhookReceiver(hang=True), "victim": WebhookReceiver(hang=False)}
     ports = {}
     for name, hook in hooks.items():
         site = server.Site(hook)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import reactor, threads
+from twisted.web import resource, server
 
 from e2a.config import SmtpConfig
 from e2a.inbound import InboundPipeline, TraceInput
@@ -21,6 +22,27 @@ from tests.support.smtpclient import SmtpReply, connect
 
 DOMAIN = "acme.test"
 MX = "mx.e2a.test"
+
+
+class WebhookReceiver(resource.Resource):
+    """A webhook endpoint for tenant tests: answers 200 at once, or (``hang``) never answers,
+    like a receiver that is stuck; keeps every body it was sent."""
+
+    isLeaf = True
+
+    def __init__(self, hang: bool) -> None:
+        super().__init__()
+        self.hang = hang
+        self.bodies: list[bytes] = []
+        self.hanging: list[Any] = []
+
+    def render_POST(self, request: Any) -> Any:  # noqa: N802 - twisted.web API
+        self.bodies.append(request.content.read())
+        if self.hang:
+            self.hanging.append(request)
+            request.notifyFinish().addErrback(lambda _: None)
+            return server.NOT_DONE_YET
+        return b"ok"
 
 
 def trace(spf: str = "pass", dkim: str = "none", dmarc: str = "none", from_domain: str = "example.com") -> TraceInput:
