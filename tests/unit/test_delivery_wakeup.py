@@ -49,7 +49,9 @@ def test_backlog_drains_without_safety_poll(monkeypatch, hand_on):
                 out.append(ClaimedJob(jid, "m" + jid, "a", 0))
         return out
 
-    async def claim_due(db: Any, now: Any, limit: int, lease_s: float, per_agent: int) -> list[ClaimedJob]:
+    async def claim_due(
+        db: Any, now: Any, limit: int, lease_s: float, per_agent: int, skip_users: Any = ()
+    ) -> list[ClaimedJob]:
         claims.append(limit)
         in_flight = busy()  # the statement's snapshot
         await task.deferLater(clock, 0.002, lambda: None)
