@@ -10,39 +10,14 @@ import re
 import socket
 from typing import Any
 
-import pytest
 import pytest_twisted
 
-from twisted.internet import defer, threads
+from twisted.internet import threads
 
 from tests.integration.test_console_http import CSP, Browserish, _agent, _hold, _inbound, val
 from tests.support.apiserver import insert_user_with_key
-from tests.support.hitlstack import start_hitl_stack
+from tests.support.hitlstack import StackServer
 from tests.support.waiting import wait_for
-
-
-class StackServer:
-    """The ``url()`` Browserish needs, for a whole service started by the HITL stack."""
-
-    def __init__(self, stack: Any) -> None:
-        self.stack = stack
-
-    def url(self, path: str) -> str:
-        return self.stack.base + path
-
-
-@pytest.fixture
-def stacks(e2a_service_factory):
-    started = []
-
-    async def make(**kw):
-        stack = await start_hitl_stack(e2a_service_factory, **kw)
-        started.append(stack)
-        return stack
-
-    yield make
-    for stack in started:
-        pytest_twisted.blockon(defer.ensureDeferred(stack.stop()))
 
 
 async def _relayed_to(stack: Any, address: str) -> Any:
@@ -64,9 +39,9 @@ def assert_console_html(resp: Any, status: int) -> str:
 
 
 @pytest_twisted.ensureDeferred
-async def test_console_approve_accepts_a_one_mib_edited_body(stacks):
+async def test_console_approve_accepts_a_one_mib_edited_body(hitl_stacks):
     """The approve form gets the API's large cap: a ~1 MiB edited text body is approved and relayed whole."""
-    stack = await stacks()
+    stack = await hitl_stacks()
     mid = await stack.hold(subject="big one")
     b = Browserish(StackServer(stack))
     assert (await b.sign_in(stack.key)).code == 303
@@ -83,9 +58,9 @@ async def test_console_approve_accepts_a_one_mib_edited_body(stacks):
 
 
 @pytest_twisted.ensureDeferred
-async def test_console_recipients_with_commas_in_display_names_stay_one_address(stacks):
+async def test_console_recipients_with_commas_in_display_names_stay_one_address(hitl_stacks):
     """``"Doe, Jane" <jane@example.com>`` in the To field is one recipient, parsed by the API's address rule."""
-    stack = await stacks()
+    stack = await hitl_stacks()
     mid = await stack.hold(subject="names")
     b = Browserish(StackServer(stack))
     assert (await b.sign_in(stack.key)).code == 303

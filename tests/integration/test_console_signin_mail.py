@@ -10,39 +10,16 @@ import email.policy
 import re
 from urllib.parse import urlsplit
 
-import pytest
 import pytest_twisted
 
-from twisted.internet import defer, threads
+from twisted.internet import threads
 
 from e2a.config import HttpConfig, OutboundSmtpConfig, RateLimitConfig
 from tests.integration.test_console_http import Browserish, val
 from tests.integration.test_hitl_notify import dkim_verifies
 from tests.support.apiserver import insert_user_with_key, make_test_config
-from tests.support.hitlstack import OWNER, PUBLIC_URL, start_hitl_stack
+from tests.support.hitlstack import OWNER, PUBLIC_URL, StackServer
 from tests.support.waiting import wait_for
-
-
-class StackServer:
-    def __init__(self, stack) -> None:
-        self.stack = stack
-
-    def url(self, path: str) -> str:
-        return self.stack.base + path
-
-
-@pytest.fixture
-def stacks(e2a_service_factory):
-    started = []
-
-    async def make(**kw):
-        stack = await start_hitl_stack(e2a_service_factory, **kw)
-        started.append(stack)
-        return stack
-
-    yield make
-    for stack in started:
-        pytest_twisted.blockon(defer.ensureDeferred(stack.stop()))
 
 
 async def _publish_key(stack, domain: str) -> None:
@@ -61,10 +38,10 @@ async def _ask(b: Browserish, address: str):
 
 
 @pytest_twisted.ensureDeferred
-async def test_mailed_sign_in_link_arrives_signed_and_signs_in_once(stacks):
+async def test_mailed_sign_in_link_arrives_signed_and_signs_in_once(hitl_stacks):
     """The link is mailed From e2a <noreply@D> through the relay, DKIM-verified; unknown and known
     addresses get the same page; the link signs in once and is refused the second time."""
-    stack = await stacks()
+    stack = await hitl_stacks()
     config = stack.service.config
     domain = config.shared_domain or config.smtp.domain
     await _publish_key(stack, domain)

@@ -13,28 +13,14 @@ import dkim
 import pytest
 import pytest_twisted
 
-from twisted.internet import defer, reactor, threads
+from twisted.internet import reactor, threads
 from twisted.logger import globalLogPublisher
 
 from e2a.config import HitlConfig
 from e2a.mailauth.dns import DnsClient
 from e2a.store import notifications as notify_store
-from tests.support.hitlstack import AGENT, MAIL_DOMAIN, OWNER, assert_page, links_in, start_hitl_stack
+from tests.support.hitlstack import AGENT, MAIL_DOMAIN, OWNER, assert_page, links_in
 from tests.support.waiting import wait_for
-
-
-@pytest.fixture
-def stacks(e2a_service_factory):
-    started = []
-
-    async def make(**kw):
-        stack = await start_hitl_stack(e2a_service_factory, **kw)
-        started.append(stack)
-        return stack
-
-    yield make
-    for stack in started:
-        pytest_twisted.blockon(defer.ensureDeferred(stack.stop()))
 
 
 async def _notifications(stack) -> list[dict]:
@@ -57,11 +43,11 @@ async def dkim_verifies(stack, content: bytes) -> bool:
 
 
 @pytest_twisted.ensureDeferred
-async def test_notification_relayed_signed_without_content_and_links_work(stacks):
+async def test_notification_relayed_signed_without_content_and_links_work(hitl_stacks):
     """One hold → one mail to the owner from hitl-noreply@M: DKIM verifies against the zone,
     multipart/alternative with To/Cc/Bcc/Subject/Expires and both links, never the body or
     attachments; the reject link shows its page and the approve link releases the message."""
-    stack = await stacks()
+    stack = await hitl_stacks()
     secret_body = "The secret body text 7f3a"
     attachment = base64.b64encode(b"attachment-bytes-91c2").decode()
     mid = await stack.hold(
@@ -123,9 +109,9 @@ async def test_notification_relayed_signed_without_content_and_links_work(stacks
 
 
 @pytest_twisted.ensureDeferred
-async def test_notification_goes_to_every_reviewer(stacks):
+async def test_notification_goes_to_every_reviewer(hitl_stacks):
     """hitl_reviewers set: one mail To all of them (normalised), not the owner."""
-    stack = await stacks(agent={"hitl_reviewers": ["Rev One <rev1@example.org>", "REV2@example.org"]})
+    stack = await hitl_stacks(agent={"hitl_reviewers": ["Rev One <rev1@example.org>", "REV2@example.org"]})
     await stack.hold()
     [mail] = await _relayed(stack)
     assert sorted(mail.recipients) == ["rev1@example.org", "rev2@example.org"]
@@ -134,10 +120,10 @@ async def test_notification_goes_to_every_reviewer(stacks):
 
 
 @pytest_twisted.ensureDeferred
-async def test_export_lists_the_hold_but_not_its_notification(stacks):
+async def test_export_lists_the_hold_but_not_its_notification(hitl_stacks):
     """The user export carries the user's own mail only: the reviewer notification (e2a's mail
     about the hold, with approval links) is not one of the user's messages."""
-    stack = await stacks()
+    stack = await hitl_stacks()
     held = await stack.hold()
     await _relayed(stack)
     assert len(await _notifications(stack)) == 1
@@ -149,9 +135,9 @@ async def test_export_lists_the_hold_but_not_its_notification(stacks):
 
 
 @pytest_twisted.ensureDeferred
-async def test_notification_to_agent_reviewer_is_internal(stacks):
+async def test_notification_to_agent_reviewer_is_internal(hitl_stacks):
     """A reviewer that is an agent here gets the mail through the internal route."""
-    stack = await stacks(relay=False)
+    stack = await hitl_stacks(relay=False)
     assert (await stack.api("POST", "/api/v1/agents", {"slug": "boss", "agent_mode": "local"})).code == 201
     assert (await stack.api("PUT", f"/api/v1/agents/{AGENT}", {"hitl_reviewers": ["boss@agents.test"]})).code == 200
     await stack.hold(to=("boss@agents.test",))
@@ -167,9 +153,9 @@ async def test_notification_to_agent_reviewer_is_internal(stacks):
     ({}, {"hitl_notify": False}),
 ])
 @pytest_twisted.ensureDeferred
-async def test_switches_turn_notification_off(stacks, overrides, agent):
+async def test_switches_turn_notification_off(hitl_stacks, overrides, agent):
     """hitl.notify false or the agent's hitl_notify false: the hold, no notification."""
-    stack = await stacks(agent=agent, **overrides)
+    stack = await hitl_stacks(agent=agent, **overrides)
     mid = await stack.hold()
     assert await stack.status(mid) == "pending_approval"
     assert await _notifications(stack) == []
@@ -177,13 +163,13 @@ async def test_switches_turn_notification_off(stacks, overrides, agent):
 
 @pytest.mark.parametrize("kind", ["no_public_url", "no_route"])
 @pytest_twisted.ensureDeferred
-async def test_unsendable_notification_never_blocks_hold_and_warns_once(stacks, kind):
+async def test_unsendable_notification_never_blocks_hold_and_warns_once(hitl_stacks, kind):
     """No http.public_url, or no route for the owner's address: holds still answer 202, nothing
     is queued, and the warning is logged once per process."""
     events: list[dict] = []
     globalLogPublisher.addObserver(events.append)
     try:
-        stack = await stacks(**({"public_url": ""} if kind == "no_public_url" else {"relay": False}))
+        stack = await hitl_stacks(**({"public_url": ""} if kind == "no_public_url" else {"relay": False}))
         # without a relay only agents here can be held for (the hold itself needs a route)
         assert (await stack.api("POST", "/api/v1/agents", {"slug": "beta", "agent_mode": "local"})).code == 201
         to = ("beta@agents.test",)
@@ -198,9 +184,9 @@ async def test_unsendable_notification_never_blocks_hold_and_warns_once(stacks, 
 
 
 @pytest_twisted.ensureDeferred
-async def test_failing_notification_insert_rolls_back_alone(stacks, monkeypatch):
+async def test_failing_notification_insert_rolls_back_alone(hitl_stacks, monkeypatch):
     """An SQL error while queueing the notification: the savepoint drops it, the hold commits."""
-    stack = await stacks()
+    stack = await hitl_stacks()
 
     async def broken(txn, **kw):
         await txn.execute("SELECT * FROM no_such_table")
@@ -214,9 +200,9 @@ async def test_failing_notification_insert_rolls_back_alone(stacks, monkeypatch)
 
 
 @pytest_twisted.ensureDeferred
-async def test_link_exp_follows_hitl_token_grace(stacks):
+async def test_link_exp_follows_hitl_token_grace(hitl_stacks):
     """hitl.token_grace: 5 → the links' exp is floor(approval_expires_at) + 5."""
-    stack = await stacks(hitl=HitlConfig(token_grace=5, sweep_interval=3600))
+    stack = await hitl_stacks(hitl=HitlConfig(token_grace=5, sweep_interval=3600))
     mid = await stack.hold()
     [mail] = await _relayed(stack)
     text = email.message_from_bytes(mail.content, policy=email.policy.default).get_payload()[0].get_content()

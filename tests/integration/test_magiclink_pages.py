@@ -13,26 +13,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import pytest_twisted
 
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from twisted.logger import globalLogPublisher
 
 from e2a.api.magiclink_pages import confirmation_page, form_action, render_page
-from tests.support.hitlstack import AGENT, assert_page, start_hitl_stack
+from tests.support.hitlstack import AGENT, assert_page
 from tests.support.waiting import wait_for
-
-
-@pytest.fixture
-def stacks(e2a_service_factory):
-    started = []
-
-    async def make(**kw):
-        stack = await start_hitl_stack(e2a_service_factory, **kw)
-        started.append(stack)
-        return stack
-
-    yield make
-    for stack in started:
-        pytest_twisted.blockon(defer.ensureDeferred(stack.stop()))
 
 
 def _future() -> datetime:
@@ -54,10 +40,10 @@ async def _expire_window(stack, message_id: str) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_get_confirmation_page_shows_hold_and_exact_form_without_acting(stacks):
+async def test_get_confirmation_page_shows_hold_and_exact_form_without_acting(hitl_stacks):
     """GET approve/reject: 200 confirmation with agent, To/Cc/Bcc, subject, expiry, preview and
     the exact form; GET and HEAD leave the message pending."""
-    stack = await stacks()
+    stack = await hitl_stacks()
     mid = await stack.hold(cc=["carol@example.net"], bcc=["dave@example.net"])
     row = await stack.service.db.fetchone("SELECT approval_expires_at FROM messages WHERE id = %s", (mid,))
     t = _t(stack, mid, "approve", row["approval_expires_at"])
@@ -83,9 +69,9 @@ async def test_get_confirmation_page_shows_hold_and_exact_form_without_acting(st
 
 
 @pytest_twisted.ensureDeferred
-async def test_token_parameter_accepted_and_t_wins(stacks):
+async def test_token_parameter_accepted_and_t_wins(hitl_stacks):
     """``token`` works as an alias; with both, ``t`` decides (a bad ``t`` is an invalid link)."""
-    stack = await stacks()
+    stack = await hitl_stacks()
     mid = await stack.hold()
     good = _t(stack, mid, "approve")
     assert_page(await stack.page("GET", f"/api/v1/approve?token={good}"), 200, "Quarterly numbers")
@@ -96,21 +82,21 @@ async def test_token_parameter_accepted_and_t_wins(stacks):
 
 @pytest.mark.parametrize("query", ["t=%ff", "t=%00", "t=%E2%82%AC.abc", "t=" + "A" * 300 + ".x"])
 @pytest_twisted.ensureDeferred
-async def test_undecodable_or_odd_token_is_invalid_link_page(stacks, query):
+async def test_undecodable_or_odd_token_is_invalid_link_page(hitl_stacks, query):
     """A token that is not UTF-8, holds NUL, is not ASCII or is far too long: 400 invalid link
     (an HTML page, not the API's JSON)."""
-    stack = await stacks(agent={"hitl_notify": False})
+    stack = await hitl_stacks(agent={"hitl_notify": False})
     assert_page(await stack.page("GET", f"/api/v1/reject?{query}"), 400, "Invalid link")
     assert_page(await stack.page("POST", "/api/v1/reject", query.encode()), 400, "Invalid link")
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD", "POST"])
 @pytest_twisted.ensureDeferred
-async def test_outcome_table_rows_for_every_method(stacks, method):
+async def test_outcome_table_rows_for_every_method(hitl_stacks, method):
     """Missing, invalid, wrong action, expired token, unknown message, resolved message,
     closed window and unverified domain give their page and status for GET, HEAD and POST,
     and never change the message."""
-    stack = await stacks()
+    stack = await hitl_stacks()
     mid = await stack.hold()
     other = await stack.hold(subject="second")
 
@@ -164,9 +150,9 @@ async def test_outcome_table_rows_for_every_method(stacks, method):
 
 
 @pytest_twisted.ensureDeferred
-async def test_post_approve_releases_and_second_post_is_already_resolved(stacks):
+async def test_post_approve_releases_and_second_post_is_already_resolved(hitl_stacks):
     """POST approve: 200 Approved, the message is sent and relayed; the same token again → 409."""
-    stack = await stacks(agent={"hitl_notify": False})
+    stack = await hitl_stacks(agent={"hitl_notify": False})
     mid = await stack.hold()
     t = _t(stack, mid, "approve")
     delivered = stack.sink.wait_for("DOT")
@@ -192,9 +178,9 @@ async def _delivery(stack, mid: str, status: str) -> bool:
 @pytest.mark.parametrize(("reason", "stored"), [("", "magic-link rejection"), ("  ", "magic-link rejection"),
                                                 ("wrong <tone> & facts", "wrong <tone> & facts")])
 @pytest_twisted.ensureDeferred
-async def test_post_reject_stores_reason_or_default(stacks, reason, stored):
+async def test_post_reject_stores_reason_or_default(hitl_stacks, reason, stored):
     """POST reject: 200 Rejected, reason stored (default ``magic-link rejection``), bodies gone."""
-    stack = await stacks(agent={"hitl_notify": False})
+    stack = await hitl_stacks(agent={"hitl_notify": False})
     mid = await stack.hold()
     assert_page(await stack.page("POST", "/api/v1/reject", {"t": _t(stack, mid, "reject"), "reason": reason}),
                 200, "Rejected")
@@ -205,9 +191,9 @@ async def test_post_reject_stores_reason_or_default(stacks, reason, stored):
 
 
 @pytest_twisted.ensureDeferred
-async def test_post_reject_reason_too_long_is_400_and_stays_pending(stacks):
+async def test_post_reject_reason_too_long_is_400_and_stays_pending(hitl_stacks):
     """A reason over 1000 characters is refused with a page; nothing changes."""
-    stack = await stacks(agent={"hitl_notify": False})
+    stack = await hitl_stacks(agent={"hitl_notify": False})
     mid = await stack.hold()
     assert_page(await stack.page("POST", "/api/v1/reject", {"t": _t(stack, mid, "reject"), "reason": "x" * 1001}),
                 400, "Invalid reason")
@@ -215,10 +201,10 @@ async def test_post_reject_reason_too_long_is_400_and_stays_pending(stacks):
 
 
 @pytest_twisted.ensureDeferred
-async def test_post_approve_validation_error_is_400_and_stays_pending(stacks):
+async def test_post_approve_validation_error_is_400_and_stays_pending(hitl_stacks):
     """Held content that no longer validates (a stored recipient is not an address): 400 page
     naming the reason; the message stays pending."""
-    stack = await stacks(agent={"hitl_notify": False})
+    stack = await hitl_stacks(agent={"hitl_notify": False})
     mid = await stack.hold()
     await stack.service.db.execute("UPDATE messages SET to_addrs = '[\"not an address\"]' WHERE id = %s", (mid,))
     t = _t(stack, mid, "approve")
@@ -228,10 +214,10 @@ async def test_post_approve_validation_error_is_400_and_stays_pending(stacks):
 
 
 @pytest_twisted.ensureDeferred
-async def test_post_approve_without_route_is_503_and_stays_pending(stacks):
+async def test_post_approve_without_route_is_503_and_stays_pending(hitl_stacks):
     """No upstream relay: a hold to an internal agent whose recipient was deleted since needs
     SMTP → 503 page; the message stays pending."""
-    stack = await stacks(relay=False, agent={"hitl_notify": False})
+    stack = await hitl_stacks(relay=False, agent={"hitl_notify": False})
     assert (await stack.api("POST", "/api/v1/agents", {"slug": "beta", "agent_mode": "local"})).code == 201
     mid = await stack.hold(to=("beta@agents.test",))
     assert (await stack.api("DELETE", "/api/v1/agents/beta@agents.test")).code == 200
@@ -240,9 +226,9 @@ async def test_post_approve_without_route_is_503_and_stays_pending(stacks):
 
 
 @pytest_twisted.ensureDeferred
-async def test_post_takes_token_from_form_only(stacks):
+async def test_post_takes_token_from_form_only(hitl_stacks):
     """POST reads ``t``/``token`` from the form body; a token only in the query is missing."""
-    stack = await stacks(agent={"hitl_notify": False})
+    stack = await hitl_stacks(agent={"hitl_notify": False})
     mid = await stack.hold()
     t = _t(stack, mid, "reject")
     assert_page(await stack.page("POST", f"/api/v1/reject?t={t}", {}), 400, "Missing link token")
@@ -250,9 +236,9 @@ async def test_post_takes_token_from_form_only(stacks):
 
 
 @pytest_twisted.ensureDeferred
-async def test_form_over_16_kib_is_400_page_with_headers(stacks):
+async def test_form_over_16_kib_is_400_page_with_headers(hitl_stacks):
     """A form post over 16 KiB: 400 HTML page with every header, nothing changes."""
-    stack = await stacks(agent={"hitl_notify": False})
+    stack = await hitl_stacks(agent={"hitl_notify": False})
     mid = await stack.hold()
     form = {"t": _t(stack, mid, "reject"), "reason": "x" * (16 * 1024)}
     assert_page(await stack.page("POST", "/api/v1/reject", form), 400, "Request too large")
@@ -261,19 +247,19 @@ async def test_form_over_16_kib_is_400_page_with_headers(stacks):
 
 @pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH", "OPTIONS"])
 @pytest_twisted.ensureDeferred
-async def test_other_methods_are_405_pages(stacks, method):
+async def test_other_methods_are_405_pages(hitl_stacks, method):
     """Any other method: 405 HTML page with Allow and every security header."""
-    stack = await stacks(agent={"hitl_notify": False})
+    stack = await hitl_stacks(agent={"hitl_notify": False})
     resp = await stack.page(method, "/api/v1/approve?t=x")
     assert_page(resp, 405, "Method not allowed")
     assert resp.header("Allow") == "GET, HEAD, POST"
 
 
 @pytest_twisted.ensureDeferred
-async def test_unexpected_failure_is_generic_500_page_without_token_in_log(stacks):
+async def test_unexpected_failure_is_generic_500_page_without_token_in_log(hitl_stacks):
     """A failure inside the review: 500 generic page with the headers; the log has the failure
     but not the token."""
-    stack = await stacks(agent={"hitl_notify": False})
+    stack = await hitl_stacks(agent={"hitl_notify": False})
     mid = await stack.hold()
     t = _t(stack, mid, "approve")
 
@@ -300,9 +286,9 @@ async def test_unexpected_failure_is_generic_500_page_without_token_in_log(stack
 
 
 @pytest_twisted.ensureDeferred
-async def test_dynamic_values_are_escaped(stacks):
+async def test_dynamic_values_are_escaped(hitl_stacks):
     """Subject and body with markup are shown as text; an HTML-only note when there is no text."""
-    stack = await stacks(agent={"hitl_notify": False})
+    stack = await hitl_stacks(agent={"hitl_notify": False})
     mid = await stack.hold(subject='<script>alert("s")</script> & co', body="<b>bold</b> & <img src=x>")
     body = assert_page(await stack.page("GET", f"/api/v1/approve?t={_t(stack, mid, 'approve')}"), 200)
     assert "&lt;script&gt;alert(&quot;s&quot;)&lt;/script&gt; &amp; co" in body
@@ -342,18 +328,18 @@ def test_form_action_keeps_public_url_prefix(public_url, action):
 
 
 @pytest_twisted.ensureDeferred
-async def test_form_action_uses_prefix_of_public_url(stacks):
+async def test_form_action_uses_prefix_of_public_url(hitl_stacks):
     """With http.public_url under /mail, the served form posts to /mail/api/v1/…."""
-    stack = await stacks(public_url="https://example.test/mail", agent={"hitl_notify": False})
+    stack = await hitl_stacks(public_url="https://example.test/mail", agent={"hitl_notify": False})
     mid = await stack.hold()
     body = assert_page(await stack.page("GET", f"/api/v1/reject?t={_t(stack, mid, 'reject')}"), 200)
     assert '<form method="POST" action="/mail/api/v1/reject">' in body
 
 
 @pytest_twisted.ensureDeferred
-async def test_access_log_never_contains_token(stacks):
+async def test_access_log_never_contains_token(hitl_stacks):
     """GET with ``t=``/``token=`` and POST: the access log shows *** and never the token."""
-    stack = await stacks(agent={"hitl_notify": False})
+    stack = await hitl_stacks(agent={"hitl_notify": False})
     mid = await stack.hold()
     site = stack.service.http_port.factory
     site = getattr(site, "wrappedFactory", site)  # the connection guard wraps the Site

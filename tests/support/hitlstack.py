@@ -156,3 +156,13 @@ LINK_RE = re.compile(r"https?://[^\s\"<>]+/api/v1/(approve|reject)\?t=[A-Za-z0-9
 def links_in(text: str) -> dict[str, str]:
     """{action: url} of the magic links in a notification part."""
     return {m.group(1): m.group(0) for m in LINK_RE.finditer(text)}
+
+
+class StackServer:
+    """The ``url()`` a browser helper needs, for a whole service started by the HITL stack."""
+
+    def __init__(self, stack: Any) -> None:
+        self.stack = stack
+
+    def url(self, path: str) -> str:
+        return self.stack.base + path
