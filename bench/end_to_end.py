@@ -64,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import (  # noqa: E402
     LOOPBACK,
+    PG_STAT_OPTIONS,
     REPO,
     RESULTS,
     SENDER,
@@ -76,6 +77,8 @@ from common import (  # noqa: E402
     loadavg,
     make_client_class,
     percentile,
+    pg_stat_reset,
+    pg_stat_top,
     postgres_cpu,
     proc_cpu,
     read_listening,
@@ -511,46 +514,6 @@ def add_leased_index(dsn: str, log: Any) -> None:
                     " WHERE status = 'pending' AND leased_until IS NOT NULL")
     conn.close()
     log("bench-only index bench_deliveries_leased_idx created (--leased-index)")
-
-
-PG_STAT_OPTIONS = (("shared_preload_libraries", "pg_stat_statements"), ("pg_stat_statements.track", "all"))
-
-
-def pg_stat_reset(dsn: str) -> None:
-    """--pg-stat: start counting PostgreSQL's time per statement from here (after warm-up)."""
-    import psycopg2
-
-    conn = psycopg2.connect(dsn)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-        cur.execute("SELECT pg_stat_statements_reset()")
-    conn.close()
-
-
-def pg_stat_top(dsn: str, per: int, limit: int = 15) -> list[dict[str, Any]]:
-    """--pg-stat: the statements with the most execution time, per delivered message.
-
-    Execution time only (no parse/plan of unprepared statements, no commit's WAL flush), for
-    both receivers, which use different statements.
-    """
-    import psycopg2
-
-    conn = psycopg2.connect(dsn)
-    with conn.cursor() as cur:
-        cur.execute(
-            "SELECT calls, total_exec_time, total_plan_time, rows, wal_bytes,"
-            " regexp_replace(query, '\\s+', ' ', 'g') FROM pg_stat_statements"
-            " ORDER BY total_exec_time + total_plan_time DESC LIMIT %s",
-            (limit,),
-        )
-        out = [
-            {"calls": c, "exec_ms_per_msg": round(t / max(per, 1), 4), "plan_ms_per_msg": round(pt / max(per, 1), 4),
-             "rows": r, "wal_bytes_per_msg": int(int(w) / max(per, 1)), "query": q[:160]}
-            for c, t, pt, r, w, q in cur.fetchall()
-        ]
-    conn.close()
-    return out
 
 
 def db_checks(dsn: str) -> dict[str, Any]:

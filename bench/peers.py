@@ -59,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import (  # noqa: E402
     LOOPBACK,
+    PG_STAT_OPTIONS,
     REPO,
     RESULTS,
     SHARED_DOMAIN,
@@ -70,6 +71,8 @@ from common import (  # noqa: E402
     loadavg,
     make_client_class,
     percentile,
+    pg_stat_reset,
+    pg_stat_top,
     postgres_cpu,
     proc_cpu,
     read_listening,
@@ -443,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="run nothing: pool the rounds of earlier invocations' JSON files and print their medians")
     parser.add_argument("--output", default=None, help="JSON path (default bench/results/peers-<time>.json)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, database, Haraka config)")
+    parser.add_argument("--pg-stat", action="store_true",
+                        help="DIAGNOSTIC (with --receivers e2a): PostgreSQL with pg_stat_statements; prints the"
+                             " statements with the most time per accepted message")
     args = parser.parse_args(argv)
 
     if args.pool:
@@ -482,13 +488,14 @@ def main(argv: list[str] | None = None) -> int:
     rounds: list[Round] = []
     skipped: dict[str, str] = {}
     profile_summary = None
+    pg_stat: list[dict[str, Any]] | None = None
     started_at = datetime.now(UTC)
     load_start = Path("/proc/loadavg").read_text().split()[:3]
     checker: Checker | None = None
     receivers: dict[str, Receiver] = {}
     exit_code = 0
     try:
-        stack.start_postgres(log)
+        stack.start_postgres(log, PG_STAT_OPTIONS if args.pg_stat else ())
         stack.start_dns(txt, log)
         if "e2a" in wanted:
             stack.start_e2a({}, log)
@@ -551,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"warm-up {name:<11} {s:>4}: ok {w.ok}/{WARMUP_MESSAGES} stored {w.stored} "
                         f"verified {w.verified if w.verified is not None else '-'}"
                         + (f" errors {w.errors}" if w.errors else ""))
+            if args.pg_stat:
+                pg_stat_reset(stack.dsn)
             cell = 0
             for run in range(runs):
                 for s in sizes:
@@ -580,6 +589,12 @@ def main(argv: list[str] | None = None) -> int:
             exit_code = int(e.code or 0)
         if profiler is not None:
             profile_summary = summarize_profile(profiler.files)
+        if args.pg_stat:
+            accepted = sum(r.ok for r in rounds if r.receiver == "e2a")
+            pg_stat = pg_stat_top(stack.dsn, accepted or 1)
+            for row in pg_stat:
+                log(f"pg_stat {row['exec_ms_per_msg'] + row['plan_ms_per_msg']:.3f} ms/msg "
+                    f"calls {row['calls']} wal {row['wal_bytes_per_msg']} B/msg  {row['query'][:110]}")
     finally:
         if checker is not None:
             checker.close()
@@ -608,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
                      "postgres": "embedded, defaults (fsync=on, synchronous_commit=on)"},
         "medians": rows, "targets": verdicts, "skipped": skipped,
         "rounds": [asdict(r) | {"verified_ok": r.verified_ok} for r in rounds],
-        "profile": profile_summary,
+        "profile": profile_summary, "pg_stat_top": pg_stat,
     }
     out = Path(args.output) if args.output else RESULTS / f"peers-{started_at.strftime('%Y%m%dT%H%M%SZ')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

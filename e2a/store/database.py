@@ -14,9 +14,11 @@ Design (Synapse's ``runInteraction``, Buildbot's connector):
 
 from __future__ import annotations
 
+import functools
 import re
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import psycopg2
@@ -27,6 +29,7 @@ from txpostgres import txpostgres
 from twisted.internet import defer, threads
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from e2a.abort import Aborted, AbortSignal
 from e2a.errors import TransientError
@@ -158,6 +161,7 @@ class Database:
         self._idle: list[txpostgres.Connection] = []
         self._semaphore = defer.DeferredSemaphore(pool_size)
         self._closed = False
+        self._commits = GroupCommit(self)
 
     @property
     def dsn(self) -> str:
@@ -322,6 +326,13 @@ class Database:
         commit. Retries the whole function on 40001/40P01 like :meth:`run`; after-commit hooks
         run once, after the commit.
 
+        The writes go through the group commit (:class:`GroupCommit`): the writes of batches
+        that finish while another batch's commit is in flight are sent together, as one
+        transaction, when it returns. That changes how many commits PostgreSQL makes, not what
+        any one batch sees: a batch returns only after the transaction holding its writes
+        committed, and when a shared transaction fails, every batch in it is sent again on its
+        own, so an error reaches only the batch that caused it.
+
         ``abort``: once set, no further statement starts and the one in flight has its backend
         query cancelled (PostgreSQL's cancel request); this then raises :class:`Aborted` — or
         returns normally when the writes had already committed. Either way the answer is the
@@ -333,22 +344,261 @@ class Database:
         """
         batches: list[BatchTxn] = []
 
-        async def body(conn: txpostgres.Connection) -> T:
+        async def reads(conn: txpostgres.Connection) -> T:
             batch = BatchTxn(conn.cursor(), _BackendCanceller(conn, self._reactor, abort) if abort else None)
             batches.append(batch)
             try:
-                result = await fn(batch, *args, **kwargs)
-                await batch.flush()
+                return await fn(batch, *args, **kwargs)
             finally:
                 if batch.canceller is not None:
-                    # The connection goes back to the pool only once a cancel request we sent
-                    # has been delivered: it must never hit the next user's statement.
+                    # The connection goes back to the pool only once a cancel request we
+                    # sent has been delivered: it must never hit the next user's statement.
                     await batch.canceller.close()
-            return result
 
-        result = await self._on_connection(desc, body, abort)
-        self._run_hooks(desc, batches[-1].after_commit)
-        return result
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            result = await self._on_connection(desc, reads, abort)
+            writes = batches[-1].take_writes()
+            if writes.sql:
+                try:
+                    await self._commits.commit(desc, writes, abort)
+                except psycopg2.Error as e:
+                    code = getattr(e, "pgcode", None)
+                    if code in RETRYABLE and attempt < MAX_ATTEMPTS:
+                        log.debug("retrying {desc} after {code}", desc=desc, code=code)
+                        continue
+                    raise
+            self._run_hooks(desc, batches[-1].after_commit)
+            return result
+        raise AssertionError("unreachable")
+
+    async def send_writes(self, desc: str, writes: Writes, abort: AbortSignal | None) -> None:
+        """Send ``writes`` as one implicit transaction on a pooled connection, preparing the
+        statements their ``EXECUTE``s need on it first. Returns once PostgreSQL committed.
+
+        Raises the statement's :class:`psycopg2.Error` (nothing committed),
+        :class:`DatabaseUnavailable` (the connection broke: outcome unknown) or
+        :class:`Aborted` (``abort`` set; the statement was never sent or was cancelled).
+        """
+        conn = await self._checkout(abort)
+        broken = False
+        try:
+            cursor = conn.cursor()
+            canceller = _BackendCanceller(conn, self._reactor, abort) if abort is not None else None
+            query = b";\n".join(writes.sql)
+            try:
+                for statement in writes.needs:
+                    if canceller is None:
+                        await _prepared_sql(cursor, statement)
+                    else:
+                        await canceller.statement(functools.partial(_prepared_sql, cursor, statement))
+                if canceller is None:
+                    await cursor.execute(query)
+                else:
+                    await canceller.statement(lambda: cursor.execute(query))
+            finally:
+                if canceller is not None:
+                    await canceller.close()
+        except psycopg2.Error as e:
+            if isinstance(e, (psycopg2.OperationalError, psycopg2.InterfaceError)) and e.pgcode is None:
+                broken = True
+                raise DatabaseUnavailable(f"{desc}: database connection failed") from e
+            raise
+        finally:
+            self._checkin(conn, broken)
+
+
+def rolled_back(error: psycopg2.Error) -> bool:
+    """Whether PostgreSQL's error certainly means the transaction did not commit, so its
+    writes may be sent again: a statement error. Not so for a lost connection (no code), a
+    connection exception (class 08), operator intervention such as a terminated backend (57,
+    except a statement cancel, 57014), a system error (58) or an internal error (XX): there
+    the commit may have happened (e.g. committed locally while a synchronous standby was
+    awaited)."""
+    code = getattr(error, "pgcode", None)
+    if code is None:
+        return False
+    if code == psycopg2.errorcodes.QUERY_CANCELED:
+        return True
+    return not code.startswith(("08", "57", "58", "XX"))
+
+
+@dataclass
+class Writes:
+    """A batch's queued writes: the statements (sent as one implicit transaction) and the
+    prepared statements whose ``EXECUTE`` they contain, which must exist on whichever pooled
+    connection sends them."""
+
+    sql: list[bytes] = field(default_factory=list)
+    needs: list[Prepared] = field(default_factory=list)
+
+
+class _Member:
+    """One batch waiting in the group commit; ``done`` fires when its writes committed."""
+
+    __slots__ = ("abort", "desc", "done", "writes")
+
+    def __init__(self, desc: str, writes: Writes, abort: AbortSignal | None) -> None:
+        self.desc = desc
+        self.writes = writes
+        self.abort = abort
+        self.done: Deferred[None] = Deferred()
+
+
+#: How long a write sent in the group commit's slot may wait for a row lock (seconds) before
+#: it is rolled back and its batches are sent again on their own, outside the slot.
+GROUP_LOCK_TIMEOUT = 0.1
+
+
+class GroupCommit:
+    """Leader/follower group commit for :meth:`Database.run_batched`.
+
+    WHY: a commit costs PostgreSQL far more CPU than the few rows of one accepted message
+    (transaction start and end, the commit record, the WAL flush, one query's protocol round
+    trip): in a measurement on two cores, single-row write transactions cost 0.28–0.40 ms of
+    PostgreSQL CPU per row, and the same rows four to a transaction 0.16–0.21 ms.
+
+    How: a batch whose writes are ready is sent at once when no commit is in flight — no
+    timer, so a lone message waits for nothing. While a commit is in flight, batches queue;
+    when it returns, everything queued is sent as one multi-statement query (one implicit
+    transaction, one commit), up to ``max_members`` batches or ``max_bytes`` of SQL. Under load
+    the groups grow by themselves to what arrived during one commit.
+
+    Failure isolation: if the shared transaction fails with a statement error (PostgreSQL
+    rolled all of it back, :func:`rolled_back`), each member is sent again on its own, so only
+    the batch whose statement fails gets the error. A broken connection or a terminated
+    backend leaves the outcome unknown for every member (as for a lone batch), so each gets
+    that error (:class:`DatabaseUnavailable` for a lost connection) and none is resent.
+    A member's :class:`AbortSignal` withdraws it while it waits; once its group is in flight
+    the signal cancels the group's query in PostgreSQL, the aborted member gets
+    :class:`Aborted`, and the others are sent again on their own.
+
+    Head-of-line: only ``max_in_flight`` commits are in flight, so a commit stuck on a row lock
+    (an account being deleted holds its agents' rows, and every message insert checks its
+    agent's row) would hold up every tenant's mail. Everything sent in the slot therefore runs
+    with ``lock_timeout`` (:data:`GROUP_LOCK_TIMEOUT`): past it the transaction is rolled back
+    and its batches are sent again on their own, outside the slot, where they wait for the lock
+    as long as it takes (or until their abort). Resends never occupy the slot.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        max_in_flight: int = 1,
+        max_members: int = 64,
+        max_bytes: int = 8 << 20,
+        lock_timeout: float = GROUP_LOCK_TIMEOUT,
+    ) -> None:
+        self._db = db
+        self._max_in_flight = max_in_flight
+        self._max_members = max_members
+        self._max_bytes = max_bytes
+        self._lock_timeout = f"SET LOCAL lock_timeout = {int(lock_timeout * 1000)}".encode()
+        self._pending: list[_Member] = []
+        self._in_flight = 0
+        #: Transactions that committed and the batches they carried (for tests; never reset).
+        self.commits = 0
+        self.batches = 0
+
+    async def commit(self, desc: str, writes: Writes, abort: AbortSignal | None = None) -> None:
+        """Return once ``writes`` committed (alone or in a group); raise what :meth:`Database.send_writes`
+        raises for them."""
+        if abort is not None:
+            abort.check()
+        member = _Member(desc, writes, abort)
+        self._pending.append(member)
+        withdraw = abort.on_request(lambda: self._withdraw(member)) if abort is not None else None
+        self._start()
+        try:
+            await member.done
+        finally:
+            if withdraw is not None:
+                withdraw()
+
+    def _withdraw(self, member: _Member) -> None:
+        if member in self._pending:
+            self._pending.remove(member)
+            member.done.errback(Aborted())
+
+    def _take(self) -> list[_Member]:
+        group = [self._pending[0]]
+        size = sum(map(len, group[0].writes.sql))
+        for member in self._pending[1:]:
+            more = sum(map(len, member.writes.sql))
+            if len(group) >= self._max_members or size + more > self._max_bytes:
+                break
+            group.append(member)
+            size += more
+        del self._pending[: len(group)]
+        return group
+
+    def _start(self) -> None:
+        while self._pending and self._in_flight < self._max_in_flight:
+            group = self._take()
+            self._in_flight += 1
+            Deferred.fromCoroutine(self._send(group)).addBoth(self._sent)
+
+    def _sent(self, result: object) -> None:
+        self._in_flight -= 1
+        if isinstance(result, Failure):
+            log.failure("group commit failed unexpectedly", result)
+        self._start()
+
+    async def _send(self, group: list[_Member]) -> None:
+        """Send one group (or one lone batch) in the slot; see the class docstring."""
+        if len(group) == 1:
+            signal, withdraws = group[0].abort, []
+        else:
+            signal = AbortSignal()
+            withdraws = [m.abort.on_request(signal.request) for m in group if m.abort is not None]
+        joined = Writes([self._lock_timeout])
+        for m in group:
+            joined.sql.extend(m.writes.sql)
+            joined.needs.extend(st for st in m.writes.needs if st not in joined.needs)
+        try:
+            await self._db.send_writes(group[0].desc if len(group) == 1 else "group_commit", joined, signal)
+        except (psycopg2.Error, Aborted) as e:
+            if isinstance(e, psycopg2.Error) and not rolled_back(e):
+                self._fail(group, e)  # the outcome is unknown: nothing may be sent again
+                return
+            lock_wait = getattr(e, "pgcode", None) == psycopg2.errorcodes.LOCK_NOT_AVAILABLE
+            if len(group) == 1 and not lock_wait:
+                self._fail(group, e)  # the batch's own error (or its own abort)
+                return
+            # Rolled back as a whole: each member again on its own, outside the slot (so one
+            # that waits on a lock holds up neither the others nor the next group), and an
+            # error or an abort reaches only the batch it belongs to.
+            for m in group:
+                if m.abort is not None and m.abort.requested:
+                    m.done.errback(Aborted())
+                else:
+                    Deferred.fromCoroutine(self._alone(m))
+        except BaseException as e:
+            self._fail(group, e)
+        else:
+            self.commits += 1
+            self.batches += len(group)
+            for m in group:
+                m.done.callback(None)
+        finally:
+            for withdraw in withdraws:
+                withdraw()
+
+    async def _alone(self, member: _Member) -> None:
+        """Send one member's writes on their own, with no lock timeout (a resend)."""
+        try:
+            await self._db.send_writes(member.desc, member.writes, member.abort)
+        except BaseException as e:
+            member.done.errback(Failure(e))
+        else:
+            self.commits += 1
+            self.batches += 1
+            member.done.callback(None)
+
+    @staticmethod
+    def _fail(group: list[_Member], error: BaseException) -> None:
+        for m in group:
+            m.done.errback(Failure(error))
 
 
 def _dict_rows(cursor: txpostgres.Cursor) -> list[dict[str, Any]]:
@@ -413,6 +663,7 @@ class BatchTxn(Txn):
     def __init__(self, cursor: txpostgres.Cursor, canceller: _BackendCanceller | None = None) -> None:
         super().__init__(cursor)
         self._queued: list[bytes] = []
+        self._needs: list[Prepared] = []
         self.canceller = canceller
 
     async def _run(self, sql: str | bytes, params: Sequence[Any] | dict[str, Any] | None = None) -> None:
@@ -446,19 +697,21 @@ class BatchTxn(Txn):
         return _dict_rows(self._cursor)
 
     async def execute_prepared(self, statement: Prepared, params: dict[str, Any]) -> None:
-        """Queue an ``EXECUTE`` (the ``PREPARE``, once per connection, runs now on its own)."""
-        self._queued.append(self._cursor.mogrify(await self._prepared(statement), params))
+        """Queue an ``EXECUTE``; the connection that sends the writes prepares it first (once
+        per connection, as its own statement)."""
+        if statement not in self._needs:
+            self._needs.append(statement)
+        self._queued.append(self._cursor.mogrify(statement.execute_sql, params))
 
     @property
     def rowcount(self) -> int:
         raise TypeError("rowcount is not available for batched writes")
 
-    async def flush(self) -> None:
-        """Send every queued write as one implicit transaction (no-op when nothing is queued)."""
-        if not self._queued:
-            return
-        queued, self._queued = self._queued, []
-        await self._run(b";\n".join(queued))
+    def take_writes(self) -> Writes:
+        """The queued writes, for :meth:`Database.run_batched` to commit (empty when none)."""
+        writes = Writes(self._queued, self._needs)
+        self._queued, self._needs = [], []
+        return writes
 
 
 def quote_dsn_value(value: str) -> str:

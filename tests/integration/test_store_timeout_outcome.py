@@ -15,8 +15,9 @@ import pytest_twisted
 
 from twisted.internet import defer, reactor, task
 
+from e2a.abort import Aborted
 from e2a.smtp import session as smtp_session
-from e2a.store.database import BatchTxn, _BackendCanceller
+from e2a.store.database import BatchTxn, Database, _BackendCanceller
 from tests.support.inboundstack import DOMAIN, InboundStack, message, send
 
 BOT = f"bot@{DOMAIN}"
@@ -33,6 +34,13 @@ async def stack(db):
 async def _copies(db, message_id: str) -> int:
     row = await db.fetchone("SELECT count(*) AS n FROM messages WHERE email_message_id = %s", (message_id,))
     return int(row["n"])
+
+
+async def _warm(port: int) -> None:
+    """One message first: the pooled connection that sends the writes has then prepared their
+    statements, so the write query itself goes out as soon as ``send_writes`` starts."""
+    reply = await send(port, "alice@example.com", [BOT], message("<warm-up@x>"))
+    assert reply.code == 250, reply
 
 
 def _stall_reactor(dsn: str, seconds: float) -> None:
@@ -76,9 +84,10 @@ async def test_store_timeout_with_answer_pending_reply_matches_rows(stack, db, d
     → the transaction stops before its writes (451, 0 rows); the commit → it won the race
     (250 with the stored id). Never 451 for stored copies (the old behaviour)."""
     port = stack.listen(store_timeout=STORE_TIMEOUT)
+    await _warm(port)
     stalled: list[str] = []
     reads: list[str] = []
-    original_read, original_flush = BatchTxn.fetchall_prepared, BatchTxn.flush
+    original_read, original_send = BatchTxn.fetchall_prepared, Database.send_writes
 
     async def read(self, statement, params):
         d = defer.Deferred.fromCoroutine(original_read(self, statement, params))  # query sent now
@@ -94,15 +103,15 @@ async def test_store_timeout_with_answer_pending_reply_matches_rows(stack, db, d
             await task.deferLater(reactor, 0, lambda: None)
         return await d
 
-    async def flush(self):
-        d = defer.Deferred.fromCoroutine(original_flush(self))  # the writes are sent now
+    async def send_writes(self, desc, writes, abort):
+        d = defer.Deferred.fromCoroutine(original_send(self, desc, writes, abort))  # the writes are sent now
         if where == "commit" and not stalled:
             stalled.append(where)
             _stall_reactor(db_dsn, STORE_TIMEOUT + 0.5)
         return await d
 
     monkeypatch.setattr(BatchTxn, "fetchall_prepared", read)
-    monkeypatch.setattr(BatchTxn, "flush", flush)
+    monkeypatch.setattr(Database, "send_writes", send_writes)
     reply = await send(port, "alice@example.com", [BOT, f"other@{DOMAIN}"], message(f"<{where}@x>"))
     assert stalled == [where]
     await task.deferLater(reactor, 0.3, lambda: None)
@@ -170,20 +179,21 @@ async def test_cancel_request_slower_than_grace_after_commit_answers_250(stack, 
             cancels.append("sent")
             self._sent = held
 
-    original_flush = BatchTxn.flush
+    await _warm(port)
+    original_send = Database.send_writes
     stalled: list[str] = []
 
-    async def flush(self):
-        d = defer.Deferred.fromCoroutine(original_flush(self))  # the writes are sent now
+    async def send_writes(self, desc, writes, abort):
+        d = defer.Deferred.fromCoroutine(original_send(self, desc, writes, abort))  # the writes are sent now
         if not stalled:
             stalled.append("commit")
             # The abort is set while the writes are in flight (as store_timeout would; the
             # session's own timer then finds it set and starts ABORT_GRACE).
-            self.canceller.abort.request()
+            abort.request()
         return await d
 
     monkeypatch.setattr(_BackendCanceller, "_on_abort", on_abort)
-    monkeypatch.setattr(BatchTxn, "flush", flush)
+    monkeypatch.setattr(Database, "send_writes", send_writes)
     try:
         reply = await send(port, "alice@example.com", [BOT, f"other@{DOMAIN}"], message("<slow-cancel@x>"))
     finally:
@@ -198,25 +208,19 @@ async def test_canceled_reported_after_commit_applied_answers_250(stack, db, mon
     statement "canceled" although its COMMIT was applied (the accept raises Aborted). The
     session reads whether the first id is stored: 250 with it, not 451."""
     port = stack.listen()
-    original_flush = BatchTxn.flush
+    original_send = Database.send_writes
     staged: list[str] = []
 
-    async def flush(self):
-        if self._queued and not staged:
+    async def send_writes(self, desc, writes, abort):
+        if not staged:
             staged.append("canceled after commit")
+            await original_send(self, desc, writes, None)  # the writes commit here
+            abort.request()  # store_timeout fires at this instant
+            # What the canceller makes of PostgreSQL's "canceling statement due to user request".
+            raise Aborted("statement cancelled on abort, rolled back")
+        return await original_send(self, desc, writes, abort)
 
-            async def run(sql, params=None):
-                async def committed_then_canceled():
-                    await self._cursor.execute(sql, params)  # the writes commit here
-                    self.canceller.abort.request()  # store_timeout fires at this instant
-                    raise psycopg2.extensions.QueryCanceledError("canceling statement due to user request")
-
-                await self.canceller.statement(committed_then_canceled)
-
-            self._run = run
-        await original_flush(self)
-
-    monkeypatch.setattr(BatchTxn, "flush", flush)
+    monkeypatch.setattr(Database, "send_writes", send_writes)
     reply = await send(port, "alice@example.com", [BOT, f"other@{DOMAIN}"], message("<late-cancel@x>"))
     assert staged == ["canceled after commit"]
     await _assert_250_with_stored_copies(db, reply, "<late-cancel@x>")
