@@ -17,7 +17,7 @@ from twisted.internet import defer, reactor, task
 
 from e2a.abort import Aborted
 from e2a.smtp import session as smtp_session
-from e2a.store.database import BatchTxn, Database, _BackendCanceller
+from e2a.store.database import BatchTxn, _BackendCanceller
 from tests.support.inboundstack import DOMAIN, InboundStack, message, send
 
 BOT = f"bot@{DOMAIN}"
@@ -38,7 +38,7 @@ async def _copies(db, message_id: str) -> int:
 
 async def _warm(port: int) -> None:
     """One message first: the pooled connection that sends the writes has then prepared their
-    statements, so the write query itself goes out as soon as ``send_writes`` starts."""
+    statements, so the write query itself goes out as soon as ``BatchTxn.send`` starts."""
     reply = await send(port, "alice@example.com", [BOT], message("<warm-up@x>"))
     assert reply.code == 250, reply
 
@@ -87,7 +87,7 @@ async def test_store_timeout_with_answer_pending_reply_matches_rows(stack, db, d
     await _warm(port)
     stalled: list[str] = []
     reads: list[str] = []
-    original_read, original_send = BatchTxn.fetchall_prepared, Database.send_writes
+    original_read, original_send = BatchTxn.fetchall_prepared, BatchTxn.send
 
     async def read(self, statement, params):
         d = defer.Deferred.fromCoroutine(original_read(self, statement, params))  # query sent now
@@ -103,15 +103,15 @@ async def test_store_timeout_with_answer_pending_reply_matches_rows(stack, db, d
             await task.deferLater(reactor, 0, lambda: None)
         return await d
 
-    async def send_writes(self, desc, writes, abort):
-        d = defer.Deferred.fromCoroutine(original_send(self, desc, writes, abort))  # the writes are sent now
+    async def send_now(self, first, writes):
+        d = defer.Deferred.fromCoroutine(original_send(self, first, writes))  # the writes are sent now
         if where == "commit" and not stalled:
             stalled.append(where)
             _stall_reactor(db_dsn, STORE_TIMEOUT + 0.5)
         return await d
 
     monkeypatch.setattr(BatchTxn, "fetchall_prepared", read)
-    monkeypatch.setattr(Database, "send_writes", send_writes)
+    monkeypatch.setattr(BatchTxn, "send", send_now)
     reply = await send(port, "alice@example.com", [BOT, f"other@{DOMAIN}"], message(f"<{where}@x>"))
     assert stalled == [where]
     await task.deferLater(reactor, 0.3, lambda: None)
@@ -180,20 +180,20 @@ async def test_cancel_request_slower_than_grace_after_commit_answers_250(stack, 
             self._sent = held
 
     await _warm(port)
-    original_send = Database.send_writes
+    original_send = BatchTxn.send
     stalled: list[str] = []
 
-    async def send_writes(self, desc, writes, abort):
-        d = defer.Deferred.fromCoroutine(original_send(self, desc, writes, abort))  # the writes are sent now
+    async def send_now(self, first, writes):
+        d = defer.Deferred.fromCoroutine(original_send(self, first, writes))  # the writes are sent now
         if not stalled:
             stalled.append("commit")
             # The abort is set while the writes are in flight (as store_timeout would; the
             # session's own timer then finds it set and starts ABORT_GRACE).
-            abort.request()
+            self.canceller.abort.request()
         return await d
 
     monkeypatch.setattr(_BackendCanceller, "_on_abort", on_abort)
-    monkeypatch.setattr(Database, "send_writes", send_writes)
+    monkeypatch.setattr(BatchTxn, "send", send_now)
     try:
         reply = await send(port, "alice@example.com", [BOT, f"other@{DOMAIN}"], message("<slow-cancel@x>"))
     finally:
@@ -208,19 +208,19 @@ async def test_canceled_reported_after_commit_applied_answers_250(stack, db, mon
     statement "canceled" although its COMMIT was applied (the accept raises Aborted). The
     session reads whether the first id is stored: 250 with it, not 451."""
     port = stack.listen()
-    original_send = Database.send_writes
+    original_send = BatchTxn.send
     staged: list[str] = []
 
-    async def send_writes(self, desc, writes, abort):
+    async def send_now(self, first, writes):
         if not staged:
             staged.append("canceled after commit")
-            await original_send(self, desc, writes, None)  # the writes commit here
-            abort.request()  # store_timeout fires at this instant
+            await original_send(self, first, writes)  # the writes commit here
+            self.canceller.abort.request()  # store_timeout fires at this instant
             # What the canceller makes of PostgreSQL's "canceling statement due to user request".
             raise Aborted("statement cancelled on abort, rolled back")
-        return await original_send(self, desc, writes, abort)
+        return await original_send(self, first, writes)
 
-    monkeypatch.setattr(Database, "send_writes", send_writes)
+    monkeypatch.setattr(BatchTxn, "send", send_now)
     reply = await send(port, "alice@example.com", [BOT, f"other@{DOMAIN}"], message("<late-cancel@x>"))
     assert staged == ["canceled after commit"]
     await _assert_250_with_stored_copies(db, reply, "<late-cancel@x>")

@@ -269,3 +269,25 @@ async def test_commit_waiting_on_a_lock_leaves_the_slot_to_other_tenants(gdb, db
     await stuck
     await grouped[0]
     assert await _ids(gdb, "u") == [1, 2]
+
+
+@pytest_twisted.ensureDeferred
+async def test_lone_batch_sends_on_its_own_connection_and_leaves_the_slot_on_a_lock(gdb, db_dsn):
+    """With the slot free and nothing queued, a batch's writes go out on the connection that
+    ran its reads (no second checkout); stuck on a lock past the lock timeout it leaves the
+    slot, so the next batch commits while it waits."""
+    gdb._commits = GroupCommit(gdb)  # the default lock timeout
+    holder = _locker(db_dsn, "u")
+
+    async def txn(batch, table, i):
+        await batch.execute(f"INSERT INTO {table} (id) VALUES (%s)", (i,))
+
+    stuck = defer.Deferred.fromCoroutine(gdb.run_batched("stuck", txn, "u", 1))
+    await _wait_blocked(db_dsn, "u")
+    await gdb.run_batched("next", txn, "t", 1)  # commits in the slot the stuck one left
+    assert not stuck.called and await _ids(gdb, "t") == [1]
+    holder.rollback()
+    holder.close()
+    await stuck
+    assert await _ids(gdb, "u") == [1]
+    assert (gdb._commits.commits, gdb._commits.batches) == (1, 1)  # the resend is outside the slot
