@@ -14,7 +14,6 @@ Design (Synapse's ``runInteraction``, Buildbot's connector):
 
 from __future__ import annotations
 
-import functools
 import re
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
@@ -343,9 +342,9 @@ class Database:
             Aborted: ``abort`` was set and nothing was committed.
         """
         batches: list[BatchTxn] = []
-        # What is left to send once the reads' connection is back in the pool: the writes
-        # and how (None: nothing left, they committed on that connection).
-        left: list[tuple[Writes, bool] | None] = []
+        # What is left to send once the reads' connection is back in the pool: the writes,
+        # and whether alone (True: a lock timeout in the slot) or through the group commit.
+        left: list[tuple[Writes, bool]] = []
 
         async def reads(conn: txpostgres.Connection) -> T:
             batch = BatchTxn(conn.cursor(), _BackendCanceller(conn, self._reactor, abort) if abort else None)
@@ -358,7 +357,7 @@ class Database:
                     # Nothing to share a commit with: send now on this connection, in the slot.
                     committed = False
                     try:
-                        await batch.send(self._commits.lock_timeout_sql, writes)
+                        await batch.send(writes, first=self._commits.lock_timeout_sql)
                         committed = True
                     except psycopg2.Error as e:
                         if getattr(e, "pgcode", None) != psycopg2.errorcodes.LOCK_NOT_AVAILABLE:
@@ -366,8 +365,8 @@ class Database:
                         left.append((writes, True))  # waits for the lock outside the slot
                     finally:
                         self._commits.release(committed)
-                else:
-                    left.append((writes, False) if writes.sql else None)
+                elif writes.sql:
+                    left.append((writes, False))
                 return result
             finally:
                 if batch.canceller is not None:
@@ -377,7 +376,7 @@ class Database:
 
         for attempt in range(1, MAX_ATTEMPTS + 1):
             result = await self._on_connection(desc, reads, abort)
-            if left and left[0] is not None:
+            if left:
                 writes, alone = left[0]
                 try:
                     if alone:
@@ -405,22 +404,12 @@ class Database:
         conn = await self._checkout(abort)
         broken = False
         try:
-            cursor = conn.cursor()
-            canceller = _BackendCanceller(conn, self._reactor, abort) if abort is not None else None
-            query = b";\n".join(writes.sql)
+            batch = BatchTxn(conn.cursor(), _BackendCanceller(conn, self._reactor, abort) if abort else None)
             try:
-                for statement in writes.needs:
-                    if canceller is None:
-                        await _prepared_sql(cursor, statement)
-                    else:
-                        await canceller.statement(functools.partial(_prepared_sql, cursor, statement))
-                if canceller is None:
-                    await cursor.execute(query)
-                else:
-                    await canceller.statement(lambda: cursor.execute(query))
+                await batch.send(writes)
             finally:
-                if canceller is not None:
-                    await canceller.close()
+                if batch.canceller is not None:
+                    await batch.canceller.close()
         except psycopg2.Error as e:
             if isinstance(e, (psycopg2.OperationalError, psycopg2.InterfaceError)) and e.pgcode is None:
                 broken = True
@@ -751,12 +740,13 @@ class BatchTxn(Txn):
     def rowcount(self) -> int:
         raise TypeError("rowcount is not available for batched writes")
 
-    async def send(self, first: bytes, writes: Writes) -> None:
-        """Send ``first`` and ``writes`` as one implicit transaction on this batch's connection
-        (under its abort signal), preparing what their ``EXECUTE``s need first."""
+    async def send(self, writes: Writes, first: bytes | None = None) -> None:
+        """Send ``writes`` (after ``first``, when given) as one implicit transaction on this
+        batch's connection, under its abort signal, preparing what their ``EXECUTE``s need on
+        this connection first."""
         for statement in writes.needs:
             await self._prepared(statement)
-        await self._run(b";\n".join([first, *writes.sql]))
+        await self._run(b";\n".join(writes.sql if first is None else [first, *writes.sql]))
 
     def take_writes(self) -> Writes:
         """The queued writes, for :meth:`Database.run_batched` to commit (empty when none)."""

@@ -103,8 +103,8 @@ async def test_store_timeout_with_answer_pending_reply_matches_rows(stack, db, d
             await task.deferLater(reactor, 0, lambda: None)
         return await d
 
-    async def send_now(self, first, writes):
-        d = defer.Deferred.fromCoroutine(original_send(self, first, writes))  # the writes are sent now
+    async def send_now(self, writes, first=None):
+        d = defer.Deferred.fromCoroutine(original_send(self, writes, first))  # the writes are sent now
         if where == "commit" and not stalled:
             stalled.append(where)
             _stall_reactor(db_dsn, STORE_TIMEOUT + 0.5)
@@ -183,8 +183,8 @@ async def test_cancel_request_slower_than_grace_after_commit_answers_250(stack, 
     original_send = BatchTxn.send
     stalled: list[str] = []
 
-    async def send_now(self, first, writes):
-        d = defer.Deferred.fromCoroutine(original_send(self, first, writes))  # the writes are sent now
+    async def send_now(self, writes, first=None):
+        d = defer.Deferred.fromCoroutine(original_send(self, writes, first))  # the writes are sent now
         if not stalled:
             stalled.append("commit")
             # The abort is set while the writes are in flight (as store_timeout would; the
@@ -211,14 +211,14 @@ async def test_canceled_reported_after_commit_applied_answers_250(stack, db, mon
     original_send = BatchTxn.send
     staged: list[str] = []
 
-    async def send_now(self, first, writes):
+    async def send_now(self, writes, first=None):
         if not staged:
             staged.append("canceled after commit")
-            await original_send(self, first, writes)  # the writes commit here
+            await original_send(self, writes, first)  # the writes commit here
             self.canceller.abort.request()  # store_timeout fires at this instant
             # What the canceller makes of PostgreSQL's "canceling statement due to user request".
             raise Aborted("statement cancelled on abort, rolled back")
-        return await original_send(self, first, writes)
+        return await original_send(self, writes, first)
 
     monkeypatch.setattr(BatchTxn, "send", send_now)
     reply = await send(port, "alice@example.com", [BOT, f"other@{DOMAIN}"], message("<late-cancel@x>"))
