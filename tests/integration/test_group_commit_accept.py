@@ -7,11 +7,12 @@ from __future__ import annotations
 import psycopg2
 import pytest_twisted
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 
 from e2a.store.database import GroupCommit
 from e2a.store.events import CHANNEL_INBOUND, EventListener
 from tests.support.inboundstack import DOMAIN, InboundStack, message, send
+from tests.support.waiting import wait_for
 
 BOT = f"bot@{DOMAIN}"
 SENDERS = 10
@@ -25,14 +26,6 @@ async def stack(db):
     s = await InboundStack(db).setup({"bot": "local"})
     yield s
     await s.close()
-
-
-async def _until(predicate, what: str) -> None:
-    for _ in range(500):
-        if predicate():
-            return
-        await task.deferLater(reactor, 0.02, lambda: None)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest_twisted.ensureDeferred
@@ -53,7 +46,7 @@ async def test_concurrent_messages_share_a_commit_and_each_is_stored_and_announc
         defer.Deferred.fromCoroutine(send(port, "alice@example.com", [BOT], message(f"<g{i}@example.com>")))
         for i in range(SENDERS)
     ]
-    await _until(lambda: commits._in_flight == 1 and len(commits._pending) == SENDERS - 1, "nine queued accepts")
+    await wait_for(lambda: commits._in_flight == 1 and len(commits._pending) == SENDERS - 1, timeout=10, step=0.02)
     holder.rollback()
     holder.close()
     replies = await defer.gatherResults(sends)
@@ -65,7 +58,7 @@ async def test_concurrent_messages_share_a_commit_and_each_is_stored_and_announc
         assert {r["id"] for r in rows} == ids
         assert sorted(r["email_message_id"] for r in rows) == sorted(f"<g{i}@example.com>" for i in range(SENDERS))
         assert (commits.commits, commits.batches) == (2, SENDERS)
-        await _until(lambda: len(notified) == SENDERS, "ten notifications")
+        await wait_for(lambda: len(notified) == SENDERS, timeout=10, step=0.02)
         assert {n.split("\t")[1] for n in notified} == ids
     finally:
         listener.stop()
@@ -94,8 +87,8 @@ async def test_failing_insert_in_a_shared_commit_fails_only_its_message(stack, d
     for name in names:
         sends[name] = defer.Deferred.fromCoroutine(send(port, "alice@example.com", [BOT], message(name)))
         if name == names[0]:
-            await _until(lambda: commits._in_flight == 1, "the first accept in flight")
-    await _until(lambda: len(commits._pending) == 3, "three queued accepts")
+            await wait_for(lambda: commits._in_flight == 1, timeout=10, step=0.02)
+    await wait_for(lambda: len(commits._pending) == 3, timeout=10, step=0.02)
     holder.rollback()
     holder.close()
     replies = {name: await d for name, d in sends.items()}

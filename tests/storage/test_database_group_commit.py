@@ -9,10 +9,11 @@ import psycopg2.errorcodes
 import pytest
 import pytest_twisted
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 
 from e2a.abort import Aborted, AbortSignal
 from e2a.store.database import Database, DatabaseUnavailable, GroupCommit, Prepared, Writes, rolled_back
+from tests.support.waiting import wait_for
 
 INSERT_T = Prepared("test_group_insert_t", "INSERT INTO t (id) VALUES (%(id)s)")
 
@@ -34,15 +35,6 @@ async def _ids(db: Database, table: str) -> list[int]:
     return [r["id"] for r in await db.fetchall(f"SELECT id FROM {table} ORDER BY id")]
 
 
-async def _until(predicate, what: str, limit: float = 10.0) -> None:
-    """Wait on the reactor until ``predicate()`` holds (a lock wait is real PostgreSQL time)."""
-    for _ in range(int(limit / 0.02)):
-        if predicate():
-            return
-        await task.deferLater(reactor, 0.02, lambda: None)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 async def _blocked_on_lock(dsn: str, table: str) -> bool:
     conn = psycopg2.connect(dsn)
     try:
@@ -57,11 +49,8 @@ async def _blocked_on_lock(dsn: str, table: str) -> bool:
 
 
 async def _wait_blocked(dsn: str, table: str) -> None:
-    for _ in range(500):
-        if await _blocked_on_lock(dsn, table):
-            return
-        await task.deferLater(reactor, 0.02, lambda: None)
-    raise AssertionError(f"no insert into {table} ever waited for its lock")
+    """Until an insert into ``table`` waits for its lock in PostgreSQL."""
+    await wait_for(lambda: _blocked_on_lock(dsn, table), timeout=10, step=0.02)
 
 
 def _locker(dsn: str, table: str):
@@ -91,7 +80,7 @@ async def test_batches_finishing_during_a_commit_share_the_next_one(gdb, db_dsn)
 
     runs = [defer.Deferred.fromCoroutine(gdb.run_batched("group", txn, i)) for i in range(20)]
     await _wait_blocked(db_dsn, "t")
-    await _until(lambda: len(gdb._commits._pending) == 19, "the other batches to queue")
+    await wait_for(lambda: len(gdb._commits._pending) == 19, timeout=10, step=0.02)
     holder.rollback()
     holder.close()
     assert await defer.gatherResults(runs) == list(range(20))
@@ -117,7 +106,7 @@ async def test_one_failing_batch_in_a_group_fails_alone(gdb, db_dsn):
     blocker = defer.Deferred.fromCoroutine(gdb.run_batched("first", first))
     await _wait_blocked(db_dsn, "u")
     runs = {i: defer.Deferred.fromCoroutine(gdb.run_batched("group", txn, i)) for i in (5, 6, 7, 8)}
-    await _until(lambda: len(gdb._commits._pending) == 4, "the batches to queue")
+    await wait_for(lambda: len(gdb._commits._pending) == 4, timeout=10, step=0.02)
     holder.rollback()
     holder.close()
     await blocker
