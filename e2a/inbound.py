@@ -69,10 +69,12 @@ class TraceInput:
 @dataclass
 class _Reservations:
     """The slots one accept reserved (agent per reservation, recorded before any await so a
-    failure anywhere releases them) and the committed jobs that will use them."""
+    failure anywhere releases them), the jobs inserted asking for a lease, and the
+    transaction that tells, once committed, which leases PostgreSQL granted."""
 
     reserved: list[str] = field(default_factory=list)
     jobs: list[ClaimedJob] = field(default_factory=list)
+    txn: Txn | None = None
 
 
 @dataclass
@@ -231,7 +233,13 @@ class InboundPipeline:
         )
         assert port is not None or not fresh.jobs
         for job in fresh.jobs:
-            port.start_fresh(job)  # type: ignore[union-attr]
+            assert port is not None and fresh.txn is not None
+            if deliveries.lease_granted(fresh.txn, job.id):
+                port.start_fresh(job)
+            else:
+                # Another process's leases filled the agent's slots (or held its lock) after
+                # our count: the job was committed queued, with a NOTIFY; the slot goes back.
+                port.release_fresh(job.agent_id)
         return first_id
 
     async def _committed(self, outcome: _Outcome) -> str | None:
@@ -264,6 +272,7 @@ class InboundPipeline:
         content_sha256: str | None = None,
     ) -> str:
         self._release(fresh)  # a retried transaction starts afresh
+        fresh.txn = txn
         if outcome is not None:
             outcome.first_id, outcome.new_id = "", None
         first_id = ""
@@ -319,11 +328,12 @@ class InboundPipeline:
                 message_id=message_id,
                 stored=stored,
             )
-            lease_until = None
+            lease = None
             if self.delivery is not None and agent["agent_mode"] == "cloud" and agent["webhook_status"] != "disabled":
                 lease_until = self.delivery.reserve_fresh(agent["id"], agent["in_flight"], agent["user_id"])
                 if lease_until is not None:
                     fresh.reserved.append(agent["id"])  # before any await: released on failure
+                    lease = deliveries.FreshLease(lease_until, received_at, self.delivery.max_per_agent)
             display_from = view.display_sender()
             copy = await store_copy_txn(
                 txn,
@@ -339,11 +349,11 @@ class InboundPipeline:
                 conversation_id=agent["conversation_id"],
                 received_at=received_at,
                 notify_delivery=False,
-                lease_until=lease_until,
+                lease=lease,
                 content_sha256=content_sha256,
             )
             await metrics_of(self).stored_copy_txn(txn, "smtp", agent["id"])
-            if lease_until is not None:
+            if lease is not None:
                 assert copy.delivery_id is not None
                 fresh.jobs.append(
                     ClaimedJob(
@@ -383,12 +393,13 @@ async def store_copy_txn(
     conversation_id: str,
     received_at: datetime,
     notify_delivery: bool,
-    lease_until: datetime | None = None,
+    lease: deliveries.FreshLease | None = None,
     content_sha256: str | None = None,
 ) -> StoredCopy:
     """Insert one signed inbound copy and announce it: a delivery job for a cloud agent (the
     NOTIFY on the delivery channel is sent here or, for a batch, once by the caller; a job
-    inserted leased until ``lease_until`` is this process's to attempt and needs none), a
+    inserted asking for ``lease`` is this process's to attempt if the lease is granted, and
+    is announced by the store when it is not: :func:`e2a.store.deliveries.insert_job_txn`), a
     per-message NOTIFY for a local agent's WebSockets. SMTP and internal mail share this.
     ``content_sha256`` (:func:`content_digest`) is what a later resend must match to be
     suppressed as its duplicate; None (internal mail) never matches."""
@@ -421,8 +432,8 @@ async def store_copy_txn(
     )
     delivery_id = None
     if agent["agent_mode"] == "cloud":
-        delivery_id = await enqueue_delivery_txn(txn, fields.message_id, agent, lease_until)
-        if notify_delivery and lease_until is None:
+        delivery_id = await enqueue_delivery_txn(txn, fields.message_id, agent, lease)
+        if notify_delivery and lease is None:
             await txn.notify(CHANNEL_DELIVERY, "")
     else:
         await txn.notify(CHANNEL_INBOUND, f"{agent['id']}\t{fields.message_id}")
@@ -465,10 +476,10 @@ def _attempt_row(
 
 
 async def enqueue_delivery_txn(
-    txn: Txn, message_id: str, agent: dict[str, Any], lease_until: datetime | None = None
+    txn: Txn, message_id: str, agent: dict[str, Any], lease: deliveries.FreshLease | None = None
 ) -> str:
-    """A webhook delivery job: pending and due now (leased to this process's worker until
-    ``lease_until`` when given), or paused while the webhook is disabled."""
+    """A webhook delivery job: pending and due now (asking for ``lease`` for this process's
+    worker when given), or paused while the webhook is disabled."""
     delivery_id = ids.new_delivery_id()
     await deliveries.insert_job_txn(
         txn,
@@ -477,7 +488,7 @@ async def enqueue_delivery_txn(
         agent["id"],
         agent["webhook_url"],
         paused=agent["webhook_status"] == "disabled",
-        lease_until=lease_until,
+        lease=lease,
     )
     return delivery_id
 

@@ -44,6 +44,10 @@ def lease_seconds(config: WebhooksConfig) -> float:
 class InboundDelivery(Protocol):
     """What :class:`e2a.inbound.InboundPipeline` calls (a :class:`DeliveryPort`, or a test double)."""
 
+    #: ``webhooks.max_concurrency_per_agent``: the accept asks PostgreSQL for a fresh job's
+    #: lease within it (e2a.store.deliveries.FreshLease).
+    max_per_agent: int
+
     def holds(self, agents: Iterable[str]) -> bool: ...
 
     def wait(self, agents: Iterable[str]) -> defer.Deferred[float]: ...
@@ -92,6 +96,7 @@ class DeliveryPort:
             lease_seconds=lease_seconds(config),
         )
         self.backpressure = backpressure
+        self.max_per_agent = config.max_concurrency_per_agent
         self._runner: FreshJobRunner | None = None
 
     def bind(self, runner: FreshJobRunner) -> None:
@@ -125,13 +130,15 @@ class DeliveryPort:
         return self.slots.reserve(agent_id, in_flight_everywhere, user_id)
 
     def release_fresh(self, agent_id: str) -> None:
-        """The accept did not commit (or is retried): the slot goes back and the claim loop wakes."""
+        """The accept did not commit (or is retried), or committed the job without the lease
+        (another process filled the agent's slots first): the slot goes back and the claim
+        loop wakes."""
         self.slots.release(agent_id)
         if self._runner is not None:
             self._runner.wake()
 
     def start_fresh(self, job: ClaimedJob) -> None:
-        """The accept committed the leased row: attempt it in the reserved slot, or, once the
+        """The accept committed the row and PostgreSQL granted its lease: attempt it in the reserved slot, or, once the
         worker is stopping, give the lease back so the next start claims it at once."""
         assert self._runner is not None, "start_fresh without a reservation"
         if self.slots.commit(job.agent_id):

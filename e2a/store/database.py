@@ -106,6 +106,9 @@ class Txn:
     def __init__(self, cursor: txpostgres.Cursor) -> None:
         self._cursor = cursor
         self.after_commit: list[Callable[[], Any]] = []
+        #: The keys the transaction's :meth:`report` statements returned; complete once it
+        #: committed (a batched transaction learns them only then).
+        self.reported: set[str] = set()
 
     async def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> None:
         await self._cursor.execute(sql, params)
@@ -148,6 +151,16 @@ class Txn:
     def call_after(self, fn: Callable[[], Any]) -> None:
         """Run ``fn`` once the transaction has committed (never on rollback or retry)."""
         self.after_commit.append(fn)
+
+    async def report(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> None:
+        """Run a ``SELECT`` of one text column ``key`` after the transaction's writes and add
+        what it returns to :attr:`reported`, readable once the transaction committed.
+
+        WHY: a batched transaction's writes go out in one query whose results nobody reads;
+        a write whose outcome PostgreSQL decides (a lease granted under a lock, see
+        :func:`e2a.store.deliveries.insert_job_txn`) reports it this way, at no extra round trip.
+        """
+        self.reported.update(r["key"] for r in await self.fetchall(sql, params))
 
 
 class Database:
@@ -345,6 +358,7 @@ class Database:
         # What is left to send once the reads' connection is back in the pool: the writes,
         # and whether alone (True: a lock timeout in the slot) or through the group commit.
         left: list[tuple[Writes, bool]] = []
+        reported: set[str] = set()
 
         async def reads(conn: txpostgres.Connection) -> T:
             batch = BatchTxn(conn.cursor(), _BackendCanceller(conn, self._reactor, abort) if abort else None)
@@ -353,11 +367,11 @@ class Database:
             try:
                 result = await fn(batch, *args, **kwargs)
                 writes = batch.take_writes()
-                if writes.sql and self._commits.claim():
+                if writes and self._commits.claim():
                     # Nothing to share a commit with: send now on this connection, in the slot.
                     committed = False
                     try:
-                        await batch.send(writes, first=self._commits.lock_timeout_sql)
+                        reported.update(await batch.send(writes, first=self._commits.lock_timeout_sql))
                         committed = True
                     except psycopg2.Error as e:
                         if getattr(e, "pgcode", None) != psycopg2.errorcodes.LOCK_NOT_AVAILABLE:
@@ -365,7 +379,7 @@ class Database:
                         left.append((writes, True))  # waits for the lock outside the slot
                     finally:
                         self._commits.release(committed)
-                elif writes.sql:
+                elif writes:
                     left.append((writes, False))
                 return result
             finally:
@@ -380,22 +394,24 @@ class Database:
                 writes, alone = left[0]
                 try:
                     if alone:
-                        await self.send_writes(desc, writes, abort)
+                        reported.update(await self.send_writes(desc, writes, abort))
                     else:
-                        await self._commits.commit(desc, writes, abort)
+                        reported.update(await self._commits.commit(desc, writes, abort))
                 except psycopg2.Error as e:
                     code = getattr(e, "pgcode", None)
                     if code in RETRYABLE and attempt < MAX_ATTEMPTS:
                         log.debug("retrying {desc} after {code}", desc=desc, code=code)
                         continue
                     raise
+            batches[-1].reported.update(reported)
             self._run_hooks(desc, batches[-1].after_commit)
             return result
         raise AssertionError("unreachable")
 
-    async def send_writes(self, desc: str, writes: Writes, abort: AbortSignal | None) -> None:
+    async def send_writes(self, desc: str, writes: Writes, abort: AbortSignal | None) -> set[str]:
         """Send ``writes`` as one implicit transaction on a pooled connection, preparing the
-        statements their ``EXECUTE``s need on it first. Returns once PostgreSQL committed.
+        statements their ``EXECUTE``s need on it first. Returns once PostgreSQL committed, with
+        the keys the writes' reports returned.
 
         Raises the statement's :class:`psycopg2.Error` (nothing committed),
         :class:`DatabaseUnavailable` (the connection broke: outcome unknown) or
@@ -406,7 +422,7 @@ class Database:
         try:
             batch = BatchTxn(conn.cursor(), _BackendCanceller(conn, self._reactor, abort) if abort else None)
             try:
-                await batch.send(writes)
+                return await batch.send(writes)
             finally:
                 if batch.canceller is not None:
                     await batch.canceller.close()
@@ -442,6 +458,19 @@ class Writes:
 
     sql: list[bytes] = field(default_factory=list)
     needs: list[Prepared] = field(default_factory=list)
+    #: ``SELECT``s of one text column ``key``, run after every write (:meth:`Txn.report`).
+    reports: list[bytes] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.sql or self.reports)
+
+    def statements(self, first: bytes | None = None) -> bytes:
+        """The one query that sends these writes: ``first``, the writes, then the reports
+        joined into one final ``SELECT`` (whose rows are the query's result)."""
+        parts = self.sql if first is None else [first, *self.sql]
+        if self.reports:
+            parts = [*parts, b" UNION ALL ".join(b"(" + r + b")" for r in self.reports)]
+        return b";\n".join(parts)
 
 
 class _Member:
@@ -453,7 +482,7 @@ class _Member:
         self.desc = desc
         self.writes = writes
         self.abort = abort
-        self.done: Deferred[None] = Deferred()
+        self.done: Deferred[set[str]] = Deferred()
 
 
 #: How long a write sent in the group commit's slot may wait for a row lock (seconds) before
@@ -515,9 +544,10 @@ class GroupCommit:
         self.commits = 0
         self.batches = 0
 
-    async def commit(self, desc: str, writes: Writes, abort: AbortSignal | None = None) -> None:
-        """Return once ``writes`` committed (alone or in a group); raise what :meth:`Database.send_writes`
-        raises for them."""
+    async def commit(self, desc: str, writes: Writes, abort: AbortSignal | None = None) -> set[str]:
+        """Return once ``writes`` committed (alone or in a group), with the keys their reports
+        returned (a group's: every member's, so a member looks up its own); raise what
+        :meth:`Database.send_writes` raises for them."""
         if abort is not None:
             abort.check()
         member = _Member(desc, writes, abort)
@@ -525,7 +555,7 @@ class GroupCommit:
         withdraw = abort.on_request(lambda: self._withdraw(member)) if abort is not None else None
         self._start()
         try:
-            await member.done
+            return await member.done
         finally:
             if withdraw is not None:
                 withdraw()
@@ -555,9 +585,9 @@ class GroupCommit:
 
     def _take(self) -> list[_Member]:
         group = [self._pending[0]]
-        size = sum(map(len, group[0].writes.sql))
+        size = _size(group[0].writes)
         for member in self._pending[1:]:
-            more = sum(map(len, member.writes.sql))
+            more = _size(member.writes)
             if len(group) >= self._max_members or size + more > self._max_bytes:
                 break
             group.append(member)
@@ -588,8 +618,9 @@ class GroupCommit:
         for m in group:
             joined.sql.extend(m.writes.sql)
             joined.needs.extend(st for st in m.writes.needs if st not in joined.needs)
+            joined.reports.extend(m.writes.reports)
         try:
-            await self._db.send_writes(group[0].desc if len(group) == 1 else "group_commit", joined, signal)
+            reported = await self._db.send_writes(group[0].desc if len(group) == 1 else "group_commit", joined, signal)
         except (psycopg2.Error, Aborted) as e:
             if isinstance(e, psycopg2.Error) and not rolled_back(e):
                 self._fail(group, e)  # the outcome is unknown: nothing may be sent again
@@ -612,7 +643,7 @@ class GroupCommit:
             self.commits += 1
             self.batches += len(group)
             for m in group:
-                m.done.callback(None)
+                m.done.callback(reported)
         finally:
             for withdraw in withdraws:
                 withdraw()
@@ -620,18 +651,22 @@ class GroupCommit:
     async def _alone(self, member: _Member) -> None:
         """Send one member's writes on their own, with no lock timeout (a resend)."""
         try:
-            await self._db.send_writes(member.desc, member.writes, member.abort)
+            reported = await self._db.send_writes(member.desc, member.writes, member.abort)
         except BaseException as e:
             member.done.errback(Failure(e))
         else:
             self.commits += 1
             self.batches += 1
-            member.done.callback(None)
+            member.done.callback(reported)
 
     @staticmethod
     def _fail(group: list[_Member], error: BaseException) -> None:
         for m in group:
             m.done.errback(Failure(error))
+
+
+def _size(writes: Writes) -> int:
+    return sum(map(len, writes.sql)) + sum(map(len, writes.reports))
 
 
 def _dict_rows(cursor: txpostgres.Cursor) -> list[dict[str, Any]]:
@@ -697,6 +732,7 @@ class BatchTxn(Txn):
         super().__init__(cursor)
         self._queued: list[bytes] = []
         self._needs: list[Prepared] = []
+        self._reports: list[bytes] = []
         self.canceller = canceller
 
     async def _run(self, sql: str | bytes, params: Sequence[Any] | dict[str, Any] | None = None) -> None:
@@ -740,18 +776,23 @@ class BatchTxn(Txn):
     def rowcount(self) -> int:
         raise TypeError("rowcount is not available for batched writes")
 
-    async def send(self, writes: Writes, first: bytes | None = None) -> None:
+    async def report(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> None:
+        """Queued like a write; its keys reach :attr:`reported` after the commit."""
+        self._reports.append(self._cursor.mogrify(sql, params))
+
+    async def send(self, writes: Writes, first: bytes | None = None) -> set[str]:
         """Send ``writes`` (after ``first``, when given) as one implicit transaction on this
         batch's connection, under its abort signal, preparing what their ``EXECUTE``s need on
-        this connection first."""
+        this connection first. Returns the keys their reports returned."""
         for statement in writes.needs:
             await self._prepared(statement)
-        await self._run(b";\n".join(writes.sql if first is None else [first, *writes.sql]))
+        await self._run(writes.statements(first))
+        return {r["key"] for r in _dict_rows(self._cursor)} if writes.reports else set()
 
     def take_writes(self) -> Writes:
         """The queued writes, for :meth:`Database.run_batched` to commit (empty when none)."""
-        writes = Writes(self._queued, self._needs)
-        self._queued, self._needs = [], []
+        writes = Writes(self._queued, self._needs, self._reports)
+        self._queued, self._needs, self._reports = [], [], []
         return writes
 
 

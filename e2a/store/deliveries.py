@@ -5,17 +5,21 @@ Queue rules:
 * Jobs are claimed by ONE statement, ``UPDATE … FROM (SELECT … FOR UPDATE SKIP LOCKED LIMIT n)
   … RETURNING``, which sets a lease (``leased_until``). Two processes never claim the same row;
   a crashed process's job becomes claimable again when its lease runs out.
-* The claim counts the agent's in-flight leases, so at most ``max_concurrency_per_agent``
-  attempts per agent run at once (exact within a process; across processes two claims that
-  run at the same instant may briefly exceed it, since neither sees the other's uncommitted
-  lease — duplicates are impossible either way, the rows are locked).
+* At most ``max_concurrency_per_agent`` attempts per agent are leased at once, in every
+  process and node together. A statement that leases an agent's job beyond the one it hands
+  on (the claim, a job leased at accept) asks ``e2a_webhook_slots_free`` (schema/0008) first:
+  it holds the agent's advisory lock until the statement's transaction ends and counts the
+  live leases on a snapshot taken after the lock, so two transactions can never both count
+  the same free slot. The lock is only tried, never waited for: an agent whose lock is busy
+  has no free slot for that statement, and its jobs stay queued for the next claim.
 * Every finishing write is guarded by ``attempts = <attempts at claim>``: a worker whose lease
   was lost (and whose job was retried elsewhere) cannot overwrite the newer state.
 * The 2xx write can also lease the same agent's next due job in the SAME statement
   (:func:`record_delivered_and_claim_next`): the finishing attempt's slot is handed on without a
-  claim round trip. It leases only when the guarded update matched, SKIP LOCKED like the
-  claim, and within the same per-agent count (the finishing row excluded, since it is the slot
-  being handed on), so it never allows more in flight than a claim would.
+  claim round trip. It leases only when the guarded update matched and the finishing row's own
+  lease is still live, SKIP LOCKED like the claim, and within the same per-agent count (the
+  finishing row excluded, since it is the slot being handed on). It takes no lock: it swaps
+  one live lease for another in one commit, so every count taken under the lock stays true.
 * Times are passed in (``now``) rather than taken from ``now()``, so the worker's injected clock
   drives the schedule (tests advance a ``task.Clock``; production passes the reactor's time).
 """
@@ -39,10 +43,12 @@ __all__ = [
     "AttemptContext",
     "ClaimedJob",
     "Delivery",
+    "FreshLease",
     "claim_due",
     "count_due",
     "due_by_agent",
     "list_deliveries",
+    "lease_granted",
     "load_attempt",
     "record_delivered",
     "record_delivered_and_claim_next",
@@ -127,9 +133,15 @@ LEFT JOIN LATERAL (
 ) s ON a.user_id IS NOT NULL"""
 
 # One statement claims the jobs AND reads what their attempts need (one autocommit round trip
-# instead of a claim transaction plus a load transaction per job). The per-agent in-flight
-# count is computed once per claim (grouped over the pending, leased rows) rather than once
-# per candidate row, so a large backlog does not make each claim quadratic.
+# instead of a claim transaction plus a load transaction per job).
+#
+# ``due``: the oldest due rows of agents that look as if they have a free slot. That count is
+# grouped once per claim over the leased rows (not once per candidate, so a large backlog does
+# not make each claim quadratic) and, taken on the statement's snapshot, only a pre-filter:
+# it keeps a busy agent's backlog from filling the scan and hiding other agents' jobs.
+# ``free``: the authoritative free slots of each of those agents, under its lock
+# (``e2a_webhook_slots_free``, module docstring), then the rows are locked SKIP LOCKED; the
+# due condition is repeated there so a row leased since the snapshot drops out when locked.
 _CLAIM = Prepared(
     "e2a_claim_deliveries",
     f"""
@@ -138,8 +150,8 @@ WITH in_flight AS (
     FROM deliveries
     WHERE status = 'pending' AND leased_until > %(now)s
     GROUP BY agent_id
-), candidates AS (
-    SELECT c.id, c.agent_id, c.next_attempt_at, COALESCE(f.n, 0) AS in_flight
+), due AS (
+    SELECT c.id, c.agent_id
     FROM deliveries c
     LEFT JOIN in_flight f ON f.agent_id = c.agent_id
     WHERE {_DUE_UNLEASED}
@@ -149,14 +161,23 @@ WITH in_flight AS (
       ))
     ORDER BY c.next_attempt_at, c.id
     LIMIT %(scan)s
+), free AS MATERIALIZED (
+    SELECT agent_id, e2a_webhook_slots_free(agent_id, %(per_agent)s::integer, %(now)s) AS n
+    FROM (SELECT DISTINCT agent_id FROM due) agents_due
+), candidates AS (
+    SELECT c.id, c.agent_id, c.next_attempt_at, f.n AS free
+    FROM deliveries c
+    JOIN due d ON d.id = c.id
+    JOIN free f ON f.agent_id = c.agent_id AND f.n > 0
+    WHERE {_DUE_UNLEASED}
     FOR UPDATE OF c SKIP LOCKED
 ), ranked AS (
-    SELECT r.id, r.next_attempt_at, r.in_flight,
+    SELECT r.id, r.next_attempt_at, r.free,
            row_number() OVER (PARTITION BY r.agent_id ORDER BY r.next_attempt_at, r.id) AS rank_in_agent
     FROM candidates r
 ), chosen AS (
     SELECT id FROM ranked
-    WHERE rank_in_agent + in_flight <= %(per_agent)s
+    WHERE rank_in_agent <= free
     ORDER BY next_attempt_at, id
     LIMIT %(limit)s
 ), {_LEASE_CHOSEN}
@@ -353,7 +374,10 @@ _DELIVERED = Prepared(
 # updated by this command, but it is never a candidate to begin with). The one candidate is
 # the agent's oldest due, unleased job, locked FOR UPDATE SKIP LOCKED as in ``_CLAIM``. The
 # outer SELECT always returns one row: ``delivered`` plus the claimed job's attempt columns
-# (NULL when nothing was leased).
+# (NULL when nothing was leased). The finishing row's lease must still be live: then every
+# count taken under the agent's lock (module docstring) counted it, and swapping it for the
+# next job's lease in one commit keeps each such count true. A row whose lease ran out was
+# not counted, so it hands nothing on (the claim does that, under the lock).
 _DELIVERED_CLAIM_NEXT = Prepared(
     "e2a_delivery_delivered_claim_next",
     f"""
@@ -366,6 +390,7 @@ WITH {_MARK_DELIVERED}, in_flight AS (
     FROM deliveries c
     WHERE c.agent_id = %(agent_id)s AND c.id <> %(id)s AND {_DUE_UNLEASED}
       AND EXISTS (SELECT 1 FROM done)
+      AND EXISTS (SELECT 1 FROM deliveries f WHERE f.id = %(id)s AND f.leased_until > %(now)s)
       AND (SELECT n FROM in_flight) < %(per_agent)s
     ORDER BY c.next_attempt_at, c.id
     LIMIT 1
@@ -623,6 +648,19 @@ async def latest_for_message(db: Database, message_id: str) -> Delivery | None:
     return None if row is None else Delivery.from_row(row)
 
 
+@dataclass(frozen=True)
+class FreshLease:
+    """A lease asked for a job as it is inserted (the accept's fresh job, e2a.delivery.port).
+
+    ``until``: the lease's expiry; ``now``: the time live leases are counted at;
+    ``max_per_agent``: ``webhooks.max_concurrency_per_agent``.
+    """
+
+    until: datetime
+    now: datetime
+    max_per_agent: int
+
+
 async def insert_job_txn(
     txn: Txn,
     delivery_id: str,
@@ -631,15 +669,41 @@ async def insert_job_txn(
     webhook_url: str,
     *,
     paused: bool,
-    lease_until: datetime | None = None,
+    lease: FreshLease | None = None,
 ) -> None:
-    """A webhook delivery job: pending and due now (leased to this process's worker until
-    ``lease_until`` when given), or paused (no due time, no lease) while the webhook is disabled."""
+    """A webhook delivery job: pending and due now, or paused (no due time, no lease) while the
+    webhook is disabled.
+
+    With ``lease``, the job is inserted leased when the agent has a free slot counted under its
+    lock (``e2a_webhook_slots_free``, module docstring): the caller's own count was read before
+    the transaction and may be stale, since another process can have leased meanwhile. Whether
+    it was granted is known once the transaction committed (:func:`lease_granted`); when it is
+    not, the job is queued and a NOTIFY naming the agent wakes the workers' claim, as for any
+    job inserted unleased.
+    """
+    if lease is not None and not paused:
+        params = {
+            "id": delivery_id, "message_id": message_id, "agent_id": agent_id, "url": webhook_url,
+            "until": lease.until, "now": lease.now, "max": lease.max_per_agent, "channel": CHANNEL_DELIVERY,
+        }
+        await txn.execute(
+            "WITH job AS (INSERT INTO deliveries"
+            " (id, message_id, agent_id, webhook_url, status, next_attempt_at, leased_until)"
+            " VALUES (%(id)s, %(message_id)s, %(agent_id)s, %(url)s, 'pending', now(),"
+            " CASE WHEN e2a_webhook_slots_free(%(agent_id)s, %(max)s::integer, %(now)s) > 0 THEN %(until)s END)"
+            " RETURNING agent_id, leased_until)"
+            " SELECT pg_notify(%(channel)s, agent_id) FROM job WHERE leased_until IS NULL",
+            params,
+        )
+        await txn.report("SELECT id AS key FROM deliveries WHERE id = %(id)s AND leased_until IS NOT NULL", params)
+        return
     await txn.execute(
-        "INSERT INTO deliveries (id, message_id, agent_id, webhook_url, status, next_attempt_at, leased_until)"
-        " VALUES (%s, %s, %s, %s, %s, CASE WHEN %s THEN NULL ELSE now() END, %s)",
-        (
-            delivery_id, message_id, agent_id, webhook_url, "paused" if paused else "pending", paused,
-            None if paused else lease_until,
-        ),
+        "INSERT INTO deliveries (id, message_id, agent_id, webhook_url, status, next_attempt_at)"
+        " VALUES (%s, %s, %s, %s, %s, CASE WHEN %s THEN NULL ELSE now() END)",
+        (delivery_id, message_id, agent_id, webhook_url, "paused" if paused else "pending", paused),
     )
+
+
+def lease_granted(txn: Txn, delivery_id: str) -> bool:
+    """After the commit: whether :func:`insert_job_txn` got the lease it asked for."""
+    return delivery_id in txn.reported

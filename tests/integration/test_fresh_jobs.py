@@ -37,6 +37,8 @@ def _raw(n: int) -> bytes:
 class RecordingFreshJobs:
     """A port stand-in: reserves while ``free`` > 0, records what is started or released."""
 
+    max_per_agent = 4
+
     def __init__(self, free: int = 10) -> None:
         self.free = free
         self.reserved: list[tuple[str, int]] = []
@@ -131,6 +133,34 @@ async def test_reservation_is_released_when_the_accept_does_not_commit(db):
         await _pipeline(db, fresh).accept(Envelope((agent,)), _raw(1))
     assert fresh.released == [agent] and fresh.started == []
     assert (await db.fetchone("SELECT count(*) AS n FROM messages"))["n"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_lease_taken_by_another_process_meanwhile_queues_the_job_and_starts_nothing(db):
+    """The accept's count of the agent's leases is read before its writes; another process
+    holding the agent's slots (its lock) when they commit wins. The copy is stored, its job
+    is queued unleased, the reservation goes back, and no attempt starts here (starting one
+    would race the other process's claim of the same job)."""
+    user_id, _key, _secret = await _user(db)
+    agent = await _agent(db, user_id, URL)
+    fresh = RecordingFreshJobs()
+    gate: defer.Deferred = defer.Deferred()
+    locked: defer.Deferred = defer.Deferred()
+
+    async def other_process(txn):
+        await txn.execute("SELECT e2a_webhook_slots_free(%s, 4, now())", (agent,))
+        locked.callback(None)
+        await gate
+
+    held = defer.ensureDeferred(db.run("other_process", other_process))
+    await locked
+    msg_id = await _pipeline(db, fresh).accept(Envelope((agent,)), _raw(1))
+    gate.callback(None)
+    await held
+    assert [a for a, _n in fresh.reserved] == [agent]
+    assert fresh.started == [] and fresh.released == [agent]
+    row = await db.fetchone("SELECT status, leased_until FROM deliveries WHERE message_id = %s", (msg_id,))
+    assert row["status"] == "pending" and row["leased_until"] is None
 
 
 @pytest_twisted.ensureDeferred

@@ -119,6 +119,51 @@ async def test_one_failing_batch_in_a_group_fails_alone(gdb, db_dsn):
 
 
 @pytest_twisted.ensureDeferred
+async def test_reports_come_back_after_the_commit_alone_in_a_group_and_after_a_resend(gdb, db_dsn):
+    """A batch's ``report`` SELECTs run after every write of the transaction that carries them
+    and their keys reach the batch once that transaction committed: sent alone, sent in a
+    group (one final SELECT for all members), and sent again alone after the group failed."""
+    await gdb.execute("INSERT INTO t (id) VALUES (7)")
+    batches = {}
+
+    async def txn(batch, table, i):
+        batches[i] = batch
+        await batch.execute(f"INSERT INTO {table} (id) VALUES (%s)", (i,))
+        await batch.report(f"SELECT '{table}' || id AS key FROM {table} WHERE id = %s", (i,))
+
+    await gdb.run_batched("alone", txn, "u", 1)
+    assert batches[1].reported == {"u1"}
+
+    holder = _locker(db_dsn, "u")
+    blocker = defer.Deferred.fromCoroutine(gdb.run_batched("first", txn, "u", 2))
+    await _wait_blocked(db_dsn, "u")
+    runs = {i: defer.Deferred.fromCoroutine(gdb.run_batched("group", txn, "t", i)) for i in (5, 6)}
+    await wait_for(lambda: len(gdb._commits._pending) == 2, timeout=10, step=0.02)
+    commits = gdb._commits.commits
+    holder.rollback()
+    holder.close()
+    await blocker
+    await defer.gatherResults(list(runs.values()))
+    assert gdb._commits.commits == commits + 2  # the blocked one, then 5 and 6 together
+    assert batches[2].reported == {"u2"}
+    # One SELECT for the group: each member gets the group's keys and looks up its own.
+    assert batches[5].reported == batches[6].reported == {"t5", "t6"}
+
+    holder = _locker(db_dsn, "u")
+    blocker = defer.Deferred.fromCoroutine(gdb.run_batched("first", txn, "u", 3))
+    await _wait_blocked(db_dsn, "u")
+    runs = {i: defer.Deferred.fromCoroutine(gdb.run_batched("group", txn, "t", i)) for i in (8, 7)}
+    await wait_for(lambda: len(gdb._commits._pending) == 2, timeout=10, step=0.02)
+    holder.rollback()
+    holder.close()
+    await blocker
+    await runs[8]
+    with pytest.raises(psycopg2.IntegrityError):
+        await runs[7]
+    assert batches[8].reported == {"t8"}  # resent alone: its own report only
+
+
+@pytest_twisted.ensureDeferred
 async def test_abort_while_queued_withdraws_only_that_batch(gdb, db_dsn):
     """An abort set while a batch waits for the commit in flight: that batch raises Aborted at
     once and is never sent; the others commit."""

@@ -21,12 +21,20 @@ async def _message(db, user_id, agent, mid="msg_1"):
 
 @pytest_twisted.ensureDeferred
 async def test_insert_job_txn_pending_is_due_now_and_optionally_leased(db):
-    """A pending job is due at once; with lease_until it is leased to this process."""
+    """A pending job is due at once; asking for a lease with the agent's slots free, it is
+    leased to this process, and the transaction reports it granted."""
     user_id, agent = await user_with_agent(db)
     await _message(db, user_id, agent)
     until = datetime.now(UTC) + timedelta(minutes=5)
-    await db.run("t", deliveries.insert_job_txn, "dlv_1", "msg_1", agent, "https://hook.example/in",
-                 paused=False, lease_until=until)
+    lease = deliveries.FreshLease(until, datetime.now(UTC), 4)
+
+    async def insert(txn):
+        await deliveries.insert_job_txn(txn, "dlv_1", "msg_1", agent, "https://hook.example/in",
+                                        paused=False, lease=lease)
+        return txn
+
+    txn = await db.run("t", insert)
+    assert deliveries.lease_granted(txn, "dlv_1")
     row = await db.fetchone("SELECT status, next_attempt_at, leased_until, webhook_url FROM deliveries")
     assert row["status"] == "pending" and row["next_attempt_at"] is not None
     assert row["leased_until"] == until and row["webhook_url"] == "https://hook.example/in"
@@ -38,7 +46,8 @@ async def test_insert_job_txn_paused_has_no_due_time_nor_lease(db):
     user_id, agent = await user_with_agent(db)
     await _message(db, user_id, agent)
     await db.run("t", deliveries.insert_job_txn, "dlv_1", "msg_1", agent, "https://hook.example/in",
-                 paused=True, lease_until=datetime.now(UTC))
+                 paused=True,
+                 lease=deliveries.FreshLease(datetime.now(UTC), datetime.now(UTC), 4))
     row = await db.fetchone("SELECT status, next_attempt_at, leased_until FROM deliveries")
     assert dict(row) == {"status": "paused", "next_attempt_at": None, "leased_until": None}
 

@@ -1,0 +1,244 @@
+"""``webhooks.max_concurrency_per_agent`` across processes (mail.md §4: at most that many
+attempts in flight per agent). Each test plays two processes with two PostgreSQL sessions:
+one holds a transaction open at the point where a race used to let the other lease past the
+limit (its leases not yet committed, so invisible to the other's count)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import psycopg2
+import pytest_twisted
+
+from twisted.internet import defer
+
+from e2a.store import deliveries
+from e2a.store.database import Database
+from e2a.store.events import CHANNEL_DELIVERY
+from tests.storage.storehelpers import user_with_agent
+from tests.support.waiting import wait_for
+
+LEASE = 60.0
+LIMIT = 4
+SLOT_LOCK_CLASS = 0x65326177  # schema/0008: the agents' slot locks
+
+
+async def _backlog(db: Database, n: int) -> str:
+    """An agent with ``n`` due, unleased jobs; returns its id."""
+    user_id, agent = await user_with_agent(db)
+    for i in range(n):
+        await db.execute(
+            "INSERT INTO messages (id, agent_id, user_id, direction, status) VALUES (%s, %s, %s, 'inbound', 'unread')",
+            (f"msg_{i}", agent, user_id),
+        )
+        await db.execute(
+            "INSERT INTO deliveries (id, message_id, agent_id, webhook_url, status, next_attempt_at, created_at)"
+            " VALUES (%s, %s, %s, 'https://hook.example/in', 'pending', now() - interval '1 minute',"
+            " now() - make_interval(secs => %s))",
+            (f"dlv_{i:02d}", f"msg_{i}", agent, 1000 - i),
+        )
+    return agent
+
+
+async def _leased(db: Database, agent: str) -> int:
+    row = await db.fetchone(
+        "SELECT count(*) AS n FROM deliveries WHERE agent_id = %s AND status = 'pending' AND leased_until > now()",
+        (agent,),
+    )
+    return row["n"]
+
+
+class _Open:
+    """A transaction of "the other process", held open until :meth:`commit`."""
+
+    def __init__(self, db: Database, fn) -> None:
+        self.result: defer.Deferred = defer.Deferred()
+        self._gate: defer.Deferred = defer.Deferred()
+
+        async def txn(t):
+            value = await fn(t)
+            self.result.callback(value)
+            await self._gate
+            return value
+
+        self.done = defer.ensureDeferred(db.run("other_process", txn))
+
+    async def commit(self):
+        self._gate.callback(None)
+        return await self.done
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_claim_while_another_process_claims_the_same_agent_leases_nothing_more(db):
+    """Before: the second claim skipped the rows the first had locked, counted none of its
+    uncommitted leases and leased LIMIT more of the backlog (8 in flight). Now it finds the
+    agent's lock taken: no slot. (A claim locks the 4 × limit oldest due rows it scans, so the
+    backlog is larger than that, as in the race between two autocommit claims.)"""
+    agent = await _backlog(db, 40)
+    now = datetime.now(UTC)
+    other = _Open(db, lambda t: deliveries.claim_due(t, now, LIMIT, LEASE, LIMIT))
+    assert len(await other.result) == LIMIT
+    assert await deliveries.claim_due(db, now, LIMIT, LEASE, LIMIT) == []
+    await other.commit()
+    assert await deliveries.claim_due(db, now, LIMIT, LEASE, LIMIT) == []
+    assert await _leased(db, agent) == LIMIT
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_claim_counts_leases_committed_after_its_statement_began(db, db_dsn):
+    """The free-slot count runs on a snapshot taken after the agent's lock was granted, not on
+    the claim statement's own (taken before it waited): leases the lock's previous holder
+    committed meanwhile are counted."""
+    agent = await _backlog(db, 10)
+    now = datetime.now(UTC)
+
+    async def claim_holding_a_gate(t):
+        await t.execute("SELECT pg_advisory_xact_lock(4242)")
+        return await deliveries.claim_due(t, now, 10, LEASE, LIMIT)
+
+    other = _Open(db, claim_holding_a_gate)
+    assert len(await other.result) == LIMIT
+    # This statement's snapshot is taken now, while the other's leases are uncommitted; it
+    # then waits for the gate, which the other releases only by committing.
+    free = defer.ensureDeferred(db.fetchone(
+        "SELECT e2a_webhook_slots_free(%s, %s, %s) AS n FROM (SELECT pg_advisory_xact_lock(4242) OFFSET 0) gate",
+        (agent, LIMIT, now),
+    ))
+    await wait_for(lambda: _waiting_for_advisory_lock(db_dsn), timeout=10, step=0.02)
+    await other.commit()
+    assert (await free)["n"] == 0
+
+
+def _waiting_for_advisory_lock(dsn: str) -> bool:
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+            return cur.fetchone()[0] > 0
+    finally:
+        conn.close()
+
+
+class _Listener:
+    """A plain session LISTENing on the delivery channel (a worker of another process)."""
+
+    def __init__(self, dsn: str) -> None:
+        self._conn = psycopg2.connect(dsn)
+        self._conn.autocommit = True
+        with self._conn.cursor() as cur:
+            cur.execute(f"LISTEN {CHANNEL_DELIVERY}")
+
+    def payloads(self) -> list[str]:
+        self._conn.poll()
+        return [n.payload for n in self._conn.notifies]
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fresh_lease_is_refused_while_another_process_leases_for_the_agent(db, db_dsn):
+    """The accept's count of the agent's leases was read before its transaction; another
+    process leasing meanwhile wins. The job is committed queued, announced on the delivery
+    channel, and the transaction reports the lease as not granted."""
+    agent = await _backlog(db, 6)
+    now = datetime.now(UTC)
+    other = _Open(db, lambda t: deliveries.claim_due(t, now, 10, LEASE, LIMIT))
+    assert len(await other.result) == LIMIT
+    await db.execute(
+        "INSERT INTO messages (id, agent_id, user_id, direction, status)"
+        " SELECT 'msg_new', id, user_id, 'inbound', 'unread' FROM agents WHERE id = %s",
+        (agent,),
+    )
+    listener = _Listener(db_dsn)
+    lease = deliveries.FreshLease(now + timedelta(seconds=LEASE), now, LIMIT)
+    seen = {}
+
+    async def accept(batch):
+        seen["batch"] = batch
+        await deliveries.insert_job_txn(batch, "dlv_new", "msg_new", agent, "https://hook.example/in",
+                                        paused=False, lease=lease)
+        await batch.fetchall("SELECT 1")  # a read after the writes are queued: they are not sent yet
+
+    await db.run_batched("accept_inbound", accept)
+    assert not deliveries.lease_granted(seen["batch"], "dlv_new")
+    row = await db.fetchone("SELECT status, leased_until FROM deliveries WHERE id = 'dlv_new'")
+    assert row["status"] == "pending" and row["leased_until"] is None
+    await wait_for(lambda: agent in listener.payloads(), timeout=10, step=0.02)
+    listener.close()
+    await other.commit()
+    assert await _leased(db, agent) == LIMIT
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fresh_lease_is_refused_when_other_processes_filled_the_slots(db):
+    """The accept's stale count said a slot was free; PostgreSQL's count under the lock says
+    the agent has LIMIT live leases: no lease, the job queued."""
+    agent = await _backlog(db, 6)
+    now = datetime.now(UTC)
+    assert len(await deliveries.claim_due(db, now, 10, LEASE, LIMIT)) == LIMIT
+    lease = deliveries.FreshLease(now + timedelta(seconds=LEASE), now, LIMIT)
+
+    async def insert(txn):
+        await deliveries.insert_job_txn(txn, "dlv_03b", "msg_3", agent, "https://hook.example/in",
+                                        paused=False, lease=lease)
+        return txn
+
+    assert not deliveries.lease_granted(await db.run("t", insert), "dlv_03b")
+    assert await _leased(db, agent) == LIMIT
+    # A slot frees up: the next fresh job gets it.
+    await db.execute("UPDATE deliveries SET leased_until = NULL WHERE id = 'dlv_00'")
+
+    async def insert_again(txn):
+        await deliveries.insert_job_txn(txn, "dlv_03c", "msg_3", agent, "https://hook.example/in",
+                                        paused=False, lease=lease)
+        return txn
+
+    assert deliveries.lease_granted(await db.run("t", insert_again), "dlv_03c")
+    assert await _leased(db, agent) == LIMIT
+
+
+@pytest_twisted.ensureDeferred
+async def test_fresh_leases_in_one_transaction_count_each_other(db):
+    """Several copies for one agent in one accept (or one group commit): each count sees the
+    leases the same transaction took before it."""
+    user_id, agent = await user_with_agent(db)
+    now = datetime.now(UTC)
+    lease = deliveries.FreshLease(now + timedelta(seconds=LEASE), now, 2)
+    for i in range(3):
+        await db.execute(
+            "INSERT INTO messages (id, agent_id, user_id, direction, status) VALUES (%s, %s, %s, 'inbound', 'unread')",
+            (f"msg_{i}", agent, user_id),
+        )
+    seen = {}
+
+    async def accept(batch):
+        seen["batch"] = batch
+        for i in range(3):
+            await deliveries.insert_job_txn(batch, f"dlv_{i}", f"msg_{i}", agent, "https://hook.example/in",
+                                            paused=False, lease=lease)
+
+    await db.run_batched("accept_inbound", accept)
+    granted = [deliveries.lease_granted(seen["batch"], f"dlv_{i}") for i in range(3)]
+    assert granted == [True, True, False]
+    assert await _leased(db, agent) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_hand_on_needs_the_finishing_attempts_lease_to_be_live(db):
+    """A finishing attempt hands its slot on only while its own lease is live (then every count
+    under the lock counted it). One whose lease ran out was counted by nobody: handing on
+    would add an attempt, so it leaves the next job to the claim."""
+    agent = await _backlog(db, 3)
+    now = datetime.now(UTC)
+    (job,) = await deliveries.claim_due(db, now, 1, LEASE, LIMIT)
+    later = now + timedelta(seconds=LEASE + 1)  # the attempt outlived its lease
+    delivered, following = await deliveries.record_delivered_and_claim_next(
+        db, job, 200, "https://hook.example/in", later, LEASE, LIMIT
+    )
+    assert delivered and following is None
+    (job2,) = await deliveries.claim_due(db, later, 1, LEASE, LIMIT)
+    delivered, following = await deliveries.record_delivered_and_claim_next(
+        db, job2, 200, "https://hook.example/in", later, LEASE, LIMIT
+    )
+    assert delivered and following is not None and following.agent_id == agent
