@@ -152,6 +152,19 @@ class Txn:
         """Run ``fn`` once the transaction has committed (never on rollback or retry)."""
         self.after_commit.append(fn)
 
+    async def execute_locking(
+        self, lock_order: str, sql: str, params: Sequence[Any] | dict[str, Any] | None = None
+    ) -> None:
+        """A write that takes an advisory lock held to the end of the transaction.
+
+        A batched transaction sends such writes after all its other writes, ordered by
+        ``lock_order`` (a group commit: across all members), so two transactions taking several
+        of these locks take them in one order, and none holds one while it waits for a row
+        lock (an account being deleted holds its agents' rows). Here, outside a batch, it runs
+        at once: callers that take more than one such lock use :meth:`Database.run_batched`.
+        """
+        await self.execute(sql, params)
+
     async def report(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> None:
         """Run a ``SELECT`` of one text column ``key`` after the transaction's writes and add
         what it returns to :attr:`reported`, readable once the transaction committed.
@@ -458,16 +471,21 @@ class Writes:
 
     sql: list[bytes] = field(default_factory=list)
     needs: list[Prepared] = field(default_factory=list)
+    #: Writes that take an advisory lock, with their lock order (:meth:`Txn.execute_locking`).
+    locking: list[tuple[str, bytes]] = field(default_factory=list)
     #: ``SELECT``s of one text column ``key``, run after every write (:meth:`Txn.report`).
     reports: list[bytes] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.sql or self.reports)
+        return bool(self.sql or self.locking or self.reports)
 
     def statements(self, first: bytes | None = None) -> bytes:
-        """The one query that sends these writes: ``first``, the writes, then the reports
-        joined into one final ``SELECT`` (whose rows are the query's result)."""
+        """The one query that sends these writes: ``first``, the writes, the locking writes in
+        lock order, then the reports joined into one final ``SELECT`` (whose rows are the
+        query's result)."""
         parts = self.sql if first is None else [first, *self.sql]
+        if self.locking:
+            parts = [*parts, *(sql for _order, sql in sorted(self.locking, key=lambda w: w[0]))]
         if self.reports:
             parts = [*parts, b" UNION ALL ".join(b"(" + r + b")" for r in self.reports)]
         return b";\n".join(parts)
@@ -618,6 +636,7 @@ class GroupCommit:
         for m in group:
             joined.sql.extend(m.writes.sql)
             joined.needs.extend(st for st in m.writes.needs if st not in joined.needs)
+            joined.locking.extend(m.writes.locking)
             joined.reports.extend(m.writes.reports)
         try:
             reported = await self._db.send_writes(group[0].desc if len(group) == 1 else "group_commit", joined, signal)
@@ -666,7 +685,7 @@ class GroupCommit:
 
 
 def _size(writes: Writes) -> int:
-    return sum(map(len, writes.sql)) + sum(map(len, writes.reports))
+    return sum(map(len, writes.sql)) + sum(len(sql) for _o, sql in writes.locking) + sum(map(len, writes.reports))
 
 
 def _dict_rows(cursor: txpostgres.Cursor) -> list[dict[str, Any]]:
@@ -732,6 +751,7 @@ class BatchTxn(Txn):
         super().__init__(cursor)
         self._queued: list[bytes] = []
         self._needs: list[Prepared] = []
+        self._locking: list[tuple[str, bytes]] = []
         self._reports: list[bytes] = []
         self.canceller = canceller
 
@@ -776,6 +796,12 @@ class BatchTxn(Txn):
     def rowcount(self) -> int:
         raise TypeError("rowcount is not available for batched writes")
 
+    async def execute_locking(
+        self, lock_order: str, sql: str, params: Sequence[Any] | dict[str, Any] | None = None
+    ) -> None:
+        """Queued after the other writes, in lock order (see :meth:`Txn.execute_locking`)."""
+        self._locking.append((lock_order, self._cursor.mogrify(sql, params)))
+
     async def report(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> None:
         """Queued like a write; its keys reach :attr:`reported` after the commit."""
         self._reports.append(self._cursor.mogrify(sql, params))
@@ -791,8 +817,8 @@ class BatchTxn(Txn):
 
     def take_writes(self) -> Writes:
         """The queued writes, for :meth:`Database.run_batched` to commit (empty when none)."""
-        writes = Writes(self._queued, self._needs, self._reports)
-        self._queued, self._needs, self._reports = [], [], []
+        writes = Writes(self._queued, self._needs, self._locking, self._reports)
+        self._queued, self._needs, self._locking, self._reports = [], [], [], []
         return writes
 
 

@@ -10,8 +10,10 @@ Queue rules:
   on (the claim, a job leased at accept) asks ``e2a_webhook_slots_free`` (schema/0008) first:
   it holds the agent's advisory lock until the statement's transaction ends and counts the
   live leases on a snapshot taken after the lock, so two transactions can never both count
-  the same free slot. The lock is only tried, never waited for: an agent whose lock is busy
-  has no free slot for that statement, and its jobs stay queued for the next claim.
+  the same free slot. Lock order, so that waiting for one never deadlocks: a transaction
+  takes its agents' locks in agent-id order (bytewise, ``COLLATE "C"``) and after all its
+  other writes (:meth:`e2a.store.database.Txn.execute_locking`), so a holder never waits for
+  a row lock; a lock is held for one claim statement or through one accept's commit.
 * Every finishing write is guarded by ``attempts = <attempts at claim>``: a worker whose lease
   was lost (and whose job was retried elsewhere) cannot overwrite the newer state.
 * The 2xx write can also lease the same agent's next due job in the SAME statement
@@ -139,9 +141,10 @@ LEFT JOIN LATERAL (
 # grouped once per claim over the leased rows (not once per candidate, so a large backlog does
 # not make each claim quadratic) and, taken on the statement's snapshot, only a pre-filter:
 # it keeps a busy agent's backlog from filling the scan and hiding other agents' jobs.
-# ``free``: the authoritative free slots of each of those agents, under its lock
-# (``e2a_webhook_slots_free``, module docstring), then the rows are locked SKIP LOCKED; the
-# due condition is repeated there so a row leased since the snapshot drops out when locked.
+# ``free``: the authoritative free slots of those agents (at most ``limit`` of them, the ones
+# with the oldest due jobs: a claim cannot lease for more), each under its lock
+# (``e2a_webhook_slots_free``, module docstring), taken in agent-id order; then the rows are
+# locked SKIP LOCKED, the due condition repeated so a row leased since the snapshot drops out.
 _CLAIM = Prepared(
     "e2a_claim_deliveries",
     f"""
@@ -151,7 +154,7 @@ WITH in_flight AS (
     WHERE status = 'pending' AND leased_until > %(now)s
     GROUP BY agent_id
 ), due AS (
-    SELECT c.id, c.agent_id
+    SELECT c.id, c.agent_id, c.next_attempt_at
     FROM deliveries c
     LEFT JOIN in_flight f ON f.agent_id = c.agent_id
     WHERE {_DUE_UNLEASED}
@@ -161,9 +164,11 @@ WITH in_flight AS (
       ))
     ORDER BY c.next_attempt_at, c.id
     LIMIT %(scan)s
+), agents_due AS (
+    SELECT agent_id FROM due GROUP BY agent_id ORDER BY min(next_attempt_at), agent_id LIMIT %(limit)s
 ), free AS MATERIALIZED (
     SELECT agent_id, e2a_webhook_slots_free(agent_id, %(per_agent)s::integer, %(now)s) AS n
-    FROM (SELECT DISTINCT agent_id FROM due) agents_due
+    FROM (SELECT agent_id FROM agents_due ORDER BY agent_id COLLATE "C" OFFSET 0) in_lock_order
 ), candidates AS (
     SELECT c.id, c.agent_id, c.next_attempt_at, f.n AS free
     FROM deliveries c
@@ -675,8 +680,9 @@ async def insert_job_txn(
     webhook is disabled.
 
     With ``lease``, the job is inserted leased when the agent has a free slot counted under its
-    lock (``e2a_webhook_slots_free``, module docstring): the caller's own count was read before
-    the transaction and may be stale, since another process can have leased meanwhile. Whether
+    lock (``e2a_webhook_slots_free``, module docstring; the insert is a locking write, sent
+    last): the caller's own count was read before the transaction and may be stale, since
+    another process can have leased meanwhile. Whether
     it was granted is known once the transaction committed (:func:`lease_granted`); when it is
     not, the job is queued and a NOTIFY naming the agent wakes the workers' claim, as for any
     job inserted unleased.
@@ -686,7 +692,8 @@ async def insert_job_txn(
             "id": delivery_id, "message_id": message_id, "agent_id": agent_id, "url": webhook_url,
             "until": lease.until, "now": lease.now, "max": lease.max_per_agent, "channel": CHANNEL_DELIVERY,
         }
-        await txn.execute(
+        await txn.execute_locking(
+            agent_id,
             "WITH job AS (INSERT INTO deliveries"
             " (id, message_id, agent_id, webhook_url, status, next_attempt_at, leased_until)"
             " VALUES (%(id)s, %(message_id)s, %(agent_id)s, %(url)s, 'pending', now(),"

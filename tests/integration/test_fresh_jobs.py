@@ -21,7 +21,9 @@ from e2a.store.deliveries import ClaimedJob
 from tests.integration.test_backpressure_inbound import TRACE, CountingVerifier, Envelope
 from tests.integration.test_delivery_hand_on import _Probe, _worker
 from tests.integration.test_webhook_delivery import _agent, _clock, _sink, _user
+from tests.storage.test_webhook_slots_across_processes import _waiting_for_advisory_lock
 from tests.support.apiserver import TEST_MASTER_KEY
+from tests.support.waiting import wait_for
 
 URL = "http://127.0.0.1:9/hook"
 LEASE = 50.0
@@ -136,27 +138,33 @@ async def test_reservation_is_released_when_the_accept_does_not_commit(db):
 
 
 @pytest_twisted.ensureDeferred
-async def test_lease_taken_by_another_process_meanwhile_queues_the_job_and_starts_nothing(db):
+async def test_lease_taken_by_another_process_meanwhile_queues_the_job_and_starts_nothing(db, db_dsn):
     """The accept's count of the agent's leases is read before its writes; another process
-    holding the agent's slots (its lock) when they commit wins. The copy is stored, its job
-    is queued unleased, the reservation goes back, and no attempt starts here (starting one
-    would race the other process's claim of the same job)."""
+    leasing the agent's last free slots meanwhile wins: the accept's insert waits for the
+    agent's lock and counts them once committed. The copy is stored, its job is queued
+    unleased, the reservation goes back, and no attempt starts here (starting one would
+    exceed the limit across the two processes)."""
     user_id, _key, _secret = await _user(db)
     agent = await _agent(db, user_id, URL)
-    fresh = RecordingFreshJobs()
+    queued = RecordingFreshJobs(free=0)
+    for n in range(4):
+        await _pipeline(db, queued).accept(Envelope((agent,)), _raw(n))
     gate: defer.Deferred = defer.Deferred()
-    locked: defer.Deferred = defer.Deferred()
+    claimed: defer.Deferred = defer.Deferred()
+    now = datetime.now(UTC)
 
     async def other_process(txn):
-        await txn.execute("SELECT e2a_webhook_slots_free(%s, 4, now())", (agent,))
-        locked.callback(None)
+        claimed.callback(await deliveries.claim_due(txn, now, 4, LEASE, 4))
         await gate
 
     held = defer.ensureDeferred(db.run("other_process", other_process))
-    await locked
-    msg_id = await _pipeline(db, fresh).accept(Envelope((agent,)), _raw(1))
+    assert len(await claimed) == 4
+    fresh = RecordingFreshJobs()  # this process: every slot free
+    accepted = defer.ensureDeferred(_pipeline(db, fresh).accept(Envelope((agent,)), _raw(9)))
+    await wait_for(lambda: _waiting_for_advisory_lock(db_dsn), timeout=10, step=0.02)
     gate.callback(None)
     await held
+    msg_id = await accepted
     assert [a for a, _n in fresh.reserved] == [agent]
     assert fresh.started == [] and fresh.released == [agent]
     row = await db.fetchone("SELECT status, leased_until FROM deliveries WHERE message_id = %s", (msg_id,))

@@ -1,7 +1,8 @@
 """``webhooks.max_concurrency_per_agent`` across processes (mail.md §4: at most that many
 attempts in flight per agent). Each test plays two processes with two PostgreSQL sessions:
 one holds a transaction open at the point where a race used to let the other lease past the
-limit (its leases not yet committed, so invisible to the other's count)."""
+limit (its leases not yet committed, so invisible to the other's count); the other now waits
+for the agent's lock and counts those leases once they are committed."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest_twisted
 from twisted.internet import defer
 
 from e2a.store import deliveries
-from e2a.store.database import Database
+from e2a.store.database import Database, Writes
 from e2a.store.events import CHANNEL_DELIVERY
 from tests.storage.storehelpers import user_with_agent
 from tests.support.waiting import wait_for
@@ -69,18 +70,21 @@ class _Open:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_claim_while_another_process_claims_the_same_agent_leases_nothing_more(db):
+async def test_a_claim_while_another_process_claims_the_same_agent_leases_nothing_more(db, db_dsn):
     """Before: the second claim skipped the rows the first had locked, counted none of its
-    uncommitted leases and leased LIMIT more of the backlog (8 in flight). Now it finds the
-    agent's lock taken: no slot. (A claim locks the 4 × limit oldest due rows it scans, so the
-    backlog is larger than that, as in the race between two autocommit claims.)"""
+    uncommitted leases and leased LIMIT more of the backlog (8 in flight). Now it waits for the
+    agent's lock, then counts the first claim's committed leases: no slot. (A claim locks the
+    4 × limit oldest due rows it scans, so the backlog is larger than that, as in the race
+    between two autocommit claims.)"""
     agent = await _backlog(db, 40)
     now = datetime.now(UTC)
     other = _Open(db, lambda t: deliveries.claim_due(t, now, LIMIT, LEASE, LIMIT))
     assert len(await other.result) == LIMIT
-    assert await deliveries.claim_due(db, now, LIMIT, LEASE, LIMIT) == []
+    second = defer.ensureDeferred(deliveries.claim_due(db, now, LIMIT, LEASE, LIMIT))
+    await wait_for(lambda: _waiting_for_advisory_lock(db_dsn), timeout=10, step=0.02)
+    assert not second.called
     await other.commit()
-    assert await deliveries.claim_due(db, now, LIMIT, LEASE, LIMIT) == []
+    assert await second == []
     assert await _leased(db, agent) == LIMIT
 
 
@@ -139,8 +143,9 @@ class _Listener:
 @pytest_twisted.ensureDeferred
 async def test_a_fresh_lease_is_refused_while_another_process_leases_for_the_agent(db, db_dsn):
     """The accept's count of the agent's leases was read before its transaction; another
-    process leasing meanwhile wins. The job is committed queued, announced on the delivery
-    channel, and the transaction reports the lease as not granted."""
+    process leasing meanwhile wins: the accept's insert waits for the agent's lock, counts
+    the other's committed leases, and commits the job queued, announced on the delivery
+    channel; the transaction reports the lease as not granted."""
     agent = await _backlog(db, 6)
     now = datetime.now(UTC)
     other = _Open(db, lambda t: deliveries.claim_due(t, now, 10, LEASE, LIMIT))
@@ -160,13 +165,15 @@ async def test_a_fresh_lease_is_refused_while_another_process_leases_for_the_age
                                         paused=False, lease=lease)
         await batch.fetchall("SELECT 1")  # a read after the writes are queued: they are not sent yet
 
-    await db.run_batched("accept_inbound", accept)
+    accepted = defer.ensureDeferred(db.run_batched("accept_inbound", accept))
+    await wait_for(lambda: _waiting_for_advisory_lock(db_dsn), timeout=10, step=0.02)
+    await other.commit()
+    await accepted
     assert not deliveries.lease_granted(seen["batch"], "dlv_new")
     row = await db.fetchone("SELECT status, leased_until FROM deliveries WHERE id = 'dlv_new'")
     assert row["status"] == "pending" and row["leased_until"] is None
     await wait_for(lambda: agent in listener.payloads(), timeout=10, step=0.02)
     listener.close()
-    await other.commit()
     assert await _leased(db, agent) == LIMIT
 
 
@@ -242,3 +249,30 @@ async def test_hand_on_needs_the_finishing_attempts_lease_to_be_live(db):
         db, job2, 200, "https://hook.example/in", later, LEASE, LIMIT
     )
     assert delivered and following is not None and following.agent_id == agent
+
+
+
+def test_locking_writes_go_after_the_others_in_lock_order():
+    """A transaction's lock-taking writes are sent after its other writes (so it never holds
+    an agent's lock while waiting for a row lock) and sorted by agent id (so two transactions
+    taking the same agents' locks never wait for each other in a cycle), then the reports."""
+    writes = Writes(
+        [b"INSERT m1", b"INSERT m2"],
+        [],
+        [("b-bot@other.test", b"LEASE b1"), ("A-bot@agents.test", b"LEASE A"), ("b-bot@other.test", b"LEASE b2")],
+        [b"SELECT 'k' AS key"],
+    )
+    assert writes.statements(b"SET LOCAL x").split(b";\n") == [
+        b"SET LOCAL x", b"INSERT m1", b"INSERT m2", b"LEASE A", b"LEASE b1", b"LEASE b2", b"(SELECT 'k' AS key)",
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_claims_lock_order_is_the_accepts(db):
+    """The claim takes its agents' locks ``ORDER BY agent_id COLLATE "C"``; the accept sorts
+    its locking writes with Python's ``sorted``: the same order, for any agent ids."""
+    ids = ["b@x.test", "B@x.test", "a.b@x.test", "a-b@x.test", "é@x.test", "z@x.test", "0@x.test", "~@x.test"]
+    rows = await db.fetchall(
+        'SELECT id FROM unnest(%s::text[]) AS id ORDER BY id COLLATE "C"', (ids,)
+    )
+    assert [r["id"] for r in rows] == sorted(ids)
