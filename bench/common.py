@@ -221,6 +221,7 @@ def pg_stat_top(dsn: str, per: int, limit: int = 15) -> list[dict[str, Any]]:
             " ORDER BY total_exec_time + total_plan_time DESC LIMIT %s",
             (limit,),
         )
+        top = cur.fetchall()
         cur.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
         commits = int(cur.fetchone()[0] or 0)
         out = [{"calls": commits, "exec_ms_per_msg": 0.0, "plan_ms_per_msg": 0.0, "rows": 0, "wal_bytes_per_msg": 0,
@@ -228,7 +229,7 @@ def pg_stat_top(dsn: str, per: int, limit: int = 15) -> list[dict[str, Any]]:
         out += [
             {"calls": c, "exec_ms_per_msg": round(t / max(per, 1), 4), "plan_ms_per_msg": round(pt / max(per, 1), 4),
              "rows": r, "wal_bytes_per_msg": int(int(w) / max(per, 1)), "query": q[:160]}
-            for c, t, pt, r, w, q in cur.fetchall()
+            for c, t, pt, r, w, q in top
         ]
     conn.close()
     return out

@@ -7,17 +7,23 @@
 -- committed by the lock's previous holder; the caller's own statement snapshot, taken before
 -- the lock, would not. The lock is held until the caller's transaction ends, so no other
 -- transaction counts the agent's leases until the ones taken here are committed.
--- Callers take several agents' locks in one order (agent id, bytewise) and only after every
--- other write of their transaction, so they never hold one while waiting for a row lock.
+-- p_wait: wait for the lock (the accept, which takes its agents' locks in one order, agent id
+-- bytewise, after every other write of its transaction, so it never holds one while waiting
+-- for a row lock), or only try it and report no free slot when it is busy (the claim, which
+-- therefore never waits and can be part of no deadlock).
 -- Lock key: classid 0x65326177 ("e2aw"), objid hashtext(agent id).
-CREATE FUNCTION e2a_webhook_slots_free(p_agent TEXT, p_max INTEGER, p_now TIMESTAMPTZ)
+CREATE FUNCTION e2a_webhook_slots_free(p_agent TEXT, p_max INTEGER, p_now TIMESTAMPTZ, p_wait BOOLEAN)
 RETURNS INTEGER
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
     leased INTEGER;
 BEGIN
-    PERFORM pg_advisory_xact_lock(1697800567, hashtext(p_agent));
+    IF p_wait THEN
+        PERFORM pg_advisory_xact_lock(1697800567, hashtext(p_agent));
+    ELSIF NOT pg_try_advisory_xact_lock(1697800567, hashtext(p_agent)) THEN
+        RETURN 0;
+    END IF;
     SELECT count(*) INTO leased FROM deliveries
     WHERE agent_id = p_agent AND status = 'pending' AND leased_until > p_now;
     RETURN GREATEST(p_max - leased, 0);

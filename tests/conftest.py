@@ -147,9 +147,12 @@ def e2a_service_factory(db_dsn, tmp_path):
             smtp=SmtpConfig(listen_addr="127.0.0.1:0", domain="mx.e2a.test"),
         )
         if n:
-            # every "process" of one deployment shares the master key
+            # every "process" of one deployment shares the master key and the generated HMAC
+            # secret (when the configuration sets none)
             (tmp_path / f"data{n}").mkdir(parents=True, exist_ok=True)
-            (tmp_path / f"data{n}" / "master.key").write_text((tmp_path / "data0" / "master.key").read_text())
+            for name in ("master.key", "hmac.secret"):
+                if (tmp_path / "data0" / name).exists():
+                    (tmp_path / f"data{n}" / name).write_text((tmp_path / "data0" / name).read_text())
         config = dataclasses.replace(base, **overrides)
         service = build_service(config, _reactor, standalone=False)
         service.startService()

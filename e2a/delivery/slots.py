@@ -176,6 +176,12 @@ class Slots:
         """Slots reserved for fresh jobs whose accept has not committed yet."""
         return sum(self._reserved.values())
 
+    def reservations(self) -> dict[str, int]:
+        """Those reservations per agent: a claim leaves them free (its count in the database
+        cannot see them), so it leases no job that :meth:`split_claimed` would give back for
+        them, and no accept of this process finds its agent full because of such a job."""
+        return dict(self._reserved)
+
     def busy(self, agent_id: str) -> int:
         """Busy slots of ``agent_id`` here (attempts plus reservations)."""
         return self._per_agent.get(agent_id, 0)

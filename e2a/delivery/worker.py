@@ -255,7 +255,7 @@ class DeliveryService:
             return 0, 0
         jobs = await deliveries.claim_due(
             self._db, self._now(), limit, self._lease_seconds, self._config.max_concurrency_per_agent,
-            self.slots.full_users(),
+            self.slots.full_users(), self.slots.reservations(),
         )
         started = [self._start_attempt(job) for job in self._within_limits(jobs)]
         return len(started), limit
@@ -331,7 +331,7 @@ class DeliveryService:
             limit = self.slots.claim_limit()
             jobs = await deliveries.claim_due(
                 self._db, self._now(), limit, self._lease_seconds, self._config.max_concurrency_per_agent,
-                self.slots.full_users(),
+                self.slots.full_users(), self.slots.reservations(),
             )
             slots = [self._start_attempt(job) for job in self._within_limits(jobs)]
             results = await defer.gatherResults(slots) if slots else []

@@ -10,10 +10,12 @@ Queue rules:
   on (the claim, a job leased at accept) asks ``e2a_webhook_slots_free`` (schema/0008) first:
   it holds the agent's advisory lock until the statement's transaction ends and counts the
   live leases on a snapshot taken after the lock, so two transactions can never both count
-  the same free slot. Lock order, so that waiting for one never deadlocks: a transaction
-  takes its agents' locks in agent-id order (bytewise, ``COLLATE "C"``) and after all its
-  other writes (:meth:`e2a.store.database.Txn.execute_locking`), so a holder never waits for
-  a row lock; a lock is held for one claim statement or through one accept's commit.
+  the same free slot. The accept waits for the lock; it takes its agents' locks in agent-id
+  order and after all its other writes (:meth:`e2a.store.database.Txn.execute_locking`), so
+  it never holds one while waiting for a row lock and two accepts never wait in a cycle. The
+  claim only tries the lock: an agent whose lock is busy gets nothing from that claim (its
+  jobs go to the next claim or a hand-on), so a claim never waits. A lock is held for one
+  claim statement or through one accept's commit.
 * Every finishing write is guarded by ``attempts = <attempts at claim>``: a worker whose lease
   was lost (and whose job was retried elsewhere) cannot overwrite the newer state.
 * The 2xx write can also lease the same agent's next due job in the SAME statement
@@ -28,7 +30,7 @@ Queue rules:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -142,9 +144,10 @@ LEFT JOIN LATERAL (
 # not make each claim quadratic) and, taken on the statement's snapshot, only a pre-filter:
 # it keeps a busy agent's backlog from filling the scan and hiding other agents' jobs.
 # ``free``: the authoritative free slots of those agents (at most ``limit`` of them, the ones
-# with the oldest due jobs: a claim cannot lease for more), each under its lock
-# (``e2a_webhook_slots_free``, module docstring), taken in agent-id order; then the rows are
-# locked SKIP LOCKED, the due condition repeated so a row leased since the snapshot drops out.
+# with the oldest due jobs: a claim cannot lease for more), each under its lock, tried and not
+# waited for (``e2a_webhook_slots_free``, module docstring), less the slots the caller has
+# reserved for accepts still committing; then the rows are locked SKIP LOCKED, the due
+# condition repeated so a row leased since the snapshot drops out.
 _CLAIM = Prepared(
     "e2a_claim_deliveries",
     f"""
@@ -167,8 +170,11 @@ WITH in_flight AS (
 ), agents_due AS (
     SELECT agent_id FROM due GROUP BY agent_id ORDER BY min(next_attempt_at), agent_id LIMIT %(limit)s
 ), free AS MATERIALIZED (
-    SELECT agent_id, e2a_webhook_slots_free(agent_id, %(per_agent)s::integer, %(now)s) AS n
-    FROM (SELECT agent_id FROM agents_due ORDER BY agent_id COLLATE "C" OFFSET 0) in_lock_order
+    SELECT agent_id,
+           e2a_webhook_slots_free(agent_id, %(per_agent)s::integer, %(now)s, false)
+           - COALESCE((SELECT r.n FROM unnest(%(reserved_agents)s::text[], %(reserved_counts)s::integer[])
+                       AS r(agent_id, n) WHERE r.agent_id = agents_due.agent_id), 0) AS n
+    FROM agents_due
 ), candidates AS (
     SELECT c.id, c.agent_id, c.next_attempt_at, f.n AS free
     FROM deliveries c
@@ -200,6 +206,7 @@ async def claim_due(
     lease_seconds: float,
     max_per_agent: int,
     skip_users: Sequence[str] = (),
+    reserved: Mapping[str, int] | None = None,
 ) -> list[ClaimedJob]:
     """Lease up to ``limit`` due pending deliveries (oldest due first), at most
     ``max_per_agent`` in flight per agent, for ``lease_seconds`` from ``now``.
@@ -207,6 +214,10 @@ async def claim_due(
     ``skip_users``: owners whose agents' jobs are not claimed (they hold their share of the
     caller's slots, :meth:`e2a.delivery.slots.Slots.full_users`), so the oldest-first order
     reaches other tenants' jobs instead of leasing jobs that would only be given back.
+
+    ``reserved``: the caller's slots per agent reserved for fresh jobs whose accepts have not
+    committed (:meth:`e2a.delivery.slots.Slots.reservations`): left free, since the count in
+    the database cannot see them.
 
     One statement on its own (autocommit): the lease and the attempt's inputs in one round
     trip (see ``_CLAIM``).
@@ -219,6 +230,8 @@ async def claim_due(
             "now": now,
             "per_agent": max_per_agent,
             "skip_users": list(skip_users),
+            "reserved_agents": list(reserved or {}),
+            "reserved_counts": list((reserved or {}).values()),
             "scan": max(limit * 4, limit),
             "limit": limit,
             "lease_until": now + timedelta(seconds=lease_seconds),
@@ -697,7 +710,8 @@ async def insert_job_txn(
             "WITH job AS (INSERT INTO deliveries"
             " (id, message_id, agent_id, webhook_url, status, next_attempt_at, leased_until)"
             " VALUES (%(id)s, %(message_id)s, %(agent_id)s, %(url)s, 'pending', now(),"
-            " CASE WHEN e2a_webhook_slots_free(%(agent_id)s, %(max)s::integer, %(now)s) > 0 THEN %(until)s END)"
+            " CASE WHEN e2a_webhook_slots_free(%(agent_id)s, %(max)s::integer, %(now)s, true) > 0"
+            " THEN %(until)s END)"
             " RETURNING agent_id, leased_until)"
             " SELECT pg_notify(%(channel)s, agent_id) FROM job WHERE leased_until IS NULL",
             params,

@@ -50,10 +50,10 @@ def test_backlog_drains_without_safety_poll(monkeypatch, hand_on):
         return out
 
     async def claim_due(
-        db: Any, now: Any, limit: int, lease_s: float, per_agent: int, skip_users: Any = ()
+        db: Any, now: Any, limit: int, lease_s: float, per_agent: int, skip_users: Any = (), reserved: Any = None
     ) -> list[ClaimedJob]:
         claims.append(limit)
-        in_flight = busy()  # the statement's snapshot
+        in_flight = busy() + sum((reserved or {}).values())  # the statement's snapshot
         await task.deferLater(clock, 0.002, lambda: None)
         return lease(min(limit, per_agent - in_flight))
 
