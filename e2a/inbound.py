@@ -212,8 +212,10 @@ class InboundPipeline:
         # run_batched: the reads (one statement per recipient) go out at once, every write of
         # every copy (messages, delivery jobs, NOTIFYs) in ONE query that PostgreSQL commits
         # as one transaction; this returns only after that commit (mail.md §1.7 item 4).
-        # A cloud copy whose agent has a free webhook slot in this process is inserted already
-        # leased to it and attempted right after the commit: no NOTIFY, no claim.
+        # A cloud copy whose agent has a free webhook slot in this process is inserted asking
+        # for a lease, which PostgreSQL grants when the agent's slots in every process allow
+        # it; a granted job is attempted right after the commit (no NOTIFY, no claim), any
+        # other is queued with a NOTIFY (e2a.store.deliveries.insert_job_txn).
         fresh = _Reservations()
         outcome = _Outcome()
         if abort is not None:

@@ -20,8 +20,9 @@ others waiting.
 
 Fresh jobs skip the queue's wake-up path: when the inbound pipeline accepts mail for a cloud
 agent that has a free slot here (through the port, :class:`e2a.delivery.port.DeliveryPort`,
-counting the agent's leases in every process), the job row is inserted already leased to this
-process and attempted right after the commit — no NOTIFY, no claim. A slot whose delivered
+counting the agent's leases in every process), the job row is inserted asking for a lease to
+this process, which PostgreSQL grants under the agent's lock, and a granted job is attempted
+right after the commit — no NOTIFY, no claim. A slot whose delivered
 attempt found nothing more of its agent to hand on frees itself without a wake-up (nothing
 waits for it), unless a NOTIFY for that agent was skipped meanwhile.
 

@@ -160,10 +160,11 @@ class Txn:
         A batched transaction sends such writes after all its other writes, ordered by
         ``lock_order`` (a group commit: across all members), so two transactions taking several
         of these locks take them in one order, and none holds one while it waits for a row
-        lock (an account being deleted holds its agents' rows). Here, outside a batch, it runs
-        at once: callers that take more than one such lock use :meth:`Database.run_batched`.
+        lock (an account being deleted holds its agents' rows). A transaction of
+        :meth:`Database.run` runs each statement as it comes, which would hold the lock through
+        whatever follows: refused, use :meth:`Database.run_batched`.
         """
-        await self.execute(sql, params)
+        raise TypeError("execute_locking needs Database.run_batched (its writes are sent last, in lock order)")
 
     async def report(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> None:
         """Run a ``SELECT`` of one text column ``key`` after the transaction's writes and add

@@ -10,12 +10,13 @@ Queue rules:
   on (the claim, a job leased at accept) asks ``e2a_webhook_slots_free`` (schema/0008) first:
   it holds the agent's advisory lock until the statement's transaction ends and counts the
   live leases on a snapshot taken after the lock, so two transactions can never both count
-  the same free slot. The accept waits for the lock; it takes its agents' locks in agent-id
-  order and after all its other writes (:meth:`e2a.store.database.Txn.execute_locking`), so
-  it never holds one while waiting for a row lock and two accepts never wait in a cycle. The
-  claim only tries the lock: an agent whose lock is busy gets nothing from that claim (its
-  jobs go to the next claim or a hand-on), so a claim never waits. A lock is held for one
-  claim statement or through one accept's commit.
+  the same free slot. Everyone takes several agents' locks in agent-id order, so no two wait
+  for each other in a cycle. The accept waits for the lock as long as it takes; it takes its
+  locks after all its other writes (:meth:`e2a.store.database.Txn.execute_locking`), so it
+  never holds one while waiting for a row lock. The claim waits at most
+  ``CLAIM_LOCK_WAIT_MS`` per agent, then leaves that agent to a later claim. A lock is held
+  for one claim statement or through one accept's commit. Live leases are counted on
+  pending and paused rows (a 410 pauses the agent's other jobs while their attempts run on).
 * Every finishing write is guarded by ``attempts = <attempts at claim>``: a worker whose lease
   was lost (and whose job was retried elsewhere) cannot overwrite the newer state.
 * The 2xx write can also lease the same agent's next due job in the SAME statement
@@ -143,11 +144,12 @@ LEFT JOIN LATERAL (
 # grouped once per claim over the leased rows (not once per candidate, so a large backlog does
 # not make each claim quadratic) and, taken on the statement's snapshot, only a pre-filter:
 # it keeps a busy agent's backlog from filling the scan and hiding other agents' jobs.
-# ``free``: the authoritative free slots of those agents (at most ``limit`` of them, the ones
-# with the oldest due jobs: a claim cannot lease for more), each under its lock, tried and not
-# waited for (``e2a_webhook_slots_free``, module docstring), less the slots the caller has
-# reserved for accepts still committing; then the rows are locked SKIP LOCKED, the due
-# condition repeated so a row leased since the snapshot drops out.
+# Both counts leave out the slots the caller has reserved for accepts still committing
+# (``here``). ``free``: the authoritative free slots of those agents (at most ``limit`` of
+# them, the ones with the oldest due jobs: a claim cannot lease for more), each under its
+# lock, taken in agent-id order and waited for at most ``CLAIM_LOCK_WAIT_MS``
+# (``e2a_webhook_slots_free``, module docstring); then the rows are locked SKIP LOCKED, the
+# due condition repeated so a row leased since the snapshot drops out.
 _CLAIM = Prepared(
     "e2a_claim_deliveries",
     f"""
@@ -156,12 +158,15 @@ WITH in_flight AS (
     FROM deliveries
     WHERE status = 'pending' AND leased_until > %(now)s
     GROUP BY agent_id
+), here AS (
+    SELECT * FROM unnest(%(reserved_agents)s::text[], %(reserved_counts)s::integer[]) AS r(agent_id, n)
 ), due AS (
     SELECT c.id, c.agent_id, c.next_attempt_at
     FROM deliveries c
     LEFT JOIN in_flight f ON f.agent_id = c.agent_id
+    LEFT JOIN here h ON h.agent_id = c.agent_id
     WHERE {_DUE_UNLEASED}
-      AND COALESCE(f.n, 0) < %(per_agent)s
+      AND COALESCE(f.n, 0) + COALESCE(h.n, 0) < %(per_agent)s
       AND (cardinality(%(skip_users)s::text[]) = 0 OR NOT EXISTS (
           SELECT 1 FROM agents u WHERE u.id = c.agent_id AND u.user_id = ANY(%(skip_users)s::text[])
       ))
@@ -170,11 +175,10 @@ WITH in_flight AS (
 ), agents_due AS (
     SELECT agent_id FROM due GROUP BY agent_id ORDER BY min(next_attempt_at), agent_id LIMIT %(limit)s
 ), free AS MATERIALIZED (
-    SELECT agent_id,
-           e2a_webhook_slots_free(agent_id, %(per_agent)s::integer, %(now)s, false)
-           - COALESCE((SELECT r.n FROM unnest(%(reserved_agents)s::text[], %(reserved_counts)s::integer[])
-                       AS r(agent_id, n) WHERE r.agent_id = agents_due.agent_id), 0) AS n
-    FROM agents_due
+    SELECT o.agent_id,
+           e2a_webhook_slots_free(o.agent_id, %(per_agent)s::integer, %(now)s, %(wait_ms)s::integer)
+           - COALESCE((SELECT h.n FROM here h WHERE h.agent_id = o.agent_id), 0) AS n
+    FROM (SELECT agent_id FROM agents_due ORDER BY agent_id COLLATE "C" OFFSET 0) o
 ), candidates AS (
     SELECT c.id, c.agent_id, c.next_attempt_at, f.n AS free
     FROM deliveries c
@@ -197,6 +201,13 @@ FROM claimed j
 {_ATTEMPT_JOINS}
 """,
 )
+
+
+#: How long a claim waits for one agent's lease lock before leaving that agent to a later
+#: claim (milliseconds). An accept holds it through its commit, usually a few milliseconds;
+#: waiting keeps a steady stream of accepts for one agent from starving its claims (its
+#: retries and queued jobs), the bound keeps one stuck commit from stalling the claim loop.
+CLAIM_LOCK_WAIT_MS = 20
 
 
 async def claim_due(
@@ -232,6 +243,7 @@ async def claim_due(
             "skip_users": list(skip_users),
             "reserved_agents": list(reserved or {}),
             "reserved_counts": list((reserved or {}).values()),
+            "wait_ms": CLAIM_LOCK_WAIT_MS,
             "scan": max(limit * 4, limit),
             "limit": limit,
             "lease_until": now + timedelta(seconds=lease_seconds),
@@ -694,8 +706,10 @@ async def insert_job_txn(
 
     With ``lease``, the job is inserted leased when the agent has a free slot counted under its
     lock (``e2a_webhook_slots_free``, module docstring; the insert is a locking write, sent
-    last): the caller's own count was read before the transaction and may be stale, since
-    another process can have leased meanwhile. Whether
+    last) and no job of the agent is due and waiting (a new job does not jump that queue: a
+    freed slot goes to the oldest due job, through a claim): the caller's own count was read
+    before the transaction and may be stale, since another process can have leased
+    meanwhile. Whether
     it was granted is known once the transaction committed (:func:`lease_granted`); when it is
     not, the job is queued and a NOTIFY naming the agent wakes the workers' claim, as for any
     job inserted unleased.
@@ -710,7 +724,10 @@ async def insert_job_txn(
             "WITH job AS (INSERT INTO deliveries"
             " (id, message_id, agent_id, webhook_url, status, next_attempt_at, leased_until)"
             " VALUES (%(id)s, %(message_id)s, %(agent_id)s, %(url)s, 'pending', now(),"
-            " CASE WHEN e2a_webhook_slots_free(%(agent_id)s, %(max)s::integer, %(now)s, true) > 0"
+            " CASE WHEN NOT EXISTS (SELECT 1 FROM deliveries q WHERE q.agent_id = %(agent_id)s"
+            " AND q.status = 'pending' AND q.next_attempt_at <= %(now)s"
+            " AND (q.leased_until IS NULL OR q.leased_until <= %(now)s))"
+            " AND e2a_webhook_slots_free(%(agent_id)s, %(max)s::integer, %(now)s, NULL) > 0"
             " THEN %(until)s END)"
             " RETURNING agent_id, leased_until)"
             " SELECT pg_notify(%(channel)s, agent_id) FROM job WHERE leased_until IS NULL",

@@ -147,18 +147,26 @@ async def test_lease_taken_by_another_process_meanwhile_queues_the_job_and_start
     user_id, _key, _secret = await _user(db)
     agent = await _agent(db, user_id, URL)
     queued = RecordingFreshJobs(free=0)
-    for n in range(4):
-        await _pipeline(db, queued).accept(Envelope((agent,)), _raw(n))
+    earlier = [await _pipeline(db, queued).accept(Envelope((agent,)), _raw(n)) for n in range(4)]
+    await db.execute("DELETE FROM deliveries")  # the other process's accept inserts their jobs
     gate: defer.Deferred = defer.Deferred()
-    claimed: defer.Deferred = defer.Deferred()
+    leased: defer.Deferred = defer.Deferred()
     now = datetime.now(UTC)
 
     async def other_process(txn):
-        claimed.callback(await deliveries.claim_due(txn, now, 4, LEASE, 4))
+        # Another process's accept: the agent's lock, then four fresh jobs leased, uncommitted.
+        await txn.execute("SELECT e2a_webhook_slots_free(%s, 4, %s, NULL)", (agent, now))
+        for n, msg_id in enumerate(earlier):
+            await txn.execute(
+                "INSERT INTO deliveries (id, message_id, agent_id, webhook_url, status, next_attempt_at, leased_until)"
+                " VALUES (%s, %s, %s, %s, 'pending', now(), %s)",
+                (f"dlv_other{n}", msg_id, agent, URL, now + timedelta(seconds=LEASE)),
+            )
+        leased.callback(None)
         await gate
 
     held = defer.ensureDeferred(db.run("other_process", other_process))
-    assert len(await claimed) == 4
+    await leased
     fresh = RecordingFreshJobs()  # this process: every slot free
     accepted = defer.ensureDeferred(_pipeline(db, fresh).accept(Envelope((agent,)), _raw(9)))
     await wait_for(lambda: _waiting_for_advisory_lock(db_dsn), timeout=10, step=0.02)

@@ -28,13 +28,15 @@ async def test_insert_job_txn_pending_is_due_now_and_optionally_leased(db):
     until = datetime.now(UTC) + timedelta(minutes=5)
     lease = deliveries.FreshLease(until, datetime.now(UTC), 4)
 
-    async def insert(txn):
-        await deliveries.insert_job_txn(txn, "dlv_1", "msg_1", agent, "https://hook.example/in",
-                                        paused=False, lease=lease)
-        return txn
+    batches = []
 
-    txn = await db.run("t", insert)
-    assert deliveries.lease_granted(txn, "dlv_1")
+    async def insert(batch):
+        batches.append(batch)
+        await deliveries.insert_job_txn(batch, "dlv_1", "msg_1", agent, "https://hook.example/in",
+                                        paused=False, lease=lease)
+
+    await db.run_batched("t", insert)
+    assert deliveries.lease_granted(batches[-1], "dlv_1")
     row = await db.fetchone("SELECT status, next_attempt_at, leased_until, webhook_url FROM deliveries")
     assert row["status"] == "pending" and row["next_attempt_at"] is not None
     assert row["leased_until"] == until and row["webhook_url"] == "https://hook.example/in"

@@ -104,7 +104,7 @@ async def test_the_free_slot_count_sees_leases_committed_after_its_statement_beg
     # This statement's snapshot is taken now, while the other's leases are uncommitted; it
     # then waits for the gate, which the other releases only by committing.
     free = defer.ensureDeferred(db.fetchone(
-        "SELECT e2a_webhook_slots_free(%s, %s, %s, true) AS n FROM (SELECT pg_advisory_xact_lock(4242) OFFSET 0) gate",
+        "SELECT e2a_webhook_slots_free(%s, %s, %s, NULL) AS n FROM (SELECT pg_advisory_xact_lock(4242) OFFSET 0) gate",
         (agent, LIMIT, now),
     ))
     await wait_for(lambda: _waiting_for_advisory_lock(db_dsn), timeout=10, step=0.02)
@@ -145,15 +145,27 @@ async def test_a_fresh_lease_is_refused_while_another_process_leases_for_the_age
     process leasing meanwhile wins: the accept's insert waits for the agent's lock, counts
     the other's committed leases, and commits the job queued, announced on the delivery
     channel; the transaction reports the lease as not granted."""
-    agent = await _backlog(db, 6)
+    agent = await _backlog(db, 0)
     now = datetime.now(UTC)
-    other = _Open(db, lambda t: deliveries.claim_due(t, now, 10, LEASE, LIMIT))
-    assert len(await other.result) == LIMIT
-    await db.execute(
-        "INSERT INTO messages (id, agent_id, user_id, direction, status)"
-        " SELECT 'msg_new', id, user_id, 'inbound', 'unread' FROM agents WHERE id = %s",
-        (agent,),
-    )
+    for mid in ("msg_new", "msg_a", "msg_b", "msg_c", "msg_d"):
+        await db.execute(
+            "INSERT INTO messages (id, agent_id, user_id, direction, status)"
+            " SELECT %s, id, user_id, 'inbound', 'unread' FROM agents WHERE id = %s",
+            (mid, agent),
+        )
+
+    async def other_accept(t):
+        # Another process's accept: the agent's lock, then LIMIT fresh jobs leased, uncommitted.
+        await t.execute("SELECT e2a_webhook_slots_free(%s, %s, %s, NULL)", (agent, LIMIT, now))
+        for mid in ("msg_a", "msg_b", "msg_c", "msg_d"):
+            await t.execute(
+                "INSERT INTO deliveries (id, message_id, agent_id, webhook_url, status, next_attempt_at, leased_until)"
+                " VALUES (%s, %s, %s, 'https://hook.example/in', 'pending', now(), %s)",
+                ("dlv_" + mid, mid, agent, now + timedelta(seconds=LEASE)),
+            )
+
+    other = _Open(db, other_accept)
+    await other.result
     listener = _Listener(db_dsn)
     lease = deliveries.FreshLease(now + timedelta(seconds=LEASE), now, LIMIT)
     seen = {}
@@ -185,23 +197,56 @@ async def test_a_fresh_lease_is_refused_when_other_processes_filled_the_slots(db
     assert len(await deliveries.claim_due(db, now, 10, LEASE, LIMIT)) == LIMIT
     lease = deliveries.FreshLease(now + timedelta(seconds=LEASE), now, LIMIT)
 
-    async def insert(txn):
-        await deliveries.insert_job_txn(txn, "dlv_03b", "msg_3", agent, "https://hook.example/in",
-                                        paused=False, lease=lease)
-        return txn
-
-    assert not deliveries.lease_granted(await db.run("t", insert), "dlv_03b")
+    assert not await _fresh(db, agent, "dlv_03b", lease)
     assert await _leased(db, agent) == LIMIT
-    # A slot frees up: the next fresh job gets it.
+    # A slot frees up: the next fresh job gets it, once no older job of the agent is due.
     await db.execute("UPDATE deliveries SET leased_until = NULL WHERE id = 'dlv_00'")
-
-    async def insert_again(txn):
-        await deliveries.insert_job_txn(txn, "dlv_03c", "msg_3", agent, "https://hook.example/in",
-                                        paused=False, lease=lease)
-        return txn
-
-    assert deliveries.lease_granted(await db.run("t", insert_again), "dlv_03c")
+    await db.execute("UPDATE deliveries SET status = 'delivered' WHERE leased_until IS NULL AND id <> 'dlv_00'")
+    await db.execute("UPDATE deliveries SET status = 'delivered' WHERE id = 'dlv_00'")
+    assert await _fresh(db, agent, "dlv_03c", lease)
     assert await _leased(db, agent) == LIMIT
+
+
+async def _fresh(db: Database, agent: str, delivery_id: str, lease: deliveries.FreshLease) -> bool:
+    """An accept's fresh job for ``agent`` (on message msg_3); whether its lease was granted."""
+    batches = []
+
+    async def insert(batch):
+        batches.append(batch)
+        await deliveries.insert_job_txn(batch, delivery_id, "msg_3", agent, "https://hook.example/in",
+                                        paused=False, lease=lease)
+
+    await db.run_batched("t", insert)
+    return deliveries.lease_granted(batches[-1], delivery_id)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fresh_job_does_not_jump_the_agents_queue(db):
+    """A free slot goes to the agent's oldest due job (through a claim), not to a new one: an
+    accept finding a due, unleased job of the agent queues its own."""
+    agent = await _backlog(db, 4)  # msg_3 carries the new job below
+    await db.execute("DELETE FROM deliveries WHERE id IN ('dlv_02', 'dlv_03')")
+    now = datetime.now(UTC)
+    lease = deliveries.FreshLease(now + timedelta(seconds=LEASE), now, LIMIT)
+    assert not await _fresh(db, agent, "dlv_new", lease)
+    later = now + timedelta(seconds=1)  # the new job is due from its insert (the database's now())
+    assert [j.id for j in await deliveries.claim_due(db, later, 10, LEASE, LIMIT)] == ["dlv_00", "dlv_01", "dlv_new"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_leases_of_paused_jobs_still_in_flight_are_counted(db):
+    """A 410 pauses the agent's other jobs while their attempts are still running with their
+    leases; those attempts count against the limit."""
+    agent = await _backlog(db, 6)
+    now = datetime.now(UTC)
+    assert len(await deliveries.claim_due(db, now, LIMIT, LEASE, LIMIT)) == LIMIT
+    await db.execute("UPDATE deliveries SET status = 'paused', next_attempt_at = NULL WHERE agent_id = %s", (agent,))
+    await db.execute(
+        "UPDATE deliveries SET status = 'pending', next_attempt_at = now() - interval '1 minute'"
+        " WHERE agent_id = %s AND leased_until IS NULL",
+        (agent,),
+    )
+    assert await deliveries.claim_due(db, now, LIMIT, LEASE, LIMIT) == []
 
 
 @pytest_twisted.ensureDeferred
@@ -278,3 +323,27 @@ async def test_a_claim_leaves_the_callers_reserved_slots_free(db):
     assert len(jobs) == 1
     assert await deliveries.claim_due(db, now, 10, LEASE, LIMIT, reserved={agent: 4}) == []
     assert len(await deliveries.claim_due(db, now, 10, LEASE, LIMIT)) == LIMIT - 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_claim_waits_only_briefly_for_a_busy_agent_and_serves_the_others(db):
+    """An agent whose lock is held (here by a transaction that never ends during the claim)
+    gets nothing from the claim after ``CLAIM_LOCK_WAIT_MS``; the claim still leases the other
+    agents' jobs instead of failing as a whole."""
+    agent = await _backlog(db, 2)
+    user_b, agent_b = await user_with_agent(db, "other@agents.test", email="b@example.com")
+    await db.execute(
+        "INSERT INTO messages (id, agent_id, user_id, direction, status) VALUES ('msg_b', %s, %s, 'inbound', 'unread')",
+        (agent_b, user_b),
+    )
+    await db.execute(
+        "INSERT INTO deliveries (id, message_id, agent_id, webhook_url, status, next_attempt_at)"
+        " VALUES ('dlv_b', 'msg_b', %s, 'https://hook.example/in', 'pending', now() - interval '1 minute')",
+        (agent_b,),
+    )
+    now = datetime.now(UTC)
+    other = _Open(db, lambda t: t.execute("SELECT e2a_webhook_slots_free(%s, 4, %s, NULL)", (agent, now)))
+    await other.result
+    assert [j.id for j in await deliveries.claim_due(db, now, 10, LEASE, LIMIT)] == ["dlv_b"]
+    await other.commit()
+    assert [j.id for j in await deliveries.claim_due(db, now, 10, LEASE, LIMIT)] == ["dlv_00", "dlv_01"]
