@@ -706,10 +706,8 @@ async def insert_job_txn(
 
     With ``lease``, the job is inserted leased when the agent has a free slot counted under its
     lock (``e2a_webhook_slots_free``, module docstring; the insert is a locking write, sent
-    last) and no job of the agent is due and waiting (a new job does not jump that queue: a
-    freed slot goes to the oldest due job, through a claim): the caller's own count was read
-    before the transaction and may be stale, since another process can have leased
-    meanwhile. Whether
+    last): the caller's own count was read before the transaction and may be stale, since
+    another process can have leased meanwhile. Whether
     it was granted is known once the transaction committed (:func:`lease_granted`); when it is
     not, the job is queued and a NOTIFY naming the agent wakes the workers' claim, as for any
     job inserted unleased.
@@ -724,10 +722,7 @@ async def insert_job_txn(
             "WITH job AS (INSERT INTO deliveries"
             " (id, message_id, agent_id, webhook_url, status, next_attempt_at, leased_until)"
             " VALUES (%(id)s, %(message_id)s, %(agent_id)s, %(url)s, 'pending', now(),"
-            " CASE WHEN NOT EXISTS (SELECT 1 FROM deliveries q WHERE q.agent_id = %(agent_id)s"
-            " AND q.status = 'pending' AND q.next_attempt_at <= %(now)s"
-            " AND (q.leased_until IS NULL OR q.leased_until <= %(now)s))"
-            " AND e2a_webhook_slots_free(%(agent_id)s, %(max)s::integer, %(now)s, NULL) > 0"
+            " CASE WHEN e2a_webhook_slots_free(%(agent_id)s, %(max)s::integer, %(now)s, NULL) > 0"
             " THEN %(until)s END)"
             " RETURNING agent_id, leased_until)"
             " SELECT pg_notify(%(channel)s, agent_id) FROM job WHERE leased_until IS NULL",
