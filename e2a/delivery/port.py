@@ -138,8 +138,9 @@ class DeliveryPort:
             self._runner.wake()
 
     def start_fresh(self, job: ClaimedJob) -> None:
-        """The accept committed the row and PostgreSQL granted its lease: attempt it in the reserved slot, or, once the
-        worker is stopping, give the lease back so the next start claims it at once."""
+        """The accept committed the row and PostgreSQL granted its lease: attempt it in the
+        reserved slot, or, once the worker is stopping, give the lease back so the next start
+        claims it at once."""
         assert self._runner is not None, "start_fresh without a reservation"
         if self.slots.commit(job.agent_id):
             self._runner.run_fresh(job)

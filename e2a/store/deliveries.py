@@ -707,10 +707,9 @@ async def insert_job_txn(
     With ``lease``, the job is inserted leased when the agent has a free slot counted under its
     lock (``e2a_webhook_slots_free``, module docstring; the insert is a locking write, sent
     last): the caller's own count was read before the transaction and may be stale, since
-    another process can have leased meanwhile. Whether
-    it was granted is known once the transaction committed (:func:`lease_granted`); when it is
-    not, the job is queued and a NOTIFY naming the agent wakes the workers' claim, as for any
-    job inserted unleased.
+    another process can have leased meanwhile. Whether it was granted is known once the
+    transaction committed (:func:`lease_granted`); when it is not, the job is queued and a
+    NOTIFY naming the agent wakes the workers' claim, as for any job inserted unleased.
     """
     if lease is not None and not paused:
         params = {
