@@ -5,9 +5,21 @@ from __future__ import annotations
 import pytest
 import pytest_twisted
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 
+from tests.support.dnsserver import start_dns_server
 from tests.support.hitlstack import start_hitl_stack
+
+
+@pytest.fixture
+def dns_zone():
+    """A loopback DNS server whose only record is the test sender's SPF policy (example.org
+    authorises 127.0.0.1), so mail from the test client verifies without the network. A test
+    module that needs more records defines its own ``dns_zone``."""
+    records = {"example.org": {"TXT": ["v=spf1 ip4:127.0.0.1 -all"]}}
+    handle = pytest_twisted.blockon(defer.ensureDeferred(start_dns_server(reactor, records)))
+    yield handle
+    pytest_twisted.blockon(defer.ensureDeferred(handle.stop()))
 
 
 @pytest.fixture

@@ -12,26 +12,16 @@ import pytest
 import pytest_twisted
 import treq
 
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 
 from e2a.config import Config, DatabaseConfig, DnsConfig, HttpConfig, SmtpConfig
 from e2a.service import build_service
 from e2a.store import accounts
 from e2a.store.embedded import pid_alive
-from tests.support.dnsserver import start_dns_server
 from tests.support.mail import make_message, send_mail
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def dns_zone():
-    handle = pytest_twisted.blockon(
-        defer.ensureDeferred(start_dns_server(reactor, {"example.org": {"TXT": ["v=spf1 ip4:127.0.0.1 -all"]}}))
-    )
-    yield handle
-    pytest_twisted.blockon(defer.ensureDeferred(handle.stop()))
 
 
 def _base_dir() -> Path:

@@ -23,7 +23,6 @@ from e2a import maillog
 from e2a.config import Config, DnsConfig, LoggingConfig, WebhooksConfig
 from e2a.logsetup import build_log_observer
 from e2a.store import accounts
-from tests.support.dnsserver import start_dns_server
 from tests.support.mail import make_message, send_mail
 from tests.support.waiting import wait_for
 
@@ -66,14 +65,6 @@ class _Receiver(resource.Resource):
         if not self.arrived.called:
             self.arrived.callback(None)
         return b""
-
-
-@pytest.fixture
-def dns_zone():
-    records = {"example.org": {"TXT": ["v=spf1 ip4:127.0.0.1 -all"]}}
-    handle = pytest_twisted.blockon(defer.ensureDeferred(start_dns_server(reactor, records)))
-    yield handle
-    pytest_twisted.blockon(defer.ensureDeferred(handle.stop()))
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import pytest
 import pytest_twisted
 from standardwebhooks.webhooks import Webhook
 
-from twisted.internet import defer, reactor, threads
+from twisted.internet import defer, threads
 
 from e2a.config import DnsConfig, SigningConfig, WebhooksConfig
 from e2a.mailauth import authheaders
@@ -25,7 +25,6 @@ from e2a.store import accounts
 from tests.integration.test_send_internal import Client
 from tests.integration.test_webhook_delivery import Sink
 from tests.support import wsclient
-from tests.support.dnsserver import start_dns_server
 from tests.support.mail import make_message, send_mail
 from tests.support.waiting import wait_for
 
@@ -33,15 +32,6 @@ HMAC_SECRET = "scale-out-test-hmac-secret-0123456789abcdef"
 SENDER = "alice@example.org"
 LOCAL = "local@agents.test"
 CLOUD = "cloud@agents.test"
-
-
-@pytest.fixture
-def dns_zone():
-    """The sender's SPF record (127.0.0.1 authorised), so both nodes verify without the network."""
-    records = {"example.org": {"TXT": ["v=spf1 ip4:127.0.0.1 -all"]}}
-    handle = pytest_twisted.blockon(defer.ensureDeferred(start_dns_server(reactor, records)))
-    yield handle
-    pytest_twisted.blockon(defer.ensureDeferred(handle.stop()))
 
 
 @dataclass
