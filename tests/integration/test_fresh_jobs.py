@@ -21,9 +21,8 @@ from e2a.store.deliveries import ClaimedJob
 from tests.integration.test_backpressure_inbound import TRACE, CountingVerifier, Envelope
 from tests.integration.test_delivery_hand_on import _Probe, _worker
 from tests.integration.test_webhook_delivery import _agent, _clock, _sink, _user
-from tests.storage.test_webhook_slots_across_processes import _waiting_for_advisory_lock
 from tests.support.apiserver import TEST_MASTER_KEY
-from tests.support.waiting import wait_for
+from tests.support.waiting import wait_for_advisory_lock_wait
 
 URL = "http://127.0.0.1:9/hook"
 LEASE = 50.0
@@ -169,7 +168,7 @@ async def test_lease_taken_by_another_process_meanwhile_queues_the_job_and_start
     await leased
     fresh = RecordingFreshJobs()  # this process: every slot free
     accepted = defer.ensureDeferred(_pipeline(db, fresh).accept(Envelope((agent,)), _raw(9)))
-    await wait_for(lambda: _waiting_for_advisory_lock(db_dsn), timeout=10, step=0.02)
+    await wait_for_advisory_lock_wait(db_dsn)
     gate.callback(None)
     await held
     msg_id = await accepted

@@ -17,7 +17,7 @@ from e2a.store import deliveries
 from e2a.store.database import Database, Writes
 from e2a.store.events import CHANNEL_DELIVERY
 from tests.storage.storehelpers import user_with_agent
-from tests.support.waiting import wait_for
+from tests.support.waiting import wait_for, wait_for_advisory_lock_wait
 
 LEASE = 60.0
 LIMIT = 4
@@ -107,19 +107,9 @@ async def test_the_free_slot_count_sees_leases_committed_after_its_statement_beg
         "SELECT e2a_webhook_slots_free(%s, %s, %s, NULL) AS n FROM (SELECT pg_advisory_xact_lock(4242) OFFSET 0) gate",
         (agent, LIMIT, now),
     ))
-    await wait_for(lambda: _waiting_for_advisory_lock(db_dsn), timeout=10, step=0.02)
+    await wait_for_advisory_lock_wait(db_dsn)
     await other.commit()
     assert (await free)["n"] == 0
-
-
-def _waiting_for_advisory_lock(dsn: str) -> bool:
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
-            return cur.fetchone()[0] > 0
-    finally:
-        conn.close()
 
 
 class _Listener:
@@ -177,7 +167,7 @@ async def test_a_fresh_lease_is_refused_while_another_process_leases_for_the_age
         await batch.fetchall("SELECT 1")  # a read after the writes are queued: they are not sent yet
 
     accepted = defer.ensureDeferred(db.run_batched("accept_inbound", accept))
-    await wait_for(lambda: _waiting_for_advisory_lock(db_dsn), timeout=10, step=0.02)
+    await wait_for_advisory_lock_wait(db_dsn)
     await other.commit()
     await accepted
     assert not deliveries.lease_granted(seen["batch"], "dlv_new")

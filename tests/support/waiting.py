@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable
 
+import psycopg2
+
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
@@ -20,3 +22,19 @@ async def wait_for(
             return
         await deferLater(reactor, step, lambda: None)
     raise AssertionError("condition not reached in time")
+
+
+async def wait_for_advisory_lock_wait(dsn: str) -> None:
+    """Until some session of the database at ``dsn`` waits for an advisory lock (how a test
+    knows a statement it started is now blocked behind a transaction it holds open)."""
+
+    def waiting() -> bool:
+        conn = psycopg2.connect(dsn)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+                return cur.fetchone()[0] > 0
+        finally:
+            conn.close()
+
+    await wait_for(waiting, timeout=10, step=0.02)
