@@ -364,6 +364,7 @@ class InboundPipeline:
                         agent["id"],
                         0,
                         _attempt_row(agent, message_id, view, display_from, stored, copy, received_at),
+                        lease.until,
                     )
                 )
             elif agent["agent_mode"] == "cloud":

@@ -407,10 +407,11 @@ class DeliveryService:
                 logged("delivered")
                 if self.slots.may_hand_on():
                     token = self.slots.hand_on_token()
-                    _matched, next_job = await deliveries.record_delivered_and_claim_next(
+                    matched, next_job = await deliveries.record_delivered_and_claim_next(
                         self._db, job, result.status, url, now,
                         self._lease_seconds, self._config.max_concurrency_per_agent,
                     )
+                    _written(job, matched)
                     if next_job is not None:
                         return next_job
                     # Nothing of this agent was due in the statement's snapshot: the slot may
@@ -418,10 +419,10 @@ class DeliveryService:
                     if self.slots.hand_on_found_nothing(token):
                         return _AGENT_IDLE
                     return None
-                await deliveries.record_delivered(self._db, job, result.status, url, now)
+                _written(job, await deliveries.record_delivered(self._db, job, result.status, url, now))
                 return None
             if outcome == backoff.GONE:
-                await deliveries.record_gone(self._db, job, url, now)
+                _written(job, await deliveries.record_gone(self._db, job, url, now))
                 logged("disabled")
                 log.warn("webhook of {agent_id} answered 410: disabled", agent_id=job.agent_id)
                 return None
@@ -436,16 +437,37 @@ class DeliveryService:
             now=now,
         )
         if delay is None:
-            await deliveries.record_failed(self._db, job, result.status, result.error, now, attempted=True, url=url)
+            _written(
+                job,
+                await deliveries.record_failed(
+                    self._db, job, result.status, result.error, now, attempted=True, url=url
+                ),
+            )
             logged("failed")
             log.warn("webhook {message_id} failed after {attempt} attempts ({error})",
                      message_id=job.message_id, attempt=job.attempt, error=result.error)
             return None
-        await deliveries.record_retry(
-            self._db, job, result.status, result.error, url, now, now + timedelta(seconds=delay)
+        _written(
+            job,
+            await deliveries.record_retry(
+                self._db, job, result.status, result.error, url, now, now + timedelta(seconds=delay)
+            ),
         )
         logged("retry", delay)
         return None
+
+
+def _written(job: ClaimedJob, matched: bool) -> None:
+    """Say so when an attempt's outcome was not written because its lease was no longer the
+    row's: the attempt outlived its lease and the job was leased again (another attempt, here
+    or elsewhere, owns the row now), or the row was failed meanwhile (agent switched to local
+    mode, deleted). The receiver may see the message twice; that is the at-least-once case
+    the webhook's delivery id lets it deduplicate."""
+    if not matched:
+        log.warn(
+            "webhook attempt {delivery_id} (attempt {attempt}) outlived its lease: outcome not recorded",
+            delivery_id=job.id, attempt=job.attempt,
+        )
 
 
 def _webhook_message(ctx: AttemptContext) -> WebhookMessage:

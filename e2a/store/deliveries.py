@@ -17,8 +17,13 @@ Queue rules:
   ``CLAIM_LOCK_WAIT_MS`` per agent, then leaves that agent to a later claim. A lock is held
   for one claim statement or through one accept's commit. Live leases are counted on
   pending and paused rows (a 410 pauses the agent's other jobs while their attempts run on).
-* Every finishing write is guarded by ``attempts = <attempts at claim>``: a worker whose lease
-  was lost (and whose job was retried elsewhere) cannot overwrite the newer state.
+* Every finishing write is guarded by the lease it finishes (``leased_until = <the lease the
+  job was taken with>``): a worker whose lease ran out and whose job was leased again
+  elsewhere cannot overwrite the newer state nor clear the new holder's lease. The lease's
+  expiry is a fencing token: a row is only leased again once its lease is absent or run out
+  at the leasing statement's ``now``, and the new one ends ``lease_seconds`` after that
+  ``now``, so every new lease of a row ends strictly later than every earlier one (across
+  processes and nodes, whatever their clocks).
 * The 2xx write can also lease the same agent's next due job in the SAME statement
   (:func:`record_delivered_and_claim_next`): the finishing attempt's slot is handed on without a
   claim round trip. It leases only when the guarded update matched and the finishing row's own
@@ -90,6 +95,9 @@ class ClaimedJob:
     agent_id: str
     attempts: int
     row: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    #: The lease this job was taken with (its ``leased_until``): what every finishing write
+    #: presents. None for a job that holds no lease, whose writes then match nothing.
+    lease_until: datetime | None = None
 
     @property
     def attempt(self) -> int:
@@ -117,7 +125,7 @@ _LEASE_CHOSEN = """claimed AS (
     UPDATE deliveries dl SET leased_until = %(lease_until)s
     FROM chosen
     WHERE dl.id = chosen.id
-    RETURNING dl.id, dl.message_id, dl.agent_id, dl.attempts
+    RETURNING dl.id, dl.message_id, dl.agent_id, dl.attempts, dl.leased_until
 )"""
 
 # What an attempt needs, read beside the lease (``claimed j``): the columns and the joins. The
@@ -126,7 +134,7 @@ _LEASE_CHOSEN = """claimed AS (
 # or agent is gone still comes back (LEFT JOINs by primary key, ``m_id``/``a_id`` NULL) so the
 # worker can fail it. The secrets are returned as (id, ciphertext) arrays newest first, so a
 # rotation takes effect on the next claim while the AES-GCM opening is cached per secret id.
-_ATTEMPT_COLUMNS = """j.id, j.message_id, j.agent_id, j.attempts,
+_ATTEMPT_COLUMNS = """j.id, j.message_id, j.agent_id, j.attempts, j.leased_until,
        m.id AS m_id, m.conversation_id, m.display_from, m.to_addrs, m.cc_addrs, m.recipient,
        m.raw_message, m.auth_headers, m.created_at,
        a.id AS a_id, a.agent_mode, a.webhook_url, a.webhook_status, a.user_id,
@@ -250,7 +258,11 @@ async def claim_due(
             "max_secrets": MAX_SECRETS,
         },
     )
-    return [ClaimedJob(r["id"], r["message_id"], r["agent_id"], r["attempts"], r) for r in rows]
+    return [_claimed(r) for r in rows]
+
+
+def _claimed(row: dict[str, Any]) -> ClaimedJob:
+    return ClaimedJob(row["id"], row["message_id"], row["agent_id"], row["attempts"], row, row["leased_until"])
 
 
 # The backlog estimate for backpressure (e2a/delivery/backpressure.py): due, unleased jobs,
@@ -380,7 +392,7 @@ _MARK_DELIVERED = """done AS (
     UPDATE deliveries SET status = 'delivered', attempts = attempts + 1, last_status_code = %(code)s,
         last_error = '', last_attempt_at = %(now)s, delivered_at = %(now)s, next_attempt_at = NULL,
         leased_until = NULL, webhook_url = %(url)s
-    WHERE id = %(id)s AND attempts = %(attempts)s AND status IN ('pending', 'paused')
+    WHERE id = %(id)s AND leased_until = %(lease)s AND status IN ('pending', 'paused')
     RETURNING message_id
 ), marked_read AS (
     UPDATE messages SET status = 'read', read_at = COALESCE(read_at, %(now)s)
@@ -435,7 +447,7 @@ LEFT JOIN claimed j ON TRUE
 
 
 def _delivered_params(job: ClaimedJob, status_code: int, url: str, now: datetime) -> dict[str, Any]:
-    return {"code": status_code, "now": now, "url": url, "id": job.id, "attempts": job.attempts}
+    return {"code": status_code, "now": now, "url": url, "id": job.id, "lease": job.lease_until}
 
 
 async def record_delivered(db: Database, job: ClaimedJob, status_code: int, url: str, now: datetime) -> bool:
@@ -481,7 +493,7 @@ async def record_delivered_and_claim_next(
     delivered = row["delivered"] == 1
     if row["id"] is None:
         return delivered, None
-    return delivered, ClaimedJob(row["id"], row["message_id"], row["agent_id"], row["attempts"], row)
+    return delivered, _claimed(row)
 
 
 async def release_lease(db: Database, job: ClaimedJob) -> bool:
@@ -490,8 +502,8 @@ async def release_lease(db: Database, job: ClaimedJob) -> bool:
     return await _finish(
         db,
         "UPDATE deliveries SET leased_until = NULL"
-        " WHERE id = %(id)s AND attempts = %(attempts)s AND status = 'pending' RETURNING id",
-        {"id": job.id, "attempts": job.attempts},
+        " WHERE id = %(id)s AND leased_until = %(lease)s AND status = 'pending' RETURNING id",
+        {"id": job.id, "lease": job.lease_until},
     )
 
 
@@ -509,10 +521,10 @@ async def record_retry(
         db,
         "UPDATE deliveries SET attempts = attempts + 1, last_status_code = %(code)s, last_error = %(error)s,"
         " last_attempt_at = %(now)s, next_attempt_at = %(next)s, leased_until = NULL, webhook_url = %(url)s"
-        " WHERE id = %(id)s AND attempts = %(attempts)s AND status = 'pending' RETURNING id",
+        " WHERE id = %(id)s AND leased_until = %(lease)s AND status = 'pending' RETURNING id",
         {
             "code": status_code, "error": error, "now": now, "next": next_attempt_at, "url": url,
-            "id": job.id, "attempts": job.attempts,
+            "id": job.id, "lease": job.lease_until,
         },
     )
 
@@ -534,18 +546,18 @@ async def record_failed(
             "UPDATE deliveries SET status = 'failed', attempts = attempts + 1, last_status_code = %(code)s,"
             " last_error = %(error)s, last_attempt_at = %(now)s, next_attempt_at = NULL, leased_until = NULL,"
             " webhook_url = COALESCE(%(url)s, webhook_url)"
-            " WHERE id = %(id)s AND attempts = %(attempts)s AND status = 'pending' RETURNING id"
+            " WHERE id = %(id)s AND leased_until = %(lease)s AND status = 'pending' RETURNING id"
         )
     else:
         sql = (
             "UPDATE deliveries SET status = 'failed', last_error = %(error)s, next_attempt_at = NULL,"
-            " leased_until = NULL WHERE id = %(id)s AND attempts = %(attempts)s AND status = 'pending'"
+            " leased_until = NULL WHERE id = %(id)s AND leased_until = %(lease)s AND status = 'pending'"
             " RETURNING id"
         )
     return await _finish(
         db,
         sql,
-        {"code": status_code, "error": error, "now": now, "url": url, "id": job.id, "attempts": job.attempts},
+        {"code": status_code, "error": error, "now": now, "url": url, "id": job.id, "lease": job.lease_until},
     )
 
 
@@ -554,8 +566,8 @@ async def record_paused(db: Database, job: ClaimedJob) -> bool:
     return await _finish(
         db,
         "UPDATE deliveries SET status = 'paused', next_attempt_at = NULL, leased_until = NULL"
-        " WHERE id = %(id)s AND attempts = %(attempts)s AND status = 'pending' RETURNING id",
-        {"id": job.id, "attempts": job.attempts},
+        " WHERE id = %(id)s AND leased_until = %(lease)s AND status = 'pending' RETURNING id",
+        {"id": job.id, "lease": job.lease_until},
     )
 
 
@@ -570,8 +582,8 @@ async def record_gone(db: Database, job: ClaimedJob, url: str, now: datetime) ->
             "UPDATE deliveries SET status = 'failed', attempts = attempts + 1, last_status_code = 410,"
             " last_error = 'HTTP 410 (webhook disabled)', last_attempt_at = %(now)s, next_attempt_at = NULL,"
             " leased_until = NULL, webhook_url = %(url)s"
-            " WHERE id = %(id)s AND attempts = %(attempts)s AND status = 'pending'",
-            {"now": now, "url": url, "id": job.id, "attempts": job.attempts},
+            " WHERE id = %(id)s AND leased_until = %(lease)s AND status = 'pending'",
+            {"now": now, "url": url, "id": job.id, "lease": job.lease_until},
         )
         if txn.rowcount != 1:
             return False

@@ -96,12 +96,13 @@ async def test_claim_next_leases_oldest_due_job_of_agent_with_context(db):
 
 @pytest_twisted.ensureDeferred
 async def test_claim_next_leases_nothing_when_lease_lost(db):
-    """A guarded update that matches nothing (stale attempts, or already recorded) leases nothing."""
+    """A guarded update that matches nothing (a lease that is no longer the row's, or already
+    recorded) leases nothing."""
     b = await _backlog(db, 3)
     (m1, d1), (_m2, d2), (_m3, d3) = b["ids"]
     now = b["now"]
     job = await _claim_one(db, now)
-    stale = replace(job, attempts=job.attempts + 1)
+    stale = replace(job, lease_until=job.lease_until - timedelta(seconds=1))
     assert await deliveries.record_delivered_and_claim_next(db, stale, 200, URL, now, LEASE, 4) == (False, None)
     assert (await _row(db, d1))["status"] == "pending"
     assert await _message_status(db, m1) == "unread"
