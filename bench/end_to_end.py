@@ -98,6 +98,7 @@ DRAIN_TIMEOUT = 60.0  # seconds after the last 250 for the last webhook to arriv
 TARGETS = {
     "throughput": "2 KB @ c8 delivered msg/s >= 1.0x reference",
     "exactly_once": "every accepted message delivered exactly once to a healthy sink",
+    "per_agent_limit": "webhook requests in flight to the agent <= webhooks.max_concurrency_per_agent",
     "fanout_p99": "WebSocket notification to 1,000 agents p99 <= 1 s",
     "memory_flat": "twistd RSS flat over a 20,000-message run",
 }
@@ -587,6 +588,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="diagnostics: add a partial index on leased pending deliveries before measuring")
     parser.add_argument("--per-agent", type=int, default=4,
                         help="webhooks.max_concurrency_per_agent for e2a (default 4 = e2a's default; diagnostics)")
+    parser.add_argument("--sink-hold-ms", type=float, default=0.0,
+                        help="the sink answers each webhook this many ms after it arrived, so e2a's requests"
+                        " overlap and the per-agent limit is checked across all processes (throughput then"
+                        " reflects the hold, not e2a)")
     args = parser.parse_args(argv)
 
     preset = QUICK if args.quick else FULL
@@ -630,7 +635,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.leased_index:
             add_leased_index(stack.dsn, log)
         env = {"BENCH_WEBHOOK_SECRET": stack.signing_secret}
-        sink = stack.spawn([sys.executable, str(REPO / "bench" / "webhook_sink.py"), "--port", "0"], "sink.log", env)
+        sink = stack.spawn([sys.executable, str(REPO / "bench" / "webhook_sink.py"), "--port", "0",
+                            "--hold-ms", str(args.sink_hold_ms)], "sink.log", env)
         sink_port = read_listening(sink, "webhook sink")
         ctx.sink_pid = sink.pid
         agent = stack.api("/api/v1/agents", {"slug": AGENT_SLUG, "name": "Bench", "agent_mode": "cloud",
@@ -773,6 +779,11 @@ def main(argv: list[str] | None = None) -> int:
         verdicts.append({"target": TARGETS["exactly_once"],
                          "value": f"{e2a_dlv + s_dlv}/{e2a_acc + s_acc} delivered, dup {e2a_dup + s_dup}",
                          "met": bool(eo)})
+    peak = (sink_stats.get("peak_in_flight") or {}).get("/e2a")
+    if args.sink_hold_ms > 0 and peak is not None:
+        verdicts.append({"target": TARGETS["per_agent_limit"],
+                         "value": f"peak {peak} (limit {args.per_agent}, sink hold {args.sink_hold_ms:g} ms)",
+                         "met": bool(peak <= args.per_agent)})
     fan_summary = None
     if fanouts:
         fan_summary = {
@@ -811,7 +822,8 @@ def main(argv: list[str] | None = None) -> int:
                      "e2a_overrides": {"webhooks.allow_private": True, "rate_limits.register_per_hour": 100000,
                                        "smtp.max_connections_per_ip": 200,
                                        "smtp.max_messages_per_session": 100000},
-                     "webhooks.max_concurrency_per_agent": args.per_agent, "floor_diagnostic": args.floor, "e2a_processes": args.processes,
+                     "webhooks.max_concurrency_per_agent": args.per_agent, "sink_hold_ms": args.sink_hold_ms,
+                     "floor_diagnostic": args.floor, "e2a_processes": args.processes,
                      "bench_leased_index": args.leased_index, "pg_stat": args.pg_stat},
         "setup": setup,
         "medians": rows,

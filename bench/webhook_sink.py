@@ -11,6 +11,10 @@ under the ``webhook-id`` header, and answers ``200`` with an empty body.
   ``BENCH_WEBHOOK_SECRET``.
 * Duplicates: a ``webhook-id`` seen before is counted (and its arrival kept) — the
   exactly-once check of the benchmark.
+* Requests in flight: with ``--hold-ms N`` each answer is sent N ms after the request arrived,
+  so requests overlap as they would at a real receiver; the most requests in flight at once
+  per path (one path per agent) is kept in ``peak_in_flight``: the check of the per-agent
+  concurrency limit (``webhooks.max_concurrency_per_agent``), across all e2a processes.
 
 Control endpoints (for the benchmark client only):
 
@@ -39,15 +43,19 @@ from twisted.web import resource, server
 class Sink(resource.Resource):
     isLeaf = True
 
-    def __init__(self, secret: bytes, verify_every: int) -> None:
+    def __init__(self, secret: bytes, verify_every: int, reactor: Any = None, hold_s: float = 0.0) -> None:
         super().__init__()
         self.secret = secret
         self.verify_every = max(1, verify_every)
+        self.reactor = reactor
+        self.hold_s = hold_s
         self.seen: set[str] = set()
         self.pending: dict[str, list[float]] = {}
+        self.in_flight: dict[str, int] = {}
         self.stats = {
             "received": 0, "unique": 0, "duplicates": 0, "missing_id": 0,
             "sig_checked": 0, "sig_ok": 0, "sig_bad": 0, "bytes": 0, "by_path": {},
+            "peak_in_flight": {}, "hold_ms": round(hold_s * 1000, 3),
         }
 
     def render_POST(self, request: Any) -> bytes:  # noqa: N802 - twisted.web API
@@ -76,7 +84,27 @@ class Sink(resource.Resource):
         if st["received"] % self.verify_every == 1 or self.verify_every == 1:
             st["sig_checked"] += 1
             st["sig_ok" if self._verify(wid, request, body) else "sig_bad"] += 1
-        return b""
+        return self._answer(request, path)
+
+    def _answer(self, request: Any, path: str) -> Any:
+        """Answer now, or after ``hold_s`` while counting the path's requests in flight."""
+        n = self.in_flight.get(path, 0) + 1
+        self.in_flight[path] = n
+        peaks = self.stats["peak_in_flight"]
+        peaks[path] = max(peaks.get(path, 0), n)
+        if self.hold_s <= 0:
+            self.in_flight[path] -= 1
+            return b""
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def finish() -> None:
+            self.in_flight[path] -= 1
+            if not gone:
+                request.finish()
+
+        self.reactor.callLater(self.hold_s, finish)
+        return server.NOT_DONE_YET
 
     def _verify(self, wid: str, request: Any, body: bytes) -> bool:
         ts = (request.getHeader(b"webhook-timestamp") or b"").decode("ascii", "replace")
@@ -96,13 +124,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--verify-every", type=int, default=10, help="verify the signature of every Nth request")
+    parser.add_argument("--hold-ms", type=float, default=0.0,
+                        help="answer each webhook this many ms after it arrived (requests then overlap)")
     args = parser.parse_args(argv)
     secret = os.environ.get("BENCH_WEBHOOK_SECRET", "").encode("ascii")
     if not secret:
         raise SystemExit("BENCH_WEBHOOK_SECRET is not set")
     from twisted.internet import reactor
 
-    site = server.Site(Sink(secret, args.verify_every))
+    site = server.Site(Sink(secret, args.verify_every, reactor, args.hold_ms / 1000))
     site.noisy = False
     site.log = lambda request: None  # no access log
     port = reactor.listenTCP(args.port, site, interface="127.0.0.1", backlog=256)
