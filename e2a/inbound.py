@@ -26,6 +26,7 @@ from e2a.mailauth import authheaders
 from e2a.mailauth.verdict import sender_value
 from e2a.messageview import MessageView
 from e2a.metrics import E2AMetrics, metrics_of
+from e2a.smtp.replies import R_NO_RCPT, MessageRejected
 from e2a.store import agents as agent_store
 from e2a.store import deliveries, messages
 from e2a.store.accounts import SecretCache, newest_secret_txn
@@ -180,6 +181,8 @@ class InboundPipeline:
 
         Raises:
             TransientError (and subclasses): nothing was committed; the sender should retry.
+            MessageRejected: ``550 5.1.1``, every recipient agent was deleted after RCPT;
+                nothing was committed.
         """
         abort: AbortSignal | None = getattr(envelope, "abort", None)
         if abort is not None:
@@ -228,6 +231,11 @@ class InboundPipeline:
         except BaseException:
             self._release(fresh)
             raise
+        if not first_id:
+            # Every recipient agent was deleted after its RCPT was accepted (the RCPT check may
+            # also have remembered it: e2a.smtp.recipients). Nothing was written; the answer
+            # is the one RCPT now gives.
+            raise MessageRejected(R_NO_RCPT)
         maillog.accepted(
             message_id=first_id, client_ip=envelope.client_ip, mail_from=envelope.mail_from,
             agents=envelope.recipients, domain_check=trace.domain_check, size=len(raw),

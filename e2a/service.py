@@ -76,7 +76,7 @@ from e2a.store import migrate
 from e2a.store.database import Database
 from e2a.store.domains import ensure_shared_domain
 from e2a.store.embedded import EmbeddedPostgres, EmbeddedSettings, Supervisor
-from e2a.store.events import EventListener
+from e2a.store.events import CHANNEL_REVOKE, EventListener
 from e2a.tlsreload import CertificateWatcher
 
 log = Logger()
@@ -216,8 +216,12 @@ class E2AService(service.Service):
             metrics=self.metrics,
         )
         tls = load_tls_options(smtp.tls_cert, smtp.tls_key) if smtp.tls_enabled else None
+        # RCPT remembers found agents briefly; deletions heard on LISTEN make it forget them.
+        self.recipients = AgentRecipients(self.db, reactor)
+        self.events.subscribe(CHANNEL_REVOKE, self.recipients.on_revoke)
+        self.events.on_reconnect(self.recipients.forget_all)
         self.smtp_factory = SmtpFactory(
-            smtp, AgentRecipients(self.db), self.inbound.accept, reactor, tls, metrics=self.metrics
+            smtp, self.recipients, self.inbound.accept, reactor, tls, metrics=self.metrics
         )
         # Renewed certificates are picked up without a restart (e2a.tlsreload).
         self.tls_watcher = self._build_certificate_watcher(smtp) if tls is not None else None

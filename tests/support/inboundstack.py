@@ -104,10 +104,11 @@ class InboundStack:
                  "http://127.0.0.1:9/hook" if mode == "cloud" else "", "active" if mode == "cloud" else "none"),
             )
 
-    def listen(self, **smtp_overrides: Any) -> int:
+    def listen(self, recipients: AgentRecipients | None = None, **smtp_overrides: Any) -> int:
+        """An SMTP port; ``recipients``: the RCPT lookup (default: uncached)."""
         assert self.pipeline is not None
         config = dataclasses.replace(SmtpConfig(domain=MX), **smtp_overrides)
-        factory = SmtpFactory(config, AgentRecipients(self.db), self.pipeline.accept, reactor)
+        factory = SmtpFactory(config, recipients or AgentRecipients(self.db), self.pipeline.accept, reactor)
         self.factories.append(factory)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self._ports.append(port)
