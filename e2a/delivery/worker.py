@@ -462,7 +462,7 @@ def _written(job: ClaimedJob, matched: bool) -> None:
     row's: the attempt outlived its lease and the job was leased again (another attempt, here
     or elsewhere, owns the row now), or the row was failed meanwhile (agent switched to local
     mode, deleted). The receiver may see the message twice; that is the at-least-once case
-    the webhook's delivery id lets it deduplicate."""
+    its ``webhook-id`` lets it deduplicate (docs/webhooks.md)."""
     if not matched:
         log.warn(
             "webhook attempt {delivery_id} (attempt {attempt}) outlived its lease: outcome not recorded",
