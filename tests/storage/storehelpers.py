@@ -35,3 +35,23 @@ async def user_with_agent(
 
     await db.run("test_user_with_agent", _txn)
     return user_id, address
+
+
+async def agent_with_due_jobs(db: Database, n: int, *, due_ago_seconds: float = 60.0) -> tuple[str, str]:
+    """A user and a cloud agent with ``n`` inbound messages, each with a pending, unleased
+    delivery job due ``due_ago_seconds`` ago (``dlv_00`` the oldest created); returns (user_id,
+    agent id)."""
+    user_id, agent = await user_with_agent(db)
+    for i in range(n):
+        await db.execute(
+            "INSERT INTO messages (id, agent_id, user_id, direction, status) VALUES (%s, %s, %s, 'inbound', 'unread')",
+            (f"msg_{i}", agent, user_id),
+        )
+        await db.execute(
+            "INSERT INTO deliveries (id, message_id, agent_id, webhook_url, status, next_attempt_at, created_at)"
+            " VALUES (%s, %s, %s, 'https://hook.example/in', 'pending', now() - make_interval(secs => %s),"
+            " now() - make_interval(secs => %s))",
+            (f"dlv_{i:02d}", f"msg_{i}", agent, due_ago_seconds, 1000 - i),
+        )
+    return user_id, agent
+

@@ -15,7 +15,7 @@ import pytest_twisted
 
 from e2a.store import agents, deliveries
 from e2a.store.database import Database
-from tests.storage.storehelpers import user_with_agent
+from tests.storage.storehelpers import agent_with_due_jobs
 
 LEASE = 60.0
 LIMIT = 4
@@ -23,22 +23,11 @@ URL = "https://hook.example/in"
 
 
 async def _job(db: Database, n: int = 1) -> tuple[str, str]:
-    """An agent with ``n`` due, unleased jobs (``dlv_0`` the oldest); returns (user, agent)."""
-    user_id, agent = await user_with_agent(db)
-    for i in range(n):
-        await db.execute(
-            "INSERT INTO messages (id, agent_id, user_id, direction, status) VALUES (%s, %s, %s, 'inbound', 'unread')",
-            (f"msg_{i}", agent, user_id),
-        )
-        await db.execute(
-            "INSERT INTO deliveries (id, message_id, agent_id, webhook_url, status, next_attempt_at, created_at)"
-            " VALUES (%s, %s, %s, %s, 'pending', now() - interval '1 hour', now() - make_interval(secs => %s))",
-            (f"dlv_{i}", f"msg_{i}", agent, URL, 1000 - i),
-        )
-    return user_id, agent
+    """An agent with ``n`` jobs due an hour ago (``dlv_00`` the oldest); returns (user, agent)."""
+    return await agent_with_due_jobs(db, n, due_ago_seconds=3600)
 
 
-async def _row(db: Database, delivery_id: str = "dlv_0") -> dict:
+async def _row(db: Database, delivery_id: str = "dlv_00") -> dict:
     return await db.fetchone(
         "SELECT status, attempts, leased_until, last_error, last_status_code FROM deliveries WHERE id = %s",
         (delivery_id,),
@@ -51,7 +40,7 @@ async def _stale_and_current(db: Database) -> tuple[deliveries.ClaimedJob, deliv
     [stale] = await deliveries.claim_due(db, t0, 1, LEASE, LIMIT)
     later = t0 + timedelta(seconds=LEASE + 1)
     [current] = await deliveries.claim_due(db, later, 1, LEASE, LIMIT)
-    assert stale.id == current.id == "dlv_0"
+    assert stale.id == current.id == "dlv_00"
     assert stale.lease_until is not None and current.lease_until is not None
     assert current.lease_until > stale.lease_until
     return stale, current, later
@@ -108,7 +97,7 @@ async def test_a_stale_2xx_does_not_hand_on_a_slot_it_no_longer_holds(db):
     leased = await db.fetchall(
         "SELECT id FROM deliveries WHERE agent_id = %s AND leased_until > %s ORDER BY id", (agent, later)
     )
-    assert [r["id"] for r in leased] == ["dlv_0"]
+    assert [r["id"] for r in leased] == ["dlv_00"]
 
 
 @pytest_twisted.ensureDeferred
@@ -133,12 +122,12 @@ async def test_a_retried_attempt_in_flight_when_the_webhook_is_re_enabled_is_rec
     message was POSTed again. Now its lease matches and the row is delivered."""
     user_id, agent = await _job(db, 2)
     now = datetime.now(UTC)
-    # dlv_0 failed once already (attempts = 1) and is due again.
+    # dlv_00 failed once already (attempts = 1) and is due again.
     first = await deliveries.claim_due(db, now, 1, LEASE, LIMIT)
-    assert [j.id for j in first] == ["dlv_0"]
+    assert [j.id for j in first] == ["dlv_00"]
     assert await deliveries.record_retry(db, first[0], 500, "HTTP 500", URL, now, now)
     claimed = {j.id: j for j in await deliveries.claim_due(db, now, 2, LEASE, LIMIT)}
-    retry, gone = claimed["dlv_0"], claimed["dlv_1"]
+    retry, gone = claimed["dlv_00"], claimed["dlv_01"]
     assert retry.attempts == 1
 
     assert await deliveries.record_gone(db, gone, URL, now)

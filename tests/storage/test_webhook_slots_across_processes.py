@@ -16,7 +16,7 @@ from twisted.internet import defer
 from e2a.store import deliveries
 from e2a.store.database import Database, Writes
 from e2a.store.events import CHANNEL_DELIVERY
-from tests.storage.storehelpers import user_with_agent
+from tests.storage.storehelpers import agent_with_due_jobs, user_with_agent
 from tests.support.waiting import wait_for, wait_for_advisory_lock_wait
 
 LEASE = 60.0
@@ -26,18 +26,7 @@ SLOT_LOCK_CLASS = 0x65326177  # schema/0008: the agents' slot locks
 
 async def _backlog(db: Database, n: int) -> str:
     """An agent with ``n`` due, unleased jobs; returns its id."""
-    user_id, agent = await user_with_agent(db)
-    for i in range(n):
-        await db.execute(
-            "INSERT INTO messages (id, agent_id, user_id, direction, status) VALUES (%s, %s, %s, 'inbound', 'unread')",
-            (f"msg_{i}", agent, user_id),
-        )
-        await db.execute(
-            "INSERT INTO deliveries (id, message_id, agent_id, webhook_url, status, next_attempt_at, created_at)"
-            " VALUES (%s, %s, %s, 'https://hook.example/in', 'pending', now() - interval '1 minute',"
-            " now() - make_interval(secs => %s))",
-            (f"dlv_{i:02d}", f"msg_{i}", agent, 1000 - i),
-        )
+    _user, agent = await agent_with_due_jobs(db, n)
     return agent
 
 
