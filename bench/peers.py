@@ -28,6 +28,7 @@ Setup (bench-only dependencies, never part of e2a's install)::
     sh bench/peers/setup.sh .venv/bin/python     # Haraka from npm, aiosmtpd + asyncpg
     .venv/bin/python bench/peers.py --quick      # smoke run, about a minute
     .venv/bin/python bench/peers.py              # medians of 3 runs, 2 KB and 100 KB, c=8
+    .venv/bin/python bench/peers.py --pin 0      # e2a kept on CPU 0 (cpu_affinity); --pin-peers: all
     .venv/bin/python bench/peers.py --pool bench/results/peers-*.json   # pool invocations
 
 Haraka is skipped (and the reason printed) when Node.js or the npm install is missing.
@@ -139,6 +140,15 @@ class Receiver:
     queue_dir: Path | None = None  # haraka-file
     last_id: int = 0
     since: str = ""  # e2a: PostgreSQL clock at the start of the round
+
+
+def pin_threads(pid: int, cpu: int) -> None:
+    """Put every thread of ``pid`` on ``cpu`` (threads it starts later inherit it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), {cpu})
+        except ProcessLookupError:
+            pass
 
 
 def _spawn_logged(stack: E2AStack, argv: list[str], log_path: Path, env_extra: dict[str, str]) -> Any:
@@ -433,6 +443,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages-2k", type=int, default=None, help="messages per 2 KB round (default 1000)")
     parser.add_argument("--messages-100k", type=int, default=None, help="messages per 100 KB round (default 300)")
     parser.add_argument("--processes", type=int, default=1, help="e2a's `processes` setting")
+    parser.add_argument("--pin", type=lambda v: [int(c) for c in v.split(",")], default=None, metavar="CPU[,CPU…]",
+                        help="e2a's cpu_affinity setting: each e2a process kept on one of these CPUs")
+    parser.add_argument("--pin-peers", action="store_true",
+                        help="with --pin: keep the other receivers on its first CPU (every thread, set after start)")
     parser.add_argument("--round-timeout", type=float, default=120.0, help="wall-clock cap per round, seconds")
     parser.add_argument("--max-minutes", type=float, default=30.0, help="wall-clock cap for all rounds")
     parser.add_argument("--profile", metavar="DIR", default=None,
@@ -467,6 +481,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("unknown size or receiver")
     if not (1 <= runs <= 10 and all(1 <= c <= 64 for c in concs) and all(1 <= counts[s] <= 5000 for s in sizes)):
         parser.error("runs 1..10, concurrency 1..64, messages 1..5000 per round")
+    if args.pin is not None and not set(args.pin) <= os.sched_getaffinity(0):
+        parser.error(f"--pin {args.pin}: this process may only use CPUs {sorted(os.sched_getaffinity(0))}")
+    if args.pin_peers and args.pin is None:
+        parser.error("--pin-peers needs --pin CPU")
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -498,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         stack.start_postgres(log, PG_STAT_OPTIONS if args.pg_stat else ())
         stack.start_dns(txt, log)
         if "e2a" in wanted:
-            stack.start_e2a({}, log)
+            stack.start_e2a({"cpu_affinity": args.pin} if args.pin is not None else {}, log)
             stack.api("/api/v1/agents", {"slug": AGENT_SLUG, "name": "Bench", "agent_mode": "local"})
             receivers["e2a"] = Receiver("e2a", stack.e2a_smtp, stack.e2a.pid)
         starters = {
@@ -514,6 +532,10 @@ def main(argv: list[str] | None = None) -> int:
                 except (FileNotFoundError, RuntimeError) as e:
                     skipped[name] = str(e)
                     log(f"SKIPPED {name}: {e}")
+        if args.pin is not None and args.pin_peers:
+            for name, receiver in receivers.items():
+                if name != "e2a":  # e2a pins itself: its cpu_affinity setting
+                    pin_threads(receiver.pid, args.pin[0])
         checker = Checker(stack.dsn)
         log("pids: " + ", ".join(f"{n} {r.pid} :{r.port}" for n, r in receivers.items())
             + f"; load {loadavg():.2f}")
@@ -607,7 +629,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = aggregate(rounds, [n for n in ALL_RECEIVERS if n in {r.receiver for r in rounds}])
     verdicts = targets(rows)
     print(f"e2a vs peers, {started_at:%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs, load at start "
-          f"{' '.join(load_start)}, at end {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
+          f"{' '.join(load_start)}, at end {' '.join(Path('/proc/loadavg').read_text().split()[:3])}"
+          + (f"; e2a kept on CPUs {args.pin}" if args.pin is not None else "")
+          + (", the other receivers too" if args.pin is not None and args.pin_peers else ""))
     print(format_table(rows, runs))
     for v in verdicts:
         print(f"  target {v['target']}: {v['value']} -> {'MET' if v['met'] else 'MISSED'}")
@@ -619,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
                     "loadavg_start": load_start, "loadavg_end": Path("/proc/loadavg").read_text().split()[:3]},
         "settings": {"runs": runs, "sizes": {s: mails[s].length for s in sizes}, "concurrency": concs,
                      "messages_per_round": {s: counts[s] for s in sizes}, "quick": args.quick,
-                     "e2a_processes": args.processes, "e2a_tree": args.e2a_tree, "receivers": list(receivers) if rounds else wanted,
+                     "e2a_processes": args.processes, "pin": args.pin, "pin_peers": args.pin_peers, "e2a_tree": args.e2a_tree, "receivers": list(receivers) if rounds else wanted,
                      "postgres": "embedded, defaults (fsync=on, synchronous_commit=on)"},
         "medians": rows, "targets": verdicts, "skipped": skipped,
         "rounds": [asdict(r) | {"verified_ok": r.verified_ok} for r in rounds],

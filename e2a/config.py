@@ -197,6 +197,9 @@ class Config:
     # Processes serving the same SMTP and HTTP sockets (docs/configuration.md, "processes"):
     # one CPython process is bound to one core by the GIL; 1 = everything in this process.
     processes: int = 1
+    # CPUs the processes run on, one CPU per process taken in turn (docs/configuration.md,
+    # "cpu_affinity"; e2a.affinity); empty: the kernel decides.
+    cpu_affinity: tuple[int, ...] = ()
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -238,6 +241,8 @@ class Config:
 
 #: Upper bound of ``processes``: each process holds ``database.pool_size`` + 2 connections.
 MAX_PROCESSES = 64
+#: Upper bound (exclusive) of a ``cpu_affinity`` CPU number: Linux's default CPU set size.
+MAX_CPU = 1024
 
 SECTIONS: dict[str, type] = {
     "smtp": SmtpConfig,
@@ -481,7 +486,8 @@ def load_config(
         except idna.IDNAError:
             problems.append("shared_domain: not a valid domain name")
     config = Config(
-        env=top.env, data_dir=top.data_dir, shared_domain=shared.lower(), processes=top.processes, **sections
+        env=top.env, data_dir=top.data_dir, shared_domain=shared.lower(), processes=top.processes,
+        cpu_affinity=top.cpu_affinity, **sections
     )
     problems.extend(validate(config))
     if problems:
@@ -600,6 +606,10 @@ def validate(config: Config) -> list[str]:
             problems.append(f"{key}: must be a positive integer")
     if not 1 <= config.processes <= MAX_PROCESSES:
         problems.append(f"processes: must be between 1 and {MAX_PROCESSES}")
+    if any(not 0 <= cpu < MAX_CPU for cpu in config.cpu_affinity):
+        problems.append(f"cpu_affinity: CPU numbers must be between 0 and {MAX_CPU - 1}")
+    elif len(set(config.cpu_affinity)) != len(config.cpu_affinity):
+        problems.append("cpu_affinity: a CPU is listed twice")
     for key, value in (("outbound_smtp.port", config.outbound_smtp.port), ("outbound.mx_port", config.outbound.mx_port)):
         if not 0 < value <= 65535:
             problems.append(f"{key}: must be a TCP port (1-65535)")

@@ -40,6 +40,7 @@ from typing import Any, BinaryIO
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
+from e2a import affinity
 from e2a.config import Config
 from e2a.logsetup import relay_structured
 
@@ -233,13 +234,15 @@ class ProcessPool:
         child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
         for name, fd in self.listening.items():
             child_fds[CHILD_FDS[name]] = fd
-        self.reactor.spawnProcess(
-            child,
-            self.python,
-            [self.python, "-m", "e2a.child"],
-            env=dict(os.environ),
-            childFDs=child_fds,
-        )
+        # A child picks its own CPU (cpu_affinity): it must not inherit ours.
+        with affinity.unpinned():
+            self.reactor.spawnProcess(
+                child,
+                self.python,
+                [self.python, "-m", "e2a.child"],
+                env=dict(os.environ),
+                childFDs=child_fds,
+            )
         self._children[index] = child
         log.info("e2a process {index} of {count} started (pid {pid})", index=index, count=self.count, pid=child.pid)
 

@@ -32,7 +32,7 @@ from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from e2a import maillog
+from e2a import affinity, maillog
 from e2a import metrics as metrics_module
 from e2a.api import limits
 from e2a.api.app import ApiApp, ApiDeps, ApiServices
@@ -169,7 +169,11 @@ class E2AService(service.Service):
         self.hmac_secret = secrets.hmac_secret
         self.data_dir = Path(config.data_dir).absolute()
 
-        # ---- threads, metrics, descriptors ------------------------------------------------
+        # ---- CPU, threads, metrics, descriptors -------------------------------------------
+        # ``cpu_affinity``: the CPU this process keeps all its threads on (e2a.affinity);
+        # checked now so a CPU the process may not use stops the start with its key.
+        self.cpu = affinity.cpu_for_process(config.cpu_affinity, child.index if child is not None else 1)
+        affinity.check_cpu(self.cpu)
         self.blocking_pool = ThreadPool(minthreads=0, maxthreads=4, name="e2a-blocking")
         # SPF/DKIM/DMARC is mostly GIL-bound Python once DNS answers are cached, so more threads
         # only compete with the reactor; but each thread can also sit in a slow DNS lookup
@@ -327,6 +331,11 @@ class E2AService(service.Service):
         d.addCallbacks(lambda _: self.started.callback(None), failed)
 
     async def _start(self) -> None:
+        if self.cpu is not None:
+            # Before any thread starts: new threads inherit the pin.
+            affinity.pin_process(self.cpu)
+            self._stoppers.append(affinity.unpin_process)
+            log.info("e2a keeps its threads on CPU {cpu} (cpu_affinity)", cpu=self.cpu)
         # Thread pools first: the embedded server is started and supervised from the blocking one.
         self.blocking_pool.start()
         self._stoppers.append(self.blocking_pool.stop)

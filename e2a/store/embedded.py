@@ -43,6 +43,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from e2a import affinity
+
 log = Logger()
 
 SYSTEM_USER = "e2a-postgres"
@@ -202,16 +204,18 @@ class EmbeddedPostgres:
 
     def _run(self, args: list[str]) -> str:
         try:
-            proc = subprocess.run(
-                [str(self._bin(args[0])), *args[1:]],
-                check=True,
-                capture_output=True,
-                text=True,
-                timeout=120,
-                stdin=subprocess.DEVNULL,
-                cwd=str(self.pgdata),
-                **self._as_owner(),
-            )
+            # With cpu_affinity the server must not inherit e2a's one CPU (e2a.affinity).
+            with affinity.unpinned():
+                proc = subprocess.run(
+                    [str(self._bin(args[0])), *args[1:]],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                    stdin=subprocess.DEVNULL,
+                    cwd=str(self.pgdata),
+                    **self._as_owner(),
+                )
         except subprocess.CalledProcessError as e:
             raise EmbeddedPostgresError(
                 f"{args[0]} failed ({e.returncode}): {e.stderr.strip()[-2000:]}{self._log_tail()}"

@@ -7,7 +7,7 @@ non-default values, in one YAML file that a whole service is started from (``loa
 same path twistd takes); each key's check then looks at what the running service built from it —
 a listener address, an SMTP greeting or EHLO keyword, an HTTP answer, a rate limit that bites, or
 the value inside the component that applies it (the SMTP factory, the workers, the token signer,
-the DNS client). Keys that cannot share that service (``env``, ``processes``,
+the DNS client). Keys that cannot share that service (``env``, ``processes``, ``cpu_affinity``,
 ``database.auto_migrate``, ``metrics.enabled``, ``signing.master_key_file``, ``outbound.direct_mx``,
 ``logging.*``) are checked on their own, as cheaply as their effect allows.
 """
@@ -248,6 +248,25 @@ async def _processes(walk: Walk, request: Any) -> None:
 
     pool = ProcessPool(reactor, dataclasses.replace(walk.config, processes=3), "dbname=x", {"http": 3, "smtp": 4})
     assert pool.count == 3 and pool.spec_for(2).count == 3
+
+
+@check("cpu_affinity")
+async def _cpu_affinity(walk: Walk, request: Any) -> None:
+    """[c]: the service built from it keeps its process on c; a CPU the process may not use stops
+    the build, naming the key (threads, children and the embedded database pinned on a real
+    twistd: tests/integration/test_processes.py)."""
+    import dataclasses
+    import os
+
+    from e2a.errors import ConfigError
+    from e2a.service import build_service
+
+    allowed = sorted(os.sched_getaffinity(0))
+    config = dataclasses.replace(walk.config, cpu_affinity=(allowed[-1],), data_dir=str(walk.tmp / "cpus"))
+    assert build_service(config, reactor, standalone=False).cpu == allowed[-1]
+    unusable = next(c for c in range(1024) if c not in allowed)
+    with pytest.raises(ConfigError, match=f"cpu_affinity: CPU {unusable} is not available"):
+        build_service(dataclasses.replace(config, cpu_affinity=(unusable,)), reactor, standalone=False)
 
 
 # ---- smtp ------------------------------------------------------------------------------------

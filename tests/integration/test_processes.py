@@ -144,3 +144,55 @@ def test_child_lines_are_relayed_at_their_own_level():
         ("info", "[-] Site starting on 8080"),
         ("error", "Fatal Python error"),
     ]
+
+
+def _task_masks(pid: int) -> set[frozenset[int]]:
+    """The distinct CPU sets of every thread of ``pid``."""
+    masks = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            masks.add(frozenset(os.sched_getaffinity(int(tid))))
+        except ProcessLookupError:
+            pass
+    return masks
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs two usable CPUs"
+)
+@pytest_twisted.ensureDeferred
+async def test_cpu_affinity_keeps_each_process_on_its_cpu_and_the_database_on_all():
+    """processes: 2 with cpu_affinity [a, b]: every thread of the parent runs on a, every thread
+    of the child on b, and the embedded PostgreSQL keeps all the CPUs e2a was started with."""
+    original = frozenset(os.sched_getaffinity(0))
+    first, second = sorted(original)[:2]
+    workdir = reachable_tmpdir("e2a-cpus-")
+    env = _clean_env(
+        PYTHONPATH=str(REPO),
+        E2A_PROCESSES="2",
+        E2A_CPU_AFFINITY=f"{second},{first}",
+        E2A_HTTP_LISTEN_ADDR=f"127.0.0.1:{free_port()}",
+        E2A_SMTP_LISTEN_ADDR=f"127.0.0.1:{free_port()}",
+    )
+    proto = _Collect()
+    transport = reactor.spawnProcess(
+        proto, sys.executable, [sys.executable, *TWISTD, "-n", "--pidfile=", "e2a"], env=env, path=str(workdir)
+    )
+    try:
+        await proto.started_line.addTimeout(120, reactor)
+
+        async def child_serving() -> bool:
+            return b"of 2 serving" in proto.output
+
+        await wait_for(child_serving, timeout=60)
+        child = _children(bytes(proto.output))[2]
+        assert _task_masks(transport.pid) == {frozenset({second})}
+        assert _task_masks(child) == {frozenset({first})}
+        postmaster = int((workdir / "e2a-data" / "pg" / "postmaster.pid").read_text().split("\n", 1)[0])
+        assert _task_masks(postmaster) == {original}
+        assert f"e2a keeps its threads on CPU {second} (cpu_affinity)".encode() in proto.output
+    finally:
+        if not proto.ended.called:
+            transport.signalProcess(signal.SIGTERM)
+    code = await proto.ended.addTimeout(60, reactor)
+    _assert_clean_shutdown(code, proto.output.decode(errors="replace"), workdir / "e2a-data")
