@@ -579,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
                         " afterwards (bench/floor_twistd.py): the pipeline's cost without verification")
     parser.add_argument("--processes", type=int, default=1,
                         help="e2a's `processes` setting (CPU figures then cover the parent and its children)")
+    parser.add_argument("--pin", type=lambda v: [int(c) for c in v.split(",")], default=None, metavar="CPU[,CPU…]",
+                        help="e2a's cpu_affinity setting: each e2a process kept on one of these CPUs")
     parser.add_argument("--pg-stat", action="store_true",
                         help="DIAGNOSTIC: PostgreSQL with pg_stat_statements; prints the statements with the most"
                         " time per delivered message (both receivers, counted after warm-up)")
@@ -631,6 +633,7 @@ def main(argv: list[str] | None = None) -> int:
             "webhooks": {"allow_private": True, "max_concurrency_per_agent": args.per_agent},
             # 1,000 agents from one IP through the API (default 20/h per IP).
             "rate_limits": {"register_per_hour": 100000},
+            **({"cpu_affinity": args.pin} if args.pin is not None else {}),
         }, log)
         if args.leased_index:
             add_leased_index(stack.dsn, log)
@@ -823,6 +826,7 @@ def main(argv: list[str] | None = None) -> int:
                                        "smtp.max_connections_per_ip": 200,
                                        "smtp.max_messages_per_session": 100000},
                      "webhooks.max_concurrency_per_agent": args.per_agent, "sink_hold_ms": args.sink_hold_ms,
+                     "cpu_affinity": args.pin,
                      "floor_diagnostic": args.floor, "e2a_processes": args.processes,
                      "bench_leased_index": args.leased_index, "pg_stat": args.pg_stat},
         "setup": setup,

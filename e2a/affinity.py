@@ -15,6 +15,7 @@ PostgreSQL, the other processes) get the CPUs the process started with: :func:`u
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -22,6 +23,9 @@ from e2a.errors import ConfigError
 
 #: The CPUs this process could use before :func:`pin_process` (None: never pinned).
 _original: frozenset[int] | None = None
+#: Taken by every change of the process's pin, so that a thread leaving :func:`unpinned`
+#: cannot pin itself again after :func:`unpin_process` ran.
+_lock = threading.Lock()
 
 
 def cpu_for_process(cpus: Sequence[int], index: int) -> int | None:
@@ -65,35 +69,48 @@ def _threads() -> list[int]:
 
 
 def _set_all(cpus: frozenset[int]) -> None:
-    for tid in _threads():
-        try:
-            os.sched_setaffinity(tid, cpus)
-        except (ProcessLookupError, FileNotFoundError):
-            pass  # the thread ended between the listing and the call
+    """Set every thread's CPUs; listed again until no thread is new (one may start meanwhile)."""
+    done: set[int] = set()
+    while True:
+        todo = [tid for tid in _threads() if tid not in done]
+        if not todo:
+            return
+        for tid in todo:
+            done.add(tid)
+            try:
+                os.sched_setaffinity(tid, cpus)
+            except (ProcessLookupError, FileNotFoundError):
+                pass  # the thread ended between the listing and the call
 
 
 def pin_process(cpu: int) -> None:
     """Put every thread of this process on ``cpu``; threads started later inherit it.
 
     The CPUs the process had before are kept for :func:`unpin_process` and :func:`unpinned`.
+    One pin per process: the service pins itself at start, before its thread pools start, and
+    its stop calls :func:`unpin_process` (an embedding program that starts the service must
+    also stop it to get its CPUs back).
     """
     global _original
-    if _original is None:
-        _original = frozenset(os.sched_getaffinity(0))
-    try:
-        _set_all(frozenset({cpu}))
-    except OSError as e:  # e.g. the CPU went offline since check_cpu
-        unpin_process()
-        raise ConfigError([f"cpu_affinity: cannot keep the process on CPU {cpu}: {e.strerror or e}"]) from None
+    with _lock:
+        if _original is None:
+            _original = frozenset(os.sched_getaffinity(0))
+        try:
+            _set_all(frozenset({cpu}))
+        except OSError as e:  # e.g. the CPU went offline since check_cpu
+            original, _original = _original, None
+            _set_all(original)
+            raise ConfigError([f"cpu_affinity: cannot keep the process on CPU {cpu}: {e.strerror or e}"]) from None
 
 
 def unpin_process() -> None:
     """Give every thread of this process back the CPUs it had before :func:`pin_process`."""
     global _original
-    if _original is None:
-        return
-    original, _original = _original, None
-    _set_all(original)
+    with _lock:
+        if _original is None:
+            return
+        original, _original = _original, None
+        _set_all(original)
 
 
 @contextmanager
@@ -104,16 +121,19 @@ def unpinned() -> Iterator[None]:
     it, and the embedded PostgreSQL or another e2a process of ``processes: N`` must not
     share this process's one CPU. A no-op when the process is not pinned.
     """
-    original = _original
+    with _lock:
+        original = _original
+        if original is not None:
+            pinned = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, original)
     if original is None:
         yield
         return
-    pinned = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, original)
     try:
         yield
     finally:
-        # A pool thread keeps following the pin; the thread may also have been unpinned
-        # meanwhile (service stop): then it keeps the original CPUs.
-        if _original is not None:
-            os.sched_setaffinity(0, pinned)
+        with _lock:
+            # Unless the process was unpinned meanwhile (service stop): then this thread keeps
+            # the original CPUs like every other.
+            if _original is not None:
+                os.sched_setaffinity(0, pinned)

@@ -170,10 +170,12 @@ class E2AService(service.Service):
         self.data_dir = Path(config.data_dir).absolute()
 
         # ---- CPU, threads, metrics, descriptors -------------------------------------------
-        # ``cpu_affinity``: the CPU this process keeps all its threads on (e2a.affinity);
-        # checked now so a CPU the process may not use stops the start with its key.
+        # ``cpu_affinity``: the CPU this process keeps all its threads on (e2a.affinity). The
+        # parent checks every process's CPU now, so a CPU a process may not use stops the start
+        # with its key (a child failing on it would only be restarted, again and again).
         self.cpu = affinity.cpu_for_process(config.cpu_affinity, child.index if child is not None else 1)
-        affinity.check_cpu(self.cpu)
+        for index in [child.index] if child is not None else range(1, config.processes + 1):
+            affinity.check_cpu(affinity.cpu_for_process(config.cpu_affinity, index))
         self.blocking_pool = ThreadPool(minthreads=0, maxthreads=4, name="e2a-blocking")
         # SPF/DKIM/DMARC is mostly GIL-bound Python once DNS answers are cached, so more threads
         # only compete with the reactor; but each thread can also sit in a slow DNS lookup

@@ -252,21 +252,29 @@ async def _processes(walk: Walk, request: Any) -> None:
 
 @check("cpu_affinity")
 async def _cpu_affinity(walk: Walk, request: Any) -> None:
-    """[c]: the service built from it keeps its process on c; a CPU the process may not use stops
-    the build, naming the key (threads, children and the embedded database pinned on a real
-    twistd: tests/integration/test_processes.py)."""
+    """[c]: the service built from it is to pin its process to c; a CPU the process may not use,
+    its own or another process's of ``processes: N``, stops the build naming the key. Pinning
+    itself (every thread, the children, the embedded database on all CPUs) is checked on a real
+    twistd: tests/integration/test_processes.py."""
     import dataclasses
     import os
 
+    from e2a import affinity
     from e2a.errors import ConfigError
     from e2a.service import build_service
 
+    if not affinity.supported():
+        pytest.skip("per-thread CPU affinity is Linux only")
     allowed = sorted(os.sched_getaffinity(0))
     config = dataclasses.replace(walk.config, cpu_affinity=(allowed[-1],), data_dir=str(walk.tmp / "cpus"))
     assert build_service(config, reactor, standalone=False).cpu == allowed[-1]
     unusable = next(c for c in range(1024) if c not in allowed)
     with pytest.raises(ConfigError, match=f"cpu_affinity: CPU {unusable} is not available"):
         build_service(dataclasses.replace(config, cpu_affinity=(unusable,)), reactor, standalone=False)
+    with pytest.raises(ConfigError, match=f"cpu_affinity: CPU {unusable} is not available"):
+        build_service(
+            dataclasses.replace(config, processes=2, cpu_affinity=(allowed[0], unusable)), reactor, standalone=False
+        )
 
 
 # ---- smtp ------------------------------------------------------------------------------------
