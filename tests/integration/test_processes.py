@@ -17,6 +17,7 @@ from twisted.internet import reactor
 from e2a.config import Config
 from e2a.processes import ChildSpec, encode_spec, read_spec
 from tests.integration.test_twistd import REPO, TWISTD, _assert_clean_shutdown, _clean_env, _Collect, free_port
+from tests.support.cpus import thread_cpus
 from tests.support.dirs import reachable_tmpdir
 from tests.support.waiting import wait_for
 
@@ -148,13 +149,7 @@ def test_child_lines_are_relayed_at_their_own_level():
 
 def _task_masks(pid: int) -> set[frozenset[int]]:
     """The distinct CPU sets of every thread of ``pid``."""
-    masks = set()
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            masks.add(frozenset(os.sched_getaffinity(int(tid))))
-        except ProcessLookupError:
-            pass
-    return masks
+    return {frozenset(cpus) for cpus in thread_cpus(pid).values()}
 
 
 @pytest.mark.skipif(

@@ -13,6 +13,7 @@ import pytest
 from e2a import affinity
 from e2a.config import Config, load_config, validate
 from e2a.errors import ConfigError
+from tests.support.cpus import thread_cpus
 
 ALLOWED = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
 needs_two_cpus = pytest.mark.skipif(
@@ -80,14 +81,7 @@ def test_a_cpu_the_process_may_not_use_is_refused_with_its_key():
 
 
 def _masks() -> dict[int, set[int]]:
-    """Every thread's CPUs; a thread that ends while being read is left out."""
-    found = {}
-    for t in os.listdir("/proc/self/task"):
-        try:
-            found[int(t)] = os.sched_getaffinity(int(t))
-        except ProcessLookupError:
-            pass
-    return found
+    return thread_cpus(os.getpid())
 
 
 def _child_mask() -> set[int]:

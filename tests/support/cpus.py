@@ -1,0 +1,16 @@
+"""The CPUs each thread of a process may run on (``cpu_affinity`` tests)."""
+
+from __future__ import annotations
+
+import os
+
+
+def thread_cpus(pid: int) -> dict[int, set[int]]:
+    """Thread id → its CPUs, for every thread of ``pid``; a thread that ends meanwhile is left out."""
+    found = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            found[int(tid)] = os.sched_getaffinity(int(tid))
+        except ProcessLookupError:
+            pass
+    return found
