@@ -245,11 +245,12 @@ class EmbeddedPostgres:
             self._owner = pwd.getpwnam(SYSTEM_USER)
         except KeyError:
             try:
-                subprocess.run(
-                    ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
-                     "--shell", "/usr/sbin/nologin", SYSTEM_USER],
-                    check=True, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                )
+                with affinity.unpinned():  # like every program e2a starts (e2a.affinity)
+                    subprocess.run(
+                        ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
+                         "--shell", "/usr/sbin/nologin", SYSTEM_USER],
+                        check=True, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                    )
             except (OSError, subprocess.CalledProcessError) as e:
                 detail = getattr(e, "stderr", None) or str(e)
                 raise EmbeddedPostgresError(
