@@ -59,7 +59,12 @@ from smtp_ingest import (  # noqa: E402,F401 - re-exported
     wait_smtp,
 )
 
-__all__ = ["E2AStack", "deep_merge", "rss_kib", "smtp_ingest"]
+__all__ = ["E2AStack", "cpu_list", "deep_merge", "rss_kib", "smtp_ingest"]
+
+
+def cpu_list(value: str) -> list[int]:
+    """``--pin 2,3`` → [2, 3]: e2a's ``cpu_affinity`` setting from the command line."""
+    return [int(c) for c in value.split(",")]
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

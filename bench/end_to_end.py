@@ -73,6 +73,7 @@ from common import (  # noqa: E402
     E2AStack,
     Profiler,
     build_mail,
+    cpu_list,
     dkim_key,
     loadavg,
     make_client_class,
@@ -579,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
                         " afterwards (bench/floor_twistd.py): the pipeline's cost without verification")
     parser.add_argument("--processes", type=int, default=1,
                         help="e2a's `processes` setting (CPU figures then cover the parent and its children)")
-    parser.add_argument("--pin", type=lambda v: [int(c) for c in v.split(",")], default=None, metavar="CPU[,CPU…]",
+    parser.add_argument("--pin", type=cpu_list, default=None, metavar="CPU[,CPU…]",
                         help="e2a's cpu_affinity setting: each e2a process kept on one of these CPUs")
     parser.add_argument("--pg-stat", action="store_true",
                         help="DIAGNOSTIC: PostgreSQL with pg_stat_statements; prints the statements with the most"

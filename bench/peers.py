@@ -68,6 +68,7 @@ from common import (  # noqa: E402
     E2AStack,
     Profiler,
     build_mail,
+    cpu_list,
     dkim_key,
     loadavg,
     make_client_class,
@@ -443,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages-2k", type=int, default=None, help="messages per 2 KB round (default 1000)")
     parser.add_argument("--messages-100k", type=int, default=None, help="messages per 100 KB round (default 300)")
     parser.add_argument("--processes", type=int, default=1, help="e2a's `processes` setting")
-    parser.add_argument("--pin", type=lambda v: [int(c) for c in v.split(",")], default=None, metavar="CPU[,CPU…]",
+    parser.add_argument("--pin", type=cpu_list, default=None, metavar="CPU[,CPU…]",
                         help="e2a's cpu_affinity setting: each e2a process kept on one of these CPUs")
     parser.add_argument("--pin-peers", action="store_true",
                         help="with --pin: keep the other receivers on its first CPU (every thread, set after start)")
