@@ -194,7 +194,13 @@ class E2AStack:
                 print(f"warning: stopping PostgreSQL: {e}", file=sys.stderr)
 
 
-PG_STAT_OPTIONS = (("shared_preload_libraries", "pg_stat_statements"), ("pg_stat_statements.track", "all"))
+PG_STAT_OPTIONS = (
+    ("shared_preload_libraries", "pg_stat_statements"),
+    ("pg_stat_statements.track", "all"),
+    # Planning too: a prepared statement PostgreSQL re-plans at every EXECUTE (a custom plan)
+    # costs its planning each time, and would otherwise not show.
+    ("pg_stat_statements.track_planning", "on"),
+)
 
 
 def pg_stat_reset(dsn: str) -> None:
@@ -211,10 +217,10 @@ def pg_stat_reset(dsn: str) -> None:
 
 
 def pg_stat_top(dsn: str, per: int, limit: int = 15) -> list[dict[str, Any]]:
-    """--pg-stat: the statements with the most execution time, per delivered message.
+    """--pg-stat: the statements with the most execution and planning time, per delivered message.
 
-    Execution time only (no parse/plan of unprepared statements, no commit's WAL flush), for
-    both receivers, which use different statements.
+    Not counted: parsing, the commit's WAL flush, the protocol; for both receivers, which use
+    different statements.
     """
     import psycopg2
 

@@ -617,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
             pg_stat = pg_stat_top(stack.dsn, accepted or 1)
             for row in pg_stat:
                 log(f"pg_stat {row['exec_ms_per_msg'] + row['plan_ms_per_msg']:.3f} ms/msg "
-                    f"calls {row['calls']} wal {row['wal_bytes_per_msg']} B/msg  {row['query'][:110]}")
+                    f"(exec {row['exec_ms_per_msg']:.3f}, plan {row['plan_ms_per_msg']:.3f}) calls {row['calls']} wal {row['wal_bytes_per_msg']} B/msg  {row['query'][:110]}")
     finally:
         if checker is not None:
             checker.close()

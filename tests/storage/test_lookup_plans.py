@@ -1,0 +1,244 @@
+"""The prepared statements of the mail path read only the rows they look for, whatever
+PostgreSQL knows about the tables.
+
+The server runs them with generic plans (``plan_cache_mode = force_generic_plan``, see
+``e2a.store.database.Prepared``), and a new installation or a table that grew since its last
+ANALYZE has no useful statistics. Before the accept's lookups were fenced to one index each,
+PostgreSQL then served the agent id from the inbox index: each accept read every message the
+agent had received in the last hour (the duplicate check) or ever (the conversation lookup).
+Here an agent has a few thousand messages (or delivered jobs) and the lookups miss, which is
+when such a plan reads the most; the plan is asked for rows read, not for index names, so any
+plan that reads only the matching rows passes.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg2
+import pytest
+import pytest_twisted
+
+from e2a.store import deliveries, messages
+from tests.storage.storehelpers import agent_with_due_jobs, user_with_agent
+
+N = 3000  # messages of each direction; the old plans read all of them per lookup
+MOST_ROWS_READ = 20
+
+
+async def _busy_agent(db) -> tuple[str, str]:
+    """An agent with N inbound and N outbound messages of the last ten minutes, each in its own
+    conversation; returns (user_id, agent)."""
+    user_id, agent = await user_with_agent(db, mode="local")
+    await db.execute(
+        "INSERT INTO messages (id, agent_id, user_id, direction, status, email_message_id, envelope_from,"
+        " client_ip, conversation_id, content_sha256, created_at)"
+        " SELECT 'msg_in_' || g, %s, %s, 'inbound', 'unread', '<in' || g || '@sender.example>',"
+        " 'alice@sender.example', '192.0.2.1', 'conv_in_' || g, 'sha', now() - make_interval(secs => g %% 600)"
+        " FROM generate_series(1, %s) g",
+        (agent, user_id, N),
+    )
+    await db.execute(
+        "INSERT INTO messages (id, agent_id, user_id, direction, status, smtp_message_id, provider_message_id,"
+        " conversation_id, created_at)"
+        " SELECT 'msg_out_' || g, %s, %s, 'outbound', 'sent', '<out' || g || '@agents.test>',"
+        " '<q' || g || '>', 'conv_out_' || g, now() - make_interval(secs => g %% 600)"
+        " FROM generate_series(1, %s) g",
+        (agent, user_id, N),
+    )
+    return user_id, agent
+
+
+def _rows_read(plan: dict[str, Any], tables: tuple[str, ...] = ("messages",)) -> int:
+    """Rows the plan's scans of ``tables`` produced or filtered away, over all loops."""
+    total = 0
+    if plan.get("Relation Name") in tables and "Scan" in plan["Node Type"]:
+        loops = plan.get("Actual Loops", 1)
+        total += round(plan.get("Actual Rows", 0) * loops)
+        total += round(plan.get("Rows Removed by Filter", 0) + plan.get("Rows Removed by Index Recheck", 0))
+    for child in plan.get("Plans", []):
+        total += _rows_read(child, tables)
+    return total
+
+
+def _explain(cur: Any, sql: str) -> tuple[int, Any]:
+    """(rows of ``messages`` read, the statement's first row) for ``sql`` run for real."""
+    cur.execute(sql)
+    row = cur.fetchone()
+    cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sql)
+    (doc,) = cur.fetchone()
+    doc = doc if isinstance(doc, list) else json.loads(doc)
+    return _rows_read(doc[0]["Plan"]), row
+
+
+def _context_params(agent: str, mid: str, candidates: list[str]) -> dict[str, Any]:
+    return {
+        "now": datetime.now(UTC),
+        "max_secrets": 3,
+        "rcpt": agent,
+        "mid": mid,
+        "sender": "alice@sender.example",
+        "window": messages.DUPLICATE_WINDOW_SECONDS,
+        "ip": "192.0.2.1",
+        "check": "",
+        "verified": "false",
+        "auth_sender": "",
+        "sha": "sha",
+        "n": len(candidates),
+        "c": candidates,
+        "bases": messages.provider_id_bases(candidates),
+    }
+
+
+MISSES = ["<nobody@elsewhere.example>", "<q9999999@relay.example>"]
+
+
+@pytest.mark.parametrize("statistics", ["none", "analyzed"])
+@pytest.mark.parametrize("plan_mode", ["force_generic_plan", "force_custom_plan"])
+@pytest_twisted.ensureDeferred
+async def test_the_accept_read_reads_only_the_rows_it_looks_for(db, db_dsn, statistics, plan_mode):
+    """The accept's one read statement (agent, secrets, duplicate, conversation), prepared as
+    the server prepares it, for a new Message-ID whose references match nothing."""
+    _user, agent = await _busy_agent(db)
+    conn = psycopg2.connect(db_dsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("ALTER TABLE messages SET (autovacuum_enabled = false)")
+            if statistics == "analyzed":
+                cur.execute("ANALYZE messages")
+            cur.execute(f"SET plan_cache_mode = {plan_mode}")
+            cur.execute(messages._INBOUND_CONTEXT.prepare_sql)
+            execute = messages._INBOUND_CONTEXT.execute_sql
+
+            miss = cur.mogrify(execute, _context_params(agent, "<new@sender.example>", MISSES)).decode()
+            read, _row = _explain(cur, miss)
+            assert read <= MOST_ROWS_READ, f"read {read} of the agent's messages for a lookup that finds none"
+
+            # The same plan still finds what is there: a resend of message 17, a reply to
+            # outbound 23 by its Message-ID, and one to outbound 29 by the relay's bare id.
+            cur.execute(
+                "UPDATE messages SET auth_headers = jsonb_build_object('X-E2A-Auth-Domain-Check', '',"
+                " 'X-E2A-Auth-Verified', 'false', 'X-E2A-Auth-Sender', '') WHERE id = 'msg_in_17'"
+            )
+            hits = [
+                ("<in17@sender.example>", [], "msg_in_17", ""),
+                ("<new@sender.example>", ["<out23@agents.test>"], None, "conv_out_23"),
+                ("<new@sender.example>", ["<q29@relay.example>"], None, "conv_out_29"),
+                ("<new@sender.example>", ["<in31@sender.example>", "<nobody@x.example>"], None, "conv_in_31"),
+            ]
+            for mid, candidates, duplicate, conversation in hits:
+                sql = cur.mogrify(execute, _context_params(agent, mid, candidates)).decode()
+                read, row = _explain(cur, sql)
+                assert read <= MOST_ROWS_READ, (mid, candidates, read)
+                assert row[-2:] == (duplicate, conversation), (mid, candidates, row[-2:])
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("statistics", ["none", "analyzed"])
+@pytest_twisted.ensureDeferred
+async def test_the_conversation_lookup_of_a_sent_reply_reads_only_the_rows_it_looks_for(db, db_dsn, statistics):
+    """find_conversation_txn (outbound replies and the inbound path outside the prepared read)."""
+    _user, agent = await _busy_agent(db)
+    conn = psycopg2.connect(db_dsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("ALTER TABLE messages SET (autovacuum_enabled = false)")
+            if statistics == "analyzed":
+                cur.execute("ANALYZE messages")
+            for candidates, expected in ((MISSES, None), (["<in5@sender.example>"], "conv_in_5")):
+                sql = cur.mogrify(
+                    messages._conversation_select(agent="%(agent)s", c="%(c)s::text[]", bases="%(bases)s::text[]"),
+                    {"agent": agent, "c": candidates, "bases": messages.provider_id_bases(candidates)},
+                ).decode()
+                read, row = _explain(cur, sql)
+                assert read <= MOST_ROWS_READ, (candidates, read)
+                assert (row[0] if row else None) == expected
+    finally:
+        conn.close()
+
+
+class _PlanProbe:
+    """Runs each prepared statement the store sends under ``EXPLAIN ANALYZE`` first, on a side
+    connection with the server's plan mode, in a transaction rolled back (so the store's own
+    call then finds the same state), and records the rows of ``messages``/``deliveries`` read."""
+
+    def __init__(self, dsn: str, db) -> None:
+        self.conn = psycopg2.connect(dsn)
+        with self.conn.cursor() as cur:
+            cur.execute("SET plan_cache_mode = force_generic_plan")
+        self.conn.commit()
+        self.prepared: set[str] = set()
+        self.read: dict[str, list[int]] = {}
+        original = db.fetchall_prepared  # fetchone_prepared goes through it
+
+        def probing(statement, params, *a, **kw):
+            self._probe(statement, params)
+            return original(statement, params, *a, **kw)
+
+        db.fetchall_prepared = probing
+
+    def _probe(self, statement, params) -> None:
+        with self.conn.cursor() as cur:
+            if statement.name not in self.prepared:
+                cur.execute(statement.prepare_sql)
+                self.conn.commit()
+                self.prepared.add(statement.name)
+            cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + statement.execute_sql, params)
+            (doc,) = cur.fetchone()
+        self.conn.rollback()
+        doc = doc if isinstance(doc, list) else json.loads(doc)
+        self.read.setdefault(statement.name, []).append(_rows_read(doc[0]["Plan"], ("deliveries", "messages")))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@pytest.mark.parametrize("statistics", ["none", "analyzed"])
+@pytest_twisted.ensureDeferred
+async def test_the_delivery_statements_read_the_backlog_not_the_history(db, db_dsn, statistics):
+    """An agent with N delivered jobs behind it and a few due: the claim, the hand-on, the
+    delivered mark and the backlog counts read the pending rows, never the delivered ones."""
+    _user, agent = await agent_with_due_jobs(db, 6)
+    await db.execute(
+        "INSERT INTO messages (id, agent_id, user_id, direction, status)"
+        " SELECT 'msg_h_' || g, %s, (SELECT user_id FROM agents WHERE id = %s), 'inbound', 'read'"
+        " FROM generate_series(1, %s) g",
+        (agent, agent, N),
+    )
+    await db.execute(
+        "INSERT INTO deliveries (id, message_id, agent_id, webhook_url, status, attempts, delivered_at, created_at)"
+        " SELECT 'dlv_h_' || g, 'msg_h_' || g, %s, 'https://hook.example/in', 'delivered', 1, now(),"
+        " now() - make_interval(secs => 900 + g) FROM generate_series(1, %s) g",
+        (agent, N),
+    )
+    with psycopg2.connect(db_dsn) as conn, conn.cursor() as cur:
+        cur.execute("ALTER TABLE messages SET (autovacuum_enabled = false)")
+        cur.execute("ALTER TABLE deliveries SET (autovacuum_enabled = false)")
+        if statistics == "analyzed":
+            cur.execute("ANALYZE messages")
+            cur.execute("ANALYZE deliveries")
+    probe = _PlanProbe(db_dsn, db)
+    try:
+        now = datetime.now(UTC)
+        assert await deliveries.count_due(db, now, 1000) == 6
+        await deliveries.due_by_agent(db, now, 1000, 1)
+        jobs = await deliveries.claim_due(db, now, 2, 60.0, 4)
+        assert len(jobs) == 2
+        delivered, following = await deliveries.record_delivered_and_claim_next(
+            db, jobs[0], 200, "https://hook.example/in", now, 60.0, 4
+        )
+        assert delivered and following is not None
+        assert await deliveries.record_delivered(db, jobs[1], 200, "https://hook.example/in", now + timedelta(seconds=1))
+    finally:
+        probe.close()
+    assert set(probe.read) == {
+        "e2a_count_due_deliveries", "e2a_due_deliveries_by_agent", "e2a_claim_deliveries",
+        "e2a_delivery_delivered_claim_next", "e2a_delivery_delivered",
+    }
+    for name, reads in probe.read.items():
+        assert max(reads) <= MOST_ROWS_READ + 6 * 4, (name, reads)
