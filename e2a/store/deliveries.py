@@ -139,7 +139,14 @@ _ATTEMPT_COLUMNS = """j.id, j.message_id, j.agent_id, j.attempts, j.leased_until
        m.raw_message, m.auth_headers, m.created_at,
        a.id AS a_id, a.agent_mode, a.webhook_url, a.webhook_status, a.user_id,
        s.secret_ids, s.secrets"""
-_ATTEMPT_JOINS = """LEFT JOIN messages m ON m.id = j.message_id AND m.agent_id = j.agent_id AND m.direction = 'inbound'
+# The message by its primary key alone, fenced: given the agent id too, PostgreSQL 18 may
+# serve the pair from ``messages_inbox_idx`` (agent first, id last) by skipping through the
+# agent's whole inbox (docs/decisions.md, "Prepared statements keep one plan").
+_ATTEMPT_JOINS = """LEFT JOIN LATERAL (
+    SELECT id, agent_id, direction, conversation_id, display_from, to_addrs, cc_addrs, recipient,
+           raw_message, auth_headers, created_at
+    FROM messages WHERE id = j.message_id OFFSET 0
+) m ON m.agent_id = j.agent_id AND m.direction = 'inbound'
 LEFT JOIN agents a ON a.id = j.agent_id AND m.id IS NOT NULL
 LEFT JOIN LATERAL (
     """ + NEWEST_SECRETS_LATERAL + """
@@ -387,7 +394,8 @@ async def _finish(db: Database, sql: str, params: dict[str, Any]) -> bool:
 
 # The 2xx write: the delivery row and the message's ``read`` flag (two CTEs, ``done`` returns
 # the message id when the guarded update matched). The message is only touched when the
-# guarded delivery update matched.
+# guarded delivery update matched, and found by its primary key (``id = (SELECT …)``: with
+# ``IN`` the generic plan read every unread message through the inbox index and joined).
 _MARK_DELIVERED = """done AS (
     UPDATE deliveries SET status = 'delivered', attempts = attempts + 1, last_status_code = %(code)s,
         last_error = '', last_attempt_at = %(now)s, delivered_at = %(now)s, next_attempt_at = NULL,
@@ -396,7 +404,7 @@ _MARK_DELIVERED = """done AS (
     RETURNING message_id
 ), marked_read AS (
     UPDATE messages SET status = 'read', read_at = COALESCE(read_at, %(now)s)
-    WHERE id IN (SELECT message_id FROM done) AND direction = 'inbound' AND status = 'unread'
+    WHERE id = (SELECT message_id FROM done) AND direction = 'inbound' AND status = 'unread'
 )"""
 
 # ONE statement (one implicit transaction, one round trip): both rows commit together.

@@ -26,6 +26,7 @@ from tests.storage.storehelpers import agent_with_due_jobs, user_with_agent
 
 N = 3000  # messages of each direction; the old plans read all of them per lookup
 MOST_ROWS_READ = 20
+MOST_PAGES_ONE_SCAN = 8  # per loop: a primary-key probe touches 3; the agent's history, 40 to 90 here
 
 
 async def _busy_agent(db) -> tuple[str, str]:
@@ -63,13 +64,29 @@ def _rows_read(plan: dict[str, Any], tables: tuple[str, ...] = ("messages",)) ->
     return total
 
 
+def _most_pages_one_scan(plan: dict[str, Any], tables: tuple[str, ...]) -> float:
+    """The most pages (index and table) one scan of ``tables`` touched, per loop. Rows alone miss
+    an index scan that skips through a whole index to return one row (PostgreSQL 18's skip
+    scan: the agent's id from ``messages_inbox_idx`` with the message id as its last column)."""
+    most = 0.0
+    if plan.get("Relation Name") in tables and "Scan" in plan["Node Type"]:
+        pages = plan.get("Shared Hit Blocks", 0) + plan.get("Shared Read Blocks", 0)
+        most = pages / max(plan.get("Actual Loops", 1), 1)
+    for child in plan.get("Plans", []):
+        most = max(most, _most_pages_one_scan(child, tables))
+    return most
+
+
 def _explain(cur: Any, sql: str) -> tuple[int, Any]:
-    """(rows of ``messages`` read, the statement's first row) for ``sql`` run for real."""
+    """(rows of ``messages`` read, the statement's first row) for ``sql`` run for real; also
+    checks that no scan of ``messages`` touched more pages than a few index probes do."""
     cur.execute(sql)
     row = cur.fetchone()
-    cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sql)
+    cur.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql)
     (doc,) = cur.fetchone()
     doc = doc if isinstance(doc, list) else json.loads(doc)
+    pages = _most_pages_one_scan(doc[0]["Plan"], ("messages",))
+    assert pages <= MOST_PAGES_ONE_SCAN, f"one scan of messages touched {pages} pages"
     return _rows_read(doc[0]["Plan"]), row
 
 
@@ -174,6 +191,7 @@ class _PlanProbe:
         self.conn.commit()
         self.prepared: set[str] = set()
         self.read: dict[str, list[int]] = {}
+        self.pages: dict[str, list[float]] = {}
         original = db.fetchall_prepared  # fetchone_prepared goes through it
 
         def probing(statement, params, *a, **kw):
@@ -188,11 +206,13 @@ class _PlanProbe:
                 cur.execute(statement.prepare_sql)
                 self.conn.commit()
                 self.prepared.add(statement.name)
-            cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + statement.execute_sql, params)
+            cur.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement.execute_sql, params)
             (doc,) = cur.fetchone()
         self.conn.rollback()
         doc = doc if isinstance(doc, list) else json.loads(doc)
-        self.read.setdefault(statement.name, []).append(_rows_read(doc[0]["Plan"], ("deliveries", "messages")))
+        plan, tables = doc[0]["Plan"], ("deliveries", "messages")
+        self.read.setdefault(statement.name, []).append(_rows_read(plan, tables))
+        self.pages.setdefault(statement.name, []).append(_most_pages_one_scan(plan, tables))
 
     def close(self) -> None:
         self.conn.close()
@@ -242,3 +262,5 @@ async def test_the_delivery_statements_read_the_backlog_not_the_history(db, db_d
     }
     for name, reads in probe.read.items():
         assert max(reads) <= MOST_ROWS_READ + 6 * 4, (name, reads)
+    for name, pages in probe.pages.items():
+        assert max(pages) <= MOST_PAGES_ONE_SCAN, (name, pages)
