@@ -395,7 +395,7 @@ async def _finish(db: Database, sql: str, params: dict[str, Any]) -> bool:
 # The 2xx write: the delivery row and the message's ``read`` flag (two CTEs, ``done`` returns
 # the message id when the guarded update matched). The message is only touched when the
 # guarded delivery update matched, and found by its primary key (``id = (SELECT …)``: with
-# ``IN`` the generic plan read every unread message through the inbox index and joined).
+# ``IN``, a plan made without statistics read every unread message through the inbox index).
 _MARK_DELIVERED = """done AS (
     UPDATE deliveries SET status = 'delivered', attempts = attempts + 1, last_status_code = %(code)s,
         last_error = '', last_attempt_at = %(now)s, delivered_at = %(now)s, next_attempt_at = NULL,

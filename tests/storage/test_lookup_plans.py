@@ -2,13 +2,13 @@
 PostgreSQL knows about the tables.
 
 The server runs them with generic plans (``plan_cache_mode = force_generic_plan``, see
-``e2a.store.database.Prepared``), and a new installation or a table that grew since its last
-ANALYZE has no useful statistics. Before the accept's lookups were fenced to one index each,
-PostgreSQL then served the agent id from the inbox index: each accept read every message the
-agent had received in the last hour (the duplicate check) or ever (the conversation lookup).
-Here an agent has a few thousand messages (or delivered jobs) and the lookups miss, which is
-when such a plan reads the most; the plan is asked for rows read, not for index names, so any
-plan that reads only the matching rows passes.
+``e2a.store.database.Prepared``), and a new installation has no statistics until autovacuum's
+first ANALYZE. Before the accept's lookups were fenced to one index each, PostgreSQL served the
+agent id from the inbox index (in the generic plan even with statistics): each accept read
+every message the agent had received in the last hour (the duplicate check) or ever (the
+conversation lookup). Here an agent has a few thousand messages (or delivered jobs) and the
+lookups miss, which is when such a plan reads the most; the plan is asked for rows and pages
+read, not for index names, so any plan that reads only the matching rows passes.
 """
 
 from __future__ import annotations
