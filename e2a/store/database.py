@@ -211,9 +211,13 @@ class Database:
         conn = txpostgres.Connection(reactor=self._reactor)
         try:
             await conn.connect(self._dsn)
-            await conn.runOperation("SET plan_cache_mode = force_generic_plan")
         except psycopg2.Error as e:
             raise DatabaseUnavailable(f"cannot connect to the database: {e}".strip()) from e
+        try:
+            await conn.runOperation("SET plan_cache_mode = force_generic_plan")
+        except psycopg2.Error as e:
+            conn.close()
+            raise DatabaseUnavailable(f"cannot set up the database connection: {e}".strip()) from e
         return conn
 
     def discard_idle(self) -> None:

@@ -112,6 +112,13 @@ def _context_params(agent: str, mid: str, candidates: list[str]) -> dict[str, An
 MISSES = ["<nobody@elsewhere.example>", "<q9999999@relay.example>"]
 
 
+@pytest_twisted.ensureDeferred
+async def test_every_pooled_connection_keeps_one_plan_per_prepared_statement(db):
+    """What the tests below assume of the server: generic plans on each of its connections."""
+    rows = [await db.fetchone("SHOW plan_cache_mode") for _ in range(3)]
+    assert [r["plan_cache_mode"] for r in rows] == ["force_generic_plan"] * 3
+
+
 @pytest.mark.parametrize("statistics", ["none", "analyzed"])
 @pytest.mark.parametrize("plan_mode", ["force_generic_plan", "force_custom_plan"])
 @pytest_twisted.ensureDeferred
