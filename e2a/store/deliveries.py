@@ -46,6 +46,7 @@ from e2a.errors import Conflict, NotFound
 from e2a.store.accounts import MAX_WEBHOOK_SECRETS, NEWEST_SECRETS_LATERAL, SecretCache, active_secrets_txn
 from e2a.store.database import Database, Prepared, Txn
 from e2a.store.events import CHANNEL_DELIVERY
+from e2a.store.messages import INBOUND_BY_ID
 from e2a.store.models import Delivery
 
 __all__ = [
@@ -351,12 +352,11 @@ def _context(row: dict[str, Any], agent_id: str, secrets: list[str]) -> AttemptC
 
 async def _load_attempt_txn(txn: Txn, job: ClaimedJob, master_key: bytes) -> AttemptContext | None:
     row = await txn.fetchone(
-        "SELECT m.id AS message_id, m.conversation_id, m.display_from, m.to_addrs, m.cc_addrs, m.recipient,"
-        " m.raw_message, m.auth_headers, m.created_at, a.id AS agent_id, a.user_id, a.agent_mode,"
-        " a.webhook_url, a.webhook_status"
-        " FROM messages m JOIN agents a ON a.id = m.agent_id"
-        " WHERE m.id = %s AND a.id = %s AND m.direction = 'inbound'",
-        (job.message_id, job.agent_id),
+        "SELECT one.id AS message_id, one.conversation_id, one.display_from, one.to_addrs, one.cc_addrs,"
+        " one.recipient, one.raw_message, one.auth_headers, one.created_at, a.id AS agent_id, a.user_id,"
+        " a.agent_mode, a.webhook_url, a.webhook_status"
+        f" FROM agents a, {INBOUND_BY_ID} AND a.id = one.agent_id",
+        {"id": job.message_id, "agent": job.agent_id},
     )
     if row is None or row["raw_message"] is None or not row["auth_headers"]:
         return None
@@ -620,8 +620,7 @@ async def _redeliver_txn(txn: Txn, agent_id: str, message_id: str) -> str:
     if agent is None:
         raise NotFound("agent not found", code="agent_not_found")
     message = await txn.fetchone(
-        "SELECT id FROM messages WHERE id = %s AND agent_id = %s AND direction = 'inbound'",
-        (message_id, agent_id),
+        f"SELECT one.id FROM {INBOUND_BY_ID}", {"id": message_id, "agent": agent_id},
     )
     if message is None:
         raise NotFound("message not found", code="message_not_found")

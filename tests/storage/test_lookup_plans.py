@@ -14,6 +14,7 @@ read, not for index names, so any plan that reads only the matching rows passes.
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,6 +23,7 @@ import pytest
 import pytest_twisted
 
 from e2a.store import deliveries, messages
+from e2a.store.database import Txn
 from tests.storage.storehelpers import agent_with_due_jobs, user_with_agent
 
 N = 3000  # messages of each direction; the old plans read all of them per lookup
@@ -64,13 +66,19 @@ def _rows_read(plan: dict[str, Any], tables: tuple[str, ...] = ("messages",)) ->
     return total
 
 
+def _pages(plan: dict[str, Any]) -> int:
+    return plan.get("Shared Hit Blocks", 0) + plan.get("Shared Read Blocks", 0)
+
+
 def _most_pages_one_scan(plan: dict[str, Any], tables: tuple[str, ...]) -> float:
     """The most pages (index and table) one scan of ``tables`` touched, per loop. Rows alone miss
     an index scan that skips through a whole index to return one row (PostgreSQL 18's skip
     scan: the agent's id from ``messages_inbox_idx`` with the message id as its last column)."""
     most = 0.0
     if plan.get("Relation Name") in tables and "Scan" in plan["Node Type"]:
-        pages = plan.get("Shared Hit Blocks", 0) + plan.get("Shared Read Blocks", 0)
+        # EXPLAIN counts a node's pages with those of the nodes below it (a subquery the scan
+        # compares with, say): the scan's own are the difference
+        pages = _pages(plan) - sum(_pages(child) for child in plan.get("Plans", []))
         most = pages / max(plan.get("Actual Loops", 1), 1)
     for child in plan.get("Plans", []):
         most = max(most, _most_pages_one_scan(child, tables))
@@ -271,3 +279,92 @@ async def test_the_delivery_statements_read_the_backlog_not_the_history(db, db_d
         assert max(reads) <= MOST_ROWS_READ + 6 * 4, (name, reads)
     for name, pages in probe.pages.items():
         assert max(pages) <= MOST_PAGES_ONE_SCAN, (name, pages)
+
+
+class _StatementProbe:
+    """Runs each plain statement the store sends about ``messages`` under ``EXPLAIN ANALYZE``
+    first, on a side connection, in a transaction rolled back; the values are bound in the
+    text as psycopg2 binds them, so PostgreSQL plans each call for its values, as it does the
+    store's."""
+
+    def __init__(self, dsn: str, db, monkeypatch) -> None:
+        self.conn = psycopg2.connect(dsn)
+        self.plans: list[tuple[str, int, float]] = []  # (statement, rows read, most pages one scan)
+        single = db._single
+
+        def probing_single(desc, sql, params):
+            if isinstance(sql, str):
+                self._probe(sql, params)
+            return single(desc, sql, params)
+
+        def wrap(method):
+            def probing(txn, sql, params=None):
+                self._probe(sql, params)
+                return method(txn, sql, params)
+
+            return probing
+
+        monkeypatch.setattr(db, "_single", probing_single)
+        monkeypatch.setattr(Txn, "fetchall", wrap(Txn.fetchall))
+        monkeypatch.setattr(Txn, "execute", wrap(Txn.execute))
+
+    def _probe(self, sql: str, params) -> None:
+        if not re.search(r"\b(FROM|UPDATE) messages\b", sql):
+            return
+        with self.conn.cursor() as cur:
+            text = cur.mogrify(sql, params).decode()
+            cur.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + text)
+            (doc,) = cur.fetchone()
+        self.conn.rollback()
+        doc = doc if isinstance(doc, list) else json.loads(doc)
+        plan = doc[0]["Plan"]
+        self.plans.append((" ".join(sql.split())[:90], _rows_read(plan), _most_pages_one_scan(plan, ("messages",))))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@pytest.mark.parametrize("statistics", ["none", "analyzed"])
+@pytest_twisted.ensureDeferred
+async def test_the_reads_of_one_message_read_only_that_message(db, db_dsn, statistics, monkeypatch):
+    """The API's and the delivery's reads and writes of one message by its id and agent (read,
+    read without the mark, the WebSocket ack, the live push's summary, the reply's source, the
+    redelivery's check, the attempt of a job built outside the claim), for a message of an
+    agent with thousands: each reads that message's row, whatever PostgreSQL knows."""
+    _user, agent = await _busy_agent(db)
+    await db.execute(
+        "UPDATE agents SET agent_mode = 'cloud', webhook_url = 'https://hook.example/in', webhook_status = 'active'"
+        " WHERE id = %s",
+        (agent,),
+    )
+    await db.execute(
+        "INSERT INTO messages (id, agent_id, user_id, direction, status, conversation_id, raw_message, auth_headers)"
+        " SELECT 'msg_one_' || g, %s, user_id, 'inbound', 'unread', 'conv_one_' || g, 'Subject: hi\r\n\r\nhi\r\n',"
+        " '{\"X-E2A-Auth-Verified\": \"true\"}' FROM agents, generate_series(1, 3) g WHERE id = %s",
+        (agent, agent),
+    )
+    with psycopg2.connect(db_dsn) as conn, conn.cursor() as cur:
+        cur.execute("ALTER TABLE messages SET (autovacuum_enabled = false)")
+        if statistics == "analyzed":
+            cur.execute("ANALYZE messages")
+    probe = _StatementProbe(db_dsn, db, monkeypatch)
+    try:
+        assert (await messages.read_inbound(db, agent, "msg_one_1", mark_read=False)).id == "msg_one_1"
+        assert await messages.mark_read(db, agent, "msg_one_1")
+        assert (await messages.read_inbound(db, agent, "msg_one_2")).status == "read"
+        assert (await messages.fetch_summary(db, agent.lower(), "msg_one_3")).conversation_id == "conv_one_3"
+        assert (await messages.get_reply_source(db, agent, "msg_one_1")).conversation_id == "conv_one_1"
+        assert await deliveries.redeliver(db, agent, "msg_one_1")
+        job = deliveries.ClaimedJob(id="dlv_x", message_id="msg_one_3", agent_id=agent, attempts=0)
+        assert (await deliveries.load_attempt(db, job, b"\0" * 32)).message_id == "msg_one_3"
+        # another agent's message, or an outbound one, is not found by the same statements
+        assert await messages.read_inbound(db, "other@agents.test", "msg_one_3") is None
+        assert not await messages.mark_read(db, "other@agents.test", "msg_one_3")
+        assert await messages.read_inbound(db, agent, "msg_out_20", mark_read=False) is None
+        job = deliveries.ClaimedJob(id="dlv_y", message_id="msg_one_3", agent_id="other@agents.test", attempts=0)
+        assert await deliveries.load_attempt(db, job, b"\0" * 32) is None
+    finally:
+        probe.close()
+    assert len(probe.plans) == 11, probe.plans
+    over = [(statement, read, pages) for statement, read, pages in probe.plans if read > 2 or pages > MOST_PAGES_ONE_SCAN]
+    assert not over, over

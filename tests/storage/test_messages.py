@@ -5,12 +5,16 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import psycopg2
 import pytest_twisted
+
+from twisted.internet.defer import Deferred
 
 from e2a.store import feedback as feedback_store
 from e2a.store import messages as message_store
 from e2a.store.models import InboundMessage, InboundSummary, ReplySource
 from tests.storage.storehelpers import user_with_agent
+from tests.support.waiting import wait_for
 
 T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -128,3 +132,33 @@ async def test_feedback_is_stored_and_purged(db):
     await db.execute("UPDATE feedback SET created_at = now() - interval '31 days'")
     await feedback_store.purge_older_than(db, 30)
     assert await db.fetchone("SELECT 1 FROM feedback") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_of_two_concurrent_acks_only_one_marks_the_message_read(db, db_dsn):
+    """An ack that finds the message unread in its snapshot while another ack's update is still
+    uncommitted waits for it and then reports nothing newly read (a second WebSocket ack of
+    the same message is answered ``unknown_message``, whichever process serves it)."""
+    user_id, agent = await user_with_agent(db, mode="local")
+    message = _message(user_id, agent)
+    await _insert(db, message)
+    other = psycopg2.connect(db_dsn)
+    try:
+        with other.cursor() as cur:
+            cur.execute("UPDATE messages SET status = 'read', read_at = now() WHERE id = %s", (message.id,))
+        second = Deferred.fromCoroutine(message_store.mark_read(db, agent, message.id))
+
+        def waiting() -> bool:
+            with psycopg2.connect(db_dsn) as probe, probe.cursor() as cur:
+                cur.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND query LIKE 'UPDATE messages SET status%%'"
+                )
+                return cur.fetchone()[0] > 0
+
+        await wait_for(waiting, timeout=10, step=0.02)
+        other.commit()
+        assert await second is False
+    finally:
+        other.close()
+    assert not await message_store.mark_read(db, agent, message.id)
