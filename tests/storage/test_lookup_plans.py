@@ -98,6 +98,15 @@ def _explain(cur: Any, sql: str) -> tuple[int, Any]:
     return _rows_read(doc[0]["Plan"]), row
 
 
+def _statistics(cur: Any, statistics: str, tables: tuple[str, ...] = ("messages",)) -> None:
+    """Keep autovacuum off ``tables`` (its ANALYZE would change the plans mid-test) and give
+    them statistics or none (a new installation)."""
+    for table in tables:
+        cur.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
+        if statistics == "analyzed":
+            cur.execute(f"ANALYZE {table}")
+
+
 def _context_params(agent: str, mid: str, candidates: list[str]) -> dict[str, Any]:
     return {
         "now": datetime.now(UTC),
@@ -138,9 +147,7 @@ async def test_the_accept_read_reads_only_the_rows_it_looks_for(db, db_dsn, stat
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
-            cur.execute("ALTER TABLE messages SET (autovacuum_enabled = false)")
-            if statistics == "analyzed":
-                cur.execute("ANALYZE messages")
+            _statistics(cur, statistics)
             cur.execute(f"SET plan_cache_mode = {plan_mode}")
             cur.execute(messages._INBOUND_CONTEXT.prepare_sql)
             execute = messages._INBOUND_CONTEXT.execute_sql
@@ -179,9 +186,7 @@ async def test_the_conversation_lookup_of_a_sent_reply_reads_only_the_rows_it_lo
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
-            cur.execute("ALTER TABLE messages SET (autovacuum_enabled = false)")
-            if statistics == "analyzed":
-                cur.execute("ANALYZE messages")
+            _statistics(cur, statistics)
             for candidates, expected in ((MISSES, None), (["<in5@sender.example>"], "conv_in_5")):
                 sql = cur.mogrify(
                     messages._conversation_select(agent="%(agent)s", c="%(c)s::text[]", bases="%(bases)s::text[]"),
@@ -252,11 +257,7 @@ async def test_the_delivery_statements_read_the_backlog_not_the_history(db, db_d
         (agent, N),
     )
     with psycopg2.connect(db_dsn) as conn, conn.cursor() as cur:
-        cur.execute("ALTER TABLE messages SET (autovacuum_enabled = false)")
-        cur.execute("ALTER TABLE deliveries SET (autovacuum_enabled = false)")
-        if statistics == "analyzed":
-            cur.execute("ANALYZE messages")
-            cur.execute("ANALYZE deliveries")
+        _statistics(cur, statistics, ("messages", "deliveries"))
     probe = _PlanProbe(db_dsn, db)
     try:
         now = datetime.now(UTC)
@@ -344,9 +345,7 @@ async def test_the_reads_of_one_message_read_only_that_message(db, db_dsn, stati
         (agent, agent),
     )
     with psycopg2.connect(db_dsn) as conn, conn.cursor() as cur:
-        cur.execute("ALTER TABLE messages SET (autovacuum_enabled = false)")
-        if statistics == "analyzed":
-            cur.execute("ANALYZE messages")
+        _statistics(cur, statistics)
     probe = _StatementProbe(db_dsn, db, monkeypatch)
     try:
         assert (await messages.read_inbound(db, agent, "msg_one_1", mark_read=False)).id == "msg_one_1"
