@@ -35,7 +35,7 @@ INBOUND_LIST_COLUMNS = INBOUND_COLUMNS.replace("raw_message", "NULL AS raw_messa
 # The primary key finds the row and the agent and direction are checked on it: the id is
 # fenced (``OFFSET 0``: no condition is pushed into it) because, offered the agent's id too,
 # PostgreSQL without statistics (a new or restored database) served it from the inbox index
-# and read 40 to 50 pages of the agent's history for one row (docs/decisions.md).
+# and touched 37 to 54 pages of the agent's history for one row (docs/decisions.md).
 INBOUND_BY_ID = (
     "(SELECT * FROM messages WHERE id = %(id)s OFFSET 0) one"
     " WHERE one.agent_id = %(agent)s AND one.direction = 'inbound'"
