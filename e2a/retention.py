@@ -36,23 +36,41 @@ class RetentionService:
         self.config = config
         self.clock = clock
         self._loop: task.LoopingCall | None = None
+        self._running: Deferred[None] | None = None
+        self._stopping = False
 
     async def sweep_once(self) -> None:
         for what, purge in SWEEPS:
+            if self._stopping:
+                return
             try:
                 await purge(self.db, self.config.days)
             except Exception:
                 log.failure("retention sweep of {what} failed; retrying next sweep", what=what)
+        if self._stopping:
+            return
         try:
             await ratelimits.delete_expired(self.db, self.clock.seconds())
         except Exception:
             log.failure("removing expired rate-limit windows failed; retrying next sweep")
 
     def start(self) -> None:
-        self._loop = task.LoopingCall(lambda: Deferred.fromCoroutine(self.sweep_once()))
+        self._stopping = False
+        self._loop = task.LoopingCall(self._tick)
         self._loop.clock = self.clock
         self._loop.start(self.config.sweep_interval, now=True)
 
+    def _tick(self) -> Deferred[None]:
+        self._running = Deferred.fromCoroutine(self.sweep_once())
+        return self._running
+
     async def stop(self) -> None:
+        """Stop the loop and wait for a sweep in progress to finish its statement: the database
+        is stopped after us, and a step started on a closed pool would fail and log as a fault.
+        A stopping sweep starts no further step."""
+        self._stopping = True
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+        running = self._running
+        if running is not None and not running.called:
+            await running
