@@ -418,11 +418,12 @@ _DELIVERED = Prepared(
 # worker's hand-on). It leases only when the guarded update matched (``EXISTS (SELECT 1 FROM
 # done)``, an uncorrelated one-time filter: a lost lease leases nothing). All CTEs see the
 # snapshot taken when the statement starts, in which the finishing row is still pending and
-# leased: the in-flight count (``agent_id = … AND status = 'pending'``, i.e. on
-# ``deliveries_pending_agent_idx``) therefore leaves it out by id, and so does the candidate
-# scan (with its lease run out the row would look due; PostgreSQL would skip it as already
-# updated by this command, but it is never a candidate to begin with). The one candidate is
-# the agent's oldest due, unleased job, locked FOR UPDATE SKIP LOCKED as in ``_CLAIM``. The
+# leased: the in-flight count (the agent's live leases, on ``deliveries_leased_idx``)
+# therefore leaves it out by id, and so does the candidate scan (with its lease run out the
+# row would look due; PostgreSQL would skip it as already updated by this command, but it is
+# never a candidate to begin with). The one candidate is the agent's oldest due, unleased
+# job (the agent's pending rows in due order, ``deliveries_pending_agent_idx``: a backlog is
+# not read), locked FOR UPDATE SKIP LOCKED as in ``_CLAIM``. The
 # outer SELECT always returns one row: ``delivered`` plus the claimed job's attempt columns
 # (NULL when nothing was leased). The finishing row's lease must still be live: then every
 # count taken under the agent's lock (module docstring) counted it, and swapping it for the
