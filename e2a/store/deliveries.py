@@ -164,8 +164,11 @@ LEFT JOIN LATERAL (
 # (``here``). ``free``: the authoritative free slots of those agents (at most ``limit`` of
 # them, the ones with the oldest due jobs: a claim cannot lease for more), each under its
 # lock, taken in agent-id order and waited for at most ``CLAIM_LOCK_WAIT_MS``
-# (``e2a_webhook_slots_free``, module docstring); then the rows are locked SKIP LOCKED, the
-# due condition repeated so a row leased since the snapshot drops out.
+# (``e2a_webhook_slots_free``, module docstring); then the rows of agents with a free slot
+# are locked SKIP LOCKED, each found by its primary key (a LATERAL probe that depends on
+# ``free``, so only those rows are locked; joined as a table, PostgreSQL read the agent's
+# whole backlog to find them), the due condition repeated so a row leased since the snapshot
+# drops out.
 _CLAIM = Prepared(
     "e2a_claim_deliveries",
     f"""
@@ -197,11 +200,13 @@ WITH in_flight AS (
     FROM (SELECT agent_id FROM agents_due ORDER BY agent_id COLLATE "C" OFFSET 0) o
 ), candidates AS (
     SELECT c.id, c.agent_id, c.next_attempt_at, f.n AS free
-    FROM deliveries c
-    JOIN due d ON d.id = c.id
-    JOIN free f ON f.agent_id = c.agent_id AND f.n > 0
-    WHERE {_DUE_UNLEASED}
-    FOR UPDATE OF c SKIP LOCKED
+    FROM due d
+    JOIN free f ON f.agent_id = d.agent_id AND f.n > 0
+    CROSS JOIN LATERAL (
+        SELECT c.id, c.agent_id, c.next_attempt_at FROM deliveries c
+        WHERE c.id = d.id AND c.agent_id = f.agent_id AND {_DUE_UNLEASED}
+        FOR UPDATE SKIP LOCKED
+    ) c
 ), ranked AS (
     SELECT r.id, r.next_attempt_at, r.free,
            row_number() OVER (PARTITION BY r.agent_id ORDER BY r.next_attempt_at, r.id) AS rank_in_agent
