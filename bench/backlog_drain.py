@@ -28,6 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg2
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 WEBHOOK = "https://hook.bench.test/in"
@@ -40,8 +42,6 @@ def _setup(dsn: str, backlog: int) -> None:
     Written straight in SQL, as the store's tests build their rows: 50,000 jobs through SMTP
     would take minutes and measure the accept, not the drain.
     """
-    import psycopg2
-
     conn = psycopg2.connect(dsn)
     try:
         with conn, conn.cursor() as cur:
@@ -74,8 +74,6 @@ def _insert_backlog(cur: Any, backlog: int) -> None:
 
 def _autocommit(dsn: str, *statements: str) -> None:
     """Statements that cannot run in a transaction block."""
-    import psycopg2
-
     conn = psycopg2.connect(dsn)
     try:
         conn.autocommit = True
