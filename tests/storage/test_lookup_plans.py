@@ -107,6 +107,16 @@ def _statistics(cur: Any, statistics: str, tables: tuple[str, ...] = ("messages"
             cur.execute(f"ANALYZE {table}")
 
 
+def _set_statistics(dsn: str, statistics: str, tables: tuple[str, ...] = ("messages",)) -> None:
+    """:func:`_statistics` on a connection of its own, committed and closed."""
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn, conn.cursor() as cur:
+            _statistics(cur, statistics, tables)
+    finally:
+        conn.close()
+
+
 def _context_params(agent: str, mid: str, candidates: list[str]) -> dict[str, Any]:
     return {
         "now": datetime.now(UTC),
@@ -256,8 +266,7 @@ async def test_the_delivery_statements_read_the_backlog_not_the_history(db, db_d
         " now() - make_interval(secs => 900 + g) FROM generate_series(1, %s) g",
         (agent, N),
     )
-    with psycopg2.connect(db_dsn) as conn, conn.cursor() as cur:
-        _statistics(cur, statistics, ("messages", "deliveries"))
+    _set_statistics(db_dsn, statistics, ("messages", "deliveries"))
     probe = _PlanProbe(db_dsn, db)
     try:
         now = datetime.now(UTC)
@@ -344,8 +353,7 @@ async def test_the_reads_of_one_message_read_only_that_message(db, db_dsn, stati
         " '{\"X-E2A-Auth-Verified\": \"true\"}' FROM agents, generate_series(1, 3) g WHERE id = %s",
         (agent, agent),
     )
-    with psycopg2.connect(db_dsn) as conn, conn.cursor() as cur:
-        _statistics(cur, statistics)
+    _set_statistics(db_dsn, statistics)
     probe = _StatementProbe(db_dsn, db, monkeypatch)
     try:
         assert (await messages.read_inbound(db, agent, "msg_one_1", mark_read=False)).id == "msg_one_1"
@@ -390,8 +398,7 @@ async def test_a_backlog_is_not_read_by_each_delivery(db, db_dsn, statistics):
         " now() - make_interval(secs => %s - g), now() - make_interval(secs => %s - g) FROM generate_series(1, %s) g",
         (agent, 2 * N, 2 * N, N),
     )
-    with psycopg2.connect(db_dsn) as conn, conn.cursor() as cur:
-        _statistics(cur, statistics, ("messages", "deliveries"))
+    _set_statistics(db_dsn, statistics, ("messages", "deliveries"))
     probe = _PlanProbe(db_dsn, db)
     try:
         now = datetime.now(UTC)
