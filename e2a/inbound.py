@@ -106,6 +106,12 @@ class Verifier(Protocol):
 LARGE_HEADER_SECTION = 8 * 1024
 # Content above this many octets is hashed (duplicate check) in a worker thread.
 LARGE_CONTENT = 1024 * 1024
+# At most this many local agents' contexts are remembered per process (InboundPipeline);
+# beyond, the oldest entries go first.
+REMEMBERED_AGENTS = 10_000
+# What the accept's read returns about an agent and its owner's secrets, as remembered.
+_REMEMBERED_KEYS = ("id", "user_id", "agent_mode", "webhook_url", "webhook_status", "secret_id", "secret",
+                    "secret_ids", "secrets")
 
 
 def content_digest(raw: bytes) -> str:
@@ -165,6 +171,14 @@ class InboundPipeline:
         # ``in_thread(fn, *args)``: run a pure function in a worker thread (the mail-auth pool);
         # a large header section is parsed there, not on the reactor (issue 15.3).
         self.in_thread = in_thread
+        # recipient → the accept's read of a local agent (_REMEMBERED_KEYS). A copy for that
+        # agent is then written without the read: its INSERT checks, on the database's current
+        # rows, that the agent and its owner's newest secret are still the remembered ones and
+        # that the copy has no duplicate, and computes the conversation
+        # (e2a.store.messages.Remembered). When a check fails nothing is written and the accept
+        # runs again with the read. The read was one of the two round trips of every accepted
+        # message (docs/performance.md).
+        self._remembered: dict[str, dict[str, Any]] = {}
 
     async def accept(self, envelope: EnvelopeLike, raw: bytes) -> str:
         """Store one copy per recipient agent; returns the first copy's ``msg_…`` id.
@@ -224,10 +238,22 @@ class InboundPipeline:
         if abort is not None:
             abort.probe = lambda: self._committed(outcome)
         try:
-            first_id = await self.db.run_batched(
-                "accept_inbound", self._accept_txn, envelope, view, stripped, trace, received_at, fresh, abort=abort,
-                outcome=outcome, content_sha256=digest,
-            )
+            try:
+                first_id = await self.db.run_batched(
+                    "accept_inbound", self._accept_txn, envelope, view, stripped, trace, received_at, fresh,
+                    abort=abort, outcome=outcome, content_sha256=digest, remember=True,
+                )
+            except Exception as e:
+                if not messages.remembered_context_stale(e):
+                    raise
+                # A remembered context no longer held, or the copy is a resend: nothing was
+                # written. The read decides, as for any agent not remembered.
+                for recipient in envelope.recipients:
+                    self._remembered.pop(recipient, None)
+                first_id = await self.db.run_batched(
+                    "accept_inbound", self._accept_txn, envelope, view, stripped, trace, received_at, fresh,
+                    abort=abort, outcome=outcome, content_sha256=digest, remember=False,
+                )
         except BaseException:
             self._release(fresh)
             raise
@@ -268,6 +294,25 @@ class InboundPipeline:
         fresh.reserved.clear()
         fresh.jobs.clear()
 
+    def forget_agents(self, _event: str = "") -> None:
+        """Forget every remembered agent context: the next copy to each agent reads again. A
+        revocation (``CHANNEL_REVOKE``: an agent or an account deleted) calls it, so deleted
+        agents are not kept until they are pushed out; nothing depends on it for correctness,
+        since every write checks what it remembered."""
+        self._remembered.clear()
+
+    def _remember(self, recipient: str, agent: dict[str, Any] | None) -> None:
+        """Keep the read of a local agent with a signing secret for the next copy to it (see
+        ``_remembered``); forget any other. A cloud agent's copy keeps the read: its fresh
+        hand-on needs the agent's leases in flight and the conversation before the commit."""
+        if agent is None or agent["agent_mode"] != "local" or agent["secret_id"] is None:
+            self._remembered.pop(recipient, None)
+            return
+        if recipient not in self._remembered:
+            while len(self._remembered) >= REMEMBERED_AGENTS:
+                del self._remembered[next(iter(self._remembered))]
+        self._remembered[recipient] = {key: agent[key] for key in _REMEMBERED_KEYS}
+
     async def _accept_txn(
         self,
         txn: Txn,
@@ -280,6 +325,7 @@ class InboundPipeline:
         *,
         outcome: _Outcome | None = None,
         content_sha256: str | None = None,
+        remember: bool = False,
     ) -> str:
         self._release(fresh)  # a retried transaction starts afresh
         fresh.txn = txn
@@ -297,15 +343,25 @@ class InboundPipeline:
         )
         new_id: str | None = None
         for recipient in envelope.recipients:
-            agent = await messages.inbound_context_txn(
-                txn, recipient, view.message_id_token, envelope.mail_from, candidates, received_at, verdict
-            )
-            if agent is None:
-                continue  # deleted between RCPT and end of data: nothing to deliver to
-            duplicate = agent["duplicate_id"]
-            if duplicate is not None:
-                first_id = first_id or duplicate
-                continue
+            remembered = self._remembered.get(recipient) if remember else None
+            if remembered is not None:
+                agent = dict(remembered, conversation_id="")  # the INSERT computes it
+                checked = messages.Remembered(
+                    remembered["secret_id"], verdict.domain_check, verdict.verified, candidates
+                )
+            else:
+                checked = None
+                read = await messages.inbound_context_txn(
+                    txn, recipient, view.message_id_token, envelope.mail_from, candidates, received_at, verdict
+                )
+                self._remember(recipient, read)
+                if read is None:
+                    continue  # deleted between RCPT and end of data: nothing to deliver to
+                agent = read
+                duplicate = agent["duplicate_id"]
+                if duplicate is not None:
+                    first_id = first_id or duplicate
+                    continue
             message_id = ids.new_message_id()
             stored = (
                 authheaders.trace_headers(
@@ -361,6 +417,7 @@ class InboundPipeline:
                 notify_delivery=False,
                 lease=lease,
                 content_sha256=content_sha256,
+                remembered=checked,
             )
             await metrics_of(self).stored_copy_txn(txn, "smtp", agent["id"])
             if lease is not None:
@@ -406,6 +463,7 @@ async def store_copy_txn(
     notify_delivery: bool,
     lease: deliveries.FreshLease | None = None,
     content_sha256: str | None = None,
+    remembered: messages.Remembered | None = None,
 ) -> StoredCopy:
     """Insert one signed inbound copy and announce it: a delivery job for a cloud agent (the
     NOTIFY on the delivery channel is sent here or, for a batch, once by the caller; a job
@@ -413,7 +471,9 @@ async def store_copy_txn(
     is announced by the store when it is not: :func:`e2a.store.deliveries.insert_job_txn`), a
     per-message NOTIFY for a local agent's WebSockets. SMTP and internal mail share this.
     ``content_sha256`` (:func:`content_digest`) is what a later resend must match to be
-    suppressed as its duplicate; None (internal mail) never matches."""
+    suppressed as its duplicate; None (internal mail) never matches. ``remembered``: the copy
+    was prepared without the accept's read, and its INSERT checks that context
+    (:class:`e2a.store.messages.Remembered`)."""
     headers = authheaders.auth_headers(fields, secret)
     await messages.insert_inbound_txn(
         txn,
@@ -440,6 +500,7 @@ async def store_copy_txn(
             created_at=received_at,
         ),
         content_sha256=content_sha256,
+        remembered=remembered,
     )
     delivery_id = None
     if agent["agent_mode"] == "cloud":

@@ -225,6 +225,7 @@ class E2AService(service.Service):
         # RCPT remembers found agents briefly; deletions heard on LISTEN make it forget them.
         self.recipients = AgentRecipients(self.db, reactor)
         self.events.subscribe(CHANNEL_REVOKE, self.recipients.on_revoke)
+        self.events.subscribe(CHANNEL_REVOKE, self.inbound.forget_agents)
         self.events.on_reconnect(self.recipients.forget_all)
         self.smtp_factory = SmtpFactory(
             smtp, self.recipients, self.inbound.accept, reactor, tls, metrics=self.metrics

@@ -234,19 +234,88 @@ _INSERT_INBOUND = Prepared(
 )
 
 
-async def insert_inbound_txn(txn: Txn, message: InboundMessage, content_sha256: str | None = None) -> None:
-    """Write one inbound copy inside the accept's transaction (:mod:`e2a.inbound`);
-    ``content_sha256``: the received content's hash, for the duplicate check (None: never one)."""
-    await txn.execute_prepared(
-        _INSERT_INBOUND,
-        {
-            "content_sha256": content_sha256,
-            **{name: getattr(message, name) for name in InboundMessage.__dataclass_fields__},
-            "to_addrs": None if message.to_addrs is None else json.dumps(message.to_addrs),
-            "cc_addrs": None if message.cc_addrs is None else json.dumps(message.cc_addrs),
-            "auth_headers": json.dumps(message.auth_headers),
-        },
+#: SQLSTATE of ``e2a_accept_context_stale`` (schema/0010).
+REMEMBERED_CONTEXT_STALE = "E2A01"
+
+
+def remembered_context_stale(error: BaseException) -> bool:
+    """Whether ``error`` is the refusal of a copy written with a remembered context
+    (:class:`Remembered`): the agent or its owner's newest secret changed, or the copy has a
+    stored duplicate. Nothing of its transaction was written; the accept reads afresh."""
+    return getattr(error, "pgcode", None) == REMEMBERED_CONTEXT_STALE
+
+
+@dataclass(frozen=True)
+class Remembered:
+    """A copy for a local agent written without the accept's read (:mod:`e2a.inbound`): the
+    agent and the secret it was signed with are the ones an earlier read returned, and its
+    ``INSERT`` does what the read did, on the database's current rows. It checks that the
+    agent still exists, for the same user and in local mode, and that ``secret_id`` is still
+    its owner's newest secret; it also checks that the copy has no duplicate (as
+    :func:`find_duplicate_txn`: the copy's own sender, client and content hash, and the verdict
+    here). Either failing raises :data:`REMEMBERED_CONTEXT_STALE`. It computes the
+    conversation from ``candidates`` (as :func:`find_conversation_txn`)."""
+
+    secret_id: str
+    domain_check: str  # X-E2A-Auth-Domain-Check
+    verified: str  # X-E2A-Auth-Verified ("true" / "false")
+    candidates: list[str]
+
+
+# The conversation id of a copy written with a remembered context, or the statement's refusal
+# (see Remembered). The checks are the read's own lookups, so each is served by one index as
+# there: the agent and the newest secret by primary key and by the secrets' user index.
+_REMEMBERED_CONVERSATION = (
+    "(CASE WHEN NOT EXISTS (SELECT 1 FROM agents a WHERE a.id = %(agent_id)s AND a.user_id = %(user_id)s"
+    " AND a.agent_mode = 'local' AND (SELECT t.id FROM signing_secrets t WHERE t.user_id = a.user_id"
+    " ORDER BY t.created_at DESC, t.id DESC LIMIT 1) = %(secret_id)s)"
+    " THEN e2a_accept_context_stale('agent')"
+    " WHEN %(email_message_id)s <> '' AND EXISTS ("
+    + _duplicate_select(
+        agent="%(agent_id)s", mid="%(email_message_id)s", sender="%(envelope_from)s", window="%(window)s",
+        ip="%(client_ip)s", check="%(check)s", verified="%(verified)s", auth_sender="%(sender)s",
+        sha="%(content_sha256)s",
     )
+    + ") THEN e2a_accept_context_stale('duplicate')"
+    " WHEN %(n)s = 0 THEN ''"
+    " ELSE COALESCE(("
+    + _conversation_select(agent="%(agent_id)s", c="%(c)s::text[]", bases="%(bases)s::text[]")
+    + "), '') END)"
+)
+
+_INSERT_INBOUND_REMEMBERED = Prepared(
+    "e2a_insert_inbound_remembered",
+    _INSERT_INBOUND.sql.replace("%(conversation_id)s", _REMEMBERED_CONVERSATION),
+)
+
+
+async def insert_inbound_txn(
+    txn: Txn, message: InboundMessage, content_sha256: str | None = None, remembered: Remembered | None = None
+) -> None:
+    """Write one inbound copy inside the accept's transaction (:mod:`e2a.inbound`);
+    ``content_sha256``: the received content's hash, for the duplicate check (None: never one).
+    With ``remembered``, the statement checks the context and computes the conversation
+    (:class:`Remembered`; ``message.conversation_id`` is not used)."""
+    params = {
+        "content_sha256": content_sha256,
+        **{name: getattr(message, name) for name in InboundMessage.__dataclass_fields__},
+        "to_addrs": None if message.to_addrs is None else json.dumps(message.to_addrs),
+        "cc_addrs": None if message.cc_addrs is None else json.dumps(message.cc_addrs),
+        "auth_headers": json.dumps(message.auth_headers),
+    }
+    if remembered is None:
+        await txn.execute_prepared(_INSERT_INBOUND, params)
+        return
+    params.update(
+        secret_id=remembered.secret_id,
+        window=DUPLICATE_WINDOW_SECONDS,
+        check=remembered.domain_check,
+        verified=remembered.verified,
+        n=len(remembered.candidates),
+        c=remembered.candidates,
+        bases=provider_id_bases(remembered.candidates),
+    )
+    await txn.execute_prepared(_INSERT_INBOUND_REMEMBERED, params)
 
 
 async def inbound_exists(db: Database, message_id: str) -> bool:

@@ -37,10 +37,13 @@ async def _copies(db, message_id: str) -> int:
 
 
 async def _warm(port: int) -> None:
-    """One message first: the pooled connection that sends the writes has then prepared their
-    statements, so the write query itself goes out as soon as ``BatchTxn.send`` starts."""
-    reply = await send(port, "alice@example.com", [BOT], message("<warm-up@x>"))
-    assert reply.code == 250, reply
+    """Two messages to both agents first: the pooled connection that sends the writes has then
+    prepared their statements, so the write query itself goes out as soon as ``BatchTxn.send``
+    starts. The first is written after the accept's read, the second with the agents the
+    pipeline remembered (e2a.inbound), as the messages under test are."""
+    for n in (1, 2):
+        reply = await send(port, "alice@example.com", [BOT, f"other@{DOMAIN}"], message(f"<warm-up-{n}@x>"))
+        assert reply.code == 250, reply
 
 
 def _stall_reactor(dsn: str, seconds: float) -> None:
@@ -85,6 +88,7 @@ async def test_store_timeout_with_answer_pending_reply_matches_rows(stack, db, d
     (250 with the stored id). Never 451 for stored copies (the old behaviour)."""
     port = stack.listen(store_timeout=STORE_TIMEOUT)
     await _warm(port)
+    stack.pipeline.forget_agents()  # both recipients are read, as the stall below needs
     stalled: list[str] = []
     reads: list[str] = []
     original_read, original_send = BatchTxn.fetchall_prepared, BatchTxn.send

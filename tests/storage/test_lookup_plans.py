@@ -24,6 +24,7 @@ import pytest_twisted
 
 from e2a.store import deliveries, messages
 from e2a.store.database import Txn
+from e2a.store.models import InboundMessage
 from tests.storage.storehelpers import agent_with_due_jobs, user_with_agent
 
 N = 3000  # messages of each direction; the old plans read all of them per lookup
@@ -205,6 +206,71 @@ async def test_the_conversation_lookup_of_a_sent_reply_reads_only_the_rows_it_lo
                 read, row = _explain(cur, sql)
                 assert read <= MOST_ROWS_READ, (candidates, read)
                 assert (row[0] if row else None) == expected
+    finally:
+        conn.close()
+
+
+class _Capture:
+    """A txn that keeps the one prepared write it is given (its statement and parameters)."""
+
+    async def execute_prepared(self, statement, params) -> None:
+        self.statement, self.params = statement, params
+
+
+@pytest.mark.parametrize("statistics", ["none", "analyzed"])
+@pytest_twisted.ensureDeferred
+async def test_a_copy_written_with_a_remembered_context_reads_only_the_rows_it_looks_for(db, db_dsn, statistics):
+    """The INSERT of a copy written without the accept's read (e2a.store.messages.Remembered)
+    does the read's duplicate check and conversation lookup itself, prepared and planned as
+    the server does: for a miss, a reply, and a resend (refused, nothing written)."""
+    user, agent = await _busy_agent(db)
+    await db.execute(
+        "INSERT INTO signing_secrets (id, user_id, secret, secret_prefix) VALUES ('wsec_plan', %s, 'x', 'x')", (user,)
+    )
+    conn = psycopg2.connect(db_dsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            _statistics(cur, statistics)
+            cur.execute("SET plan_cache_mode = force_generic_plan")
+            cur.execute("UPDATE messages SET auth_headers = jsonb_build_object('X-E2A-Auth-Domain-Check', '',"
+                        " 'X-E2A-Auth-Verified', 'false', 'X-E2A-Auth-Sender', '') WHERE id = 'msg_in_17'")
+            prepared = False
+            for n, (mid, candidates, conversation) in enumerate((
+                ("<new@sender.example>", MISSES, ""),
+                ("<new@sender.example>", ["<out23@agents.test>"], "conv_out_23"),
+                ("<in17@sender.example>", [], None),
+            )):
+                capture = _Capture()
+                copy = InboundMessage(
+                    id=f"msg_new_{n}", agent_id=agent, user_id=user, status="unread", route="smtp", sender="",
+                    display_from="", recipient=agent, envelope_from="alice@sender.example", client_ip="192.0.2.1",
+                    subject="", to_addrs=None, cc_addrs=None, email_message_id=mid, in_reply_to="",
+                    references_ids="", conversation_id="", auth_headers={}, raw_message=b"x",
+                    created_at=datetime.now(UTC),
+                )
+                remembered = messages.Remembered("wsec_plan", "", "false", candidates)
+                await messages.insert_inbound_txn(capture, copy, "sha", remembered)
+                if not prepared:
+                    cur.execute(capture.statement.prepare_sql)
+                    prepared = True
+                sql = cur.mogrify(capture.statement.execute_sql, capture.params).decode()
+                cur.execute("BEGIN")
+                try:
+                    if conversation is None:
+                        with pytest.raises(psycopg2.Error) as refused:
+                            cur.execute(sql)
+                        assert messages.remembered_context_stale(refused.value)
+                        continue
+                    cur.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql)
+                    (doc,) = cur.fetchone()
+                    plan = (doc if isinstance(doc, list) else json.loads(doc))[0]["Plan"]
+                    assert _rows_read(plan) <= MOST_ROWS_READ, (mid, candidates, _rows_read(plan))
+                    assert _most_pages_one_scan(plan, ("messages",)) <= MOST_PAGES_ONE_SCAN, (mid, candidates)
+                    cur.execute("SELECT conversation_id FROM messages WHERE id = %s", (copy.id,))
+                    assert cur.fetchone() == (conversation,)
+                finally:
+                    cur.execute("ROLLBACK")
     finally:
         conn.close()
 
