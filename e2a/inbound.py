@@ -109,9 +109,9 @@ LARGE_CONTENT = 1024 * 1024
 # At most this many local agents' contexts are remembered per process (InboundPipeline);
 # beyond, the oldest entries go first.
 REMEMBERED_AGENTS = 10_000
-# What the accept's read returns about an agent and its owner's secrets, as remembered.
-_REMEMBERED_KEYS = ("id", "user_id", "agent_mode", "webhook_url", "webhook_status", "secret_id", "secret",
-                    "secret_ids", "secrets")
+# What a local agent's copy needs of the accept's read (the agent and its owner's newest
+# secret), as remembered.
+_REMEMBERED_KEYS = ("id", "user_id", "agent_mode", "secret_id", "secret")
 
 
 def content_digest(raw: bytes) -> str:
@@ -237,23 +237,22 @@ class InboundPipeline:
         outcome = _Outcome()
         if abort is not None:
             abort.probe = lambda: self._committed(outcome)
+        first_id = ""
         try:
-            try:
-                first_id = await self.db.run_batched(
-                    "accept_inbound", self._accept_txn, envelope, view, stripped, trace, received_at, fresh,
-                    abort=abort, outcome=outcome, content_sha256=digest, remember=True,
-                )
-            except Exception as e:
-                if not messages.remembered_context_stale(e):
-                    raise
-                # A remembered context no longer held, or the copy is a resend: nothing was
-                # written. The read decides, as for any agent not remembered.
-                for recipient in envelope.recipients:
-                    self._remembered.pop(recipient, None)
-                first_id = await self.db.run_batched(
-                    "accept_inbound", self._accept_txn, envelope, view, stripped, trace, received_at, fresh,
-                    abort=abort, outcome=outcome, content_sha256=digest, remember=False,
-                )
+            for remember in (True, False):
+                try:
+                    first_id = await self.db.run_batched(
+                        "accept_inbound", self._accept_txn, envelope, view, stripped, trace, received_at, fresh,
+                        abort=abort, outcome=outcome, content_sha256=digest, remember=remember,
+                    )
+                    break
+                except Exception as e:
+                    if not (remember and messages.remembered_context_stale(e)):
+                        raise
+                    # A remembered context no longer held, or the copy is a resend: nothing
+                    # was written. The read decides, as for any agent not remembered.
+                    for recipient in envelope.recipients:
+                        self._remembered.pop(recipient, None)
         except BaseException:
             self._release(fresh)
             raise
