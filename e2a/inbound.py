@@ -107,8 +107,12 @@ LARGE_HEADER_SECTION = 8 * 1024
 # Content above this many octets is hashed (duplicate check) in a worker thread.
 LARGE_CONTENT = 1024 * 1024
 # At most this many local agents' contexts are remembered per process (InboundPipeline);
-# beyond, the oldest entries go first.
+# beyond, the least recently used go first.
 REMEMBERED_AGENTS = 10_000
+# At most this many (agent, Message-ID) pairs of recent copies are kept per process (as
+# hashes), so that a resend is checked by the read, not refused by its INSERT
+# (InboundPipeline._seen).
+SEEN_MESSAGE_IDS = 20_000
 # What a local agent's copy needs of the accept's read (the agent and its owner's newest
 # secret), as remembered.
 _REMEMBERED_KEYS = ("id", "user_id", "agent_mode", "secret_id", "secret")
@@ -179,6 +183,12 @@ class InboundPipeline:
         # runs again with the read. The read was one of the two round trips of every accepted
         # message (docs/performance.md).
         self._remembered: dict[str, dict[str, Any]] = {}
+        # (recipient, Message-ID) of the copies this process stored or found to be resends
+        # lately, oldest first. A copy whose pair is here is checked by the read: a resend
+        # refused by its INSERT rolls back the group commit it shares with other mail, and a
+        # client repeating one message would otherwise make every repeat do that. Kept as
+        # hashes: a collision only sends a copy through the read.
+        self._seen: dict[int, None] = {}
 
     async def accept(self, envelope: EnvelopeLike, raw: bytes) -> str:
         """Store one copy per recipient agent; returns the first copy's ``msg_…`` id.
@@ -256,6 +266,7 @@ class InboundPipeline:
         except BaseException:
             self._release(fresh)
             raise
+        self._saw(envelope.recipients, view.message_id_token)
         if not first_id:
             # Every recipient agent was deleted after its RCPT was accepted (the RCPT check may
             # also have remembered it: e2a.smtp.recipients). Nothing was written; the answer
@@ -300,6 +311,17 @@ class InboundPipeline:
         since every write checks what it remembered."""
         self._remembered.clear()
 
+    def _saw(self, recipients: Sequence[str], message_id: str) -> None:
+        """Note the copies of a message this process stored or found to be resends (``_seen``)."""
+        if not message_id:
+            return  # without a Message-ID a copy is never a resend
+        for recipient in recipients:
+            key = hash((recipient, message_id))
+            self._seen.pop(key, None)  # a repeat moves to the newest end
+            while len(self._seen) >= SEEN_MESSAGE_IDS:
+                del self._seen[next(iter(self._seen))]
+            self._seen[key] = None
+
     def _remember(self, recipient: str, agent: dict[str, Any] | None) -> None:
         """Keep the read of a local agent with a signing secret for the next copy to it (see
         ``_remembered``); forget any other. A cloud agent's copy keeps the read: its fresh
@@ -342,8 +364,11 @@ class InboundPipeline:
         )
         new_id: str | None = None
         for recipient in envelope.recipients:
-            remembered = self._remembered.get(recipient) if remember else None
+            remembered = None
+            if remember and hash((recipient, view.message_id_token)) not in self._seen:
+                remembered = self._remembered.pop(recipient, None)
             if remembered is not None:
+                self._remembered[recipient] = remembered  # the most recently used go last
                 agent = dict(remembered, conversation_id="")  # the INSERT computes it
                 checked = messages.Remembered(
                     remembered["secret_id"], verdict.domain_check, verdict.verified, candidates

@@ -11,11 +11,14 @@ from datetime import UTC, datetime
 import pytest
 import pytest_twisted
 
+from twisted.internet import threads
+
+from e2a.inbound import InboundPipeline
 from e2a.mailauth import authheaders
 from e2a.smtp.replies import MessageRejected
 from e2a.store import accounts, messages
 from tests.support.apiserver import TEST_MASTER_KEY
-from tests.support.inboundstack import DOMAIN, InboundStack, message
+from tests.support.inboundstack import DOMAIN, MX, InboundStack, message
 
 BOT = f"bot@{DOMAIN}"
 
@@ -51,6 +54,29 @@ def reads(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def refusals(monkeypatch):
+    """The writes refused for a remembered context that no longer held (or a resend)."""
+    seen: list[BaseException] = []
+    stale = messages.remembered_context_stale
+
+    def counting(error: BaseException) -> bool:
+        if stale(error):
+            seen.append(error)
+            return True
+        return False
+
+    monkeypatch.setattr(messages, "remembered_context_stale", counting)
+    return seen
+
+
+def _another_process(stack: InboundStack) -> InboundPipeline:
+    """A second pipeline on the same database, as another e2a process has."""
+    return InboundPipeline(
+        stack.db, stack.verifier, TEST_MASTER_KEY, MX, MX, to_trace=lambda v: v, in_thread=threads.deferToThread
+    )
+
+
 async def _row(db, message_id: str) -> dict:
     return await db.fetchone(
         "SELECT conversation_id, auth_headers, raw_message FROM messages WHERE id = %s", (message_id,)
@@ -83,16 +109,49 @@ async def test_later_copies_are_written_without_the_read_and_thread_as_the_read_
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_resend_written_with_the_remembered_context_is_suppressed(stack, db, reads):
-    """The INSERT finds the stored duplicate and refuses; the accept reads and answers the
-    first copy's id, and only one copy is stored."""
+async def test_resends_to_the_process_that_stored_the_message_go_through_the_read(stack, db, reads, refusals):
+    """The process remembers which messages it stored: their resends are read (and suppressed
+    there), never refused by an INSERT, however often a client repeats them."""
     mid = "<resend@example.com>"
     first = await stack.pipeline.accept(Envelope(), message(mid))
-    again = await stack.pipeline.accept(Envelope(), message(mid))
-    assert again == first
-    assert reads == [BOT, BOT]  # the resend was refused by its INSERT, then read
+    again = [await stack.pipeline.accept(Envelope(), message(mid)) for _ in range(3)]
+    assert again == [first] * 3
+    assert reads == [BOT] * 4 and refusals == []
     count = await db.fetchone("SELECT count(*) AS n FROM messages WHERE email_message_id = %s", (mid,))
     assert count["n"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_resend_to_another_process_is_refused_by_its_insert_and_suppressed(stack, db, reads, refusals):
+    """Another process, which remembers the agent but never saw the message, writes the resend
+    with its remembered context: the INSERT finds the stored copy and refuses, nothing is
+    written, and the read answers the first copy's id. A second resend there is read."""
+    other = _another_process(stack)
+    await other.accept(Envelope(), message("<warm@example.com>"))
+    mid = "<resend-elsewhere@example.com>"
+    first = await stack.pipeline.accept(Envelope(), message(mid))
+    assert await other.accept(Envelope(), message(mid)) == first
+    assert len(refusals) == 1 and "duplicate" in str(refusals[0])
+    assert await other.accept(Envelope(), message(mid)) == first
+    assert len(refusals) == 1
+    count = await db.fetchone("SELECT count(*) AS n FROM messages WHERE email_message_id = %s", (mid,))
+    assert count["n"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_secret_signs_the_next_copy_while_the_old_one_stays(stack, db, reads, refusals):
+    """Rotation's first step (a new secret; the old one kept while receivers switch): the next
+    copy is signed with the newest secret, as the read would sign it."""
+    (old,) = await accounts.active_secrets(db, TEST_MASTER_KEY, stack.user_id)
+    await stack.pipeline.accept(Envelope(), message("<n1@example.com>"))
+    _created, new = await accounts.create_signing_secret(db, TEST_MASTER_KEY, stack.user_id, "next")
+    after = await stack.pipeline.accept(Envelope(), message("<n2@example.com>"))
+    assert len(refusals) == 1 and "agent" in str(refusals[0])
+    row = await _row(db, after)
+    now = datetime.now(UTC)
+    authheaders.verify(row["auth_headers"], bytes(row["raw_message"]), [new], now)
+    with pytest.raises(authheaders.VerificationError):
+        authheaders.verify(row["auth_headers"], bytes(row["raw_message"]), [old], now)
 
 
 @pytest_twisted.ensureDeferred
@@ -145,13 +204,17 @@ async def test_an_agent_switched_to_cloud_gets_a_delivery_job(stack, db, reads):
 
 
 @pytest_twisted.ensureDeferred
-async def test_one_remembered_recipient_out_of_date_leaves_no_copy_of_the_others_twice(stack, db, reads):
+async def test_one_remembered_recipient_out_of_date_leaves_no_copy_of_the_others_twice(stack, db, refusals):
     """Two recipients, one of them deleted after being remembered: the refused attempt wrote
-    nothing, so the other agent gets exactly one copy."""
+    nothing, so the other agent gets exactly one copy. The message has no Message-ID, so a
+    copy left behind by the refused attempt could not pass for a resend of the rerun's."""
     await stack.add_agents({"helper": "local"})
     helper = f"helper@{DOMAIN}"
-    await stack.pipeline.accept(Envelope((BOT, helper)), message("<t1@example.com>"))
+    bare = b"From: Alice <alice@example.com>\r\nTo: bot@acme.test\r\nSubject: no id\r\n\r\nHi\r\n"
+    await stack.pipeline.accept(Envelope((BOT, helper)), bare)
     await db.execute("DELETE FROM agents WHERE id = %s", (BOT,))
-    await stack.pipeline.accept(Envelope((BOT, helper)), message("<t2@example.com>"))
-    rows = await db.fetchall("SELECT agent_id FROM messages WHERE email_message_id = '<t2@example.com>'")
-    assert [r["agent_id"] for r in rows] == [helper]
+    second = await stack.pipeline.accept(Envelope((BOT, helper)), bare + b"again\r\n")
+    assert len(refusals) == 1
+    rows = await db.fetchall("SELECT id, agent_id FROM messages WHERE subject = 'no id' ORDER BY created_at")
+    # the bot's first copy went with the agent; the helper has its two, the second answered
+    assert [r["agent_id"] for r in rows] == [helper, helper] and rows[-1]["id"] == second

@@ -221,8 +221,9 @@ class _Capture:
 @pytest_twisted.ensureDeferred
 async def test_a_copy_written_with_a_remembered_context_reads_only_the_rows_it_looks_for(db, db_dsn, statistics):
     """The INSERT of a copy written without the accept's read (e2a.store.messages.Remembered)
-    does the read's duplicate check and conversation lookup itself, prepared and planned as
-    the server does: for a miss, a reply, and a resend (refused, nothing written)."""
+    does the read's checks and lookups itself, prepared and planned as the server does: for a
+    new message and for a reply it reads only the rows it looks for; a resend is refused for
+    being one (a statement that fails cannot be measured, so only its answer is checked)."""
     user, agent = await _busy_agent(db)
     await db.execute(
         "INSERT INTO signing_secrets (id, user_id, secret, secret_prefix) VALUES ('wsec_plan', %s, 'x', 'x')", (user,)
@@ -261,12 +262,14 @@ async def test_a_copy_written_with_a_remembered_context_reads_only_the_rows_it_l
                         with pytest.raises(psycopg2.Error) as refused:
                             cur.execute(sql)
                         assert messages.remembered_context_stale(refused.value)
+                        assert "(duplicate)" in str(refused.value)
                         continue
                     cur.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql)
                     (doc,) = cur.fetchone()
                     plan = (doc if isinstance(doc, list) else json.loads(doc))[0]["Plan"]
                     assert _rows_read(plan) <= MOST_ROWS_READ, (mid, candidates, _rows_read(plan))
-                    assert _most_pages_one_scan(plan, ("messages",)) <= MOST_PAGES_ONE_SCAN, (mid, candidates)
+                    tables = ("messages", "agents", "signing_secrets")
+                    assert _most_pages_one_scan(plan, tables) <= MOST_PAGES_ONE_SCAN, (mid, candidates)
                     cur.execute("SELECT conversation_id FROM messages WHERE id = %s", (copy.id,))
                     assert cur.fetchone() == (conversation,)
                 finally:
