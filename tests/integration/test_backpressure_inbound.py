@@ -4,7 +4,6 @@ and InboundPipeline.accept waits (before verification) while it is high; task.Cl
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import pytest_twisted
@@ -17,6 +16,7 @@ from e2a.delivery.worker import DeliveryService
 from e2a.inbound import InboundPipeline, TraceInput
 from e2a.store import accounts
 from tests.support.apiserver import TEST_MASTER_KEY
+from tests.support.inboundstack import Envelope
 
 DOMAIN = "acme.test"
 RAW = b"From: Alice <alice@example.com>\r\nTo: bot@acme.test\r\nSubject: hi\r\nMessage-ID: <m@example.com>\r\n\r\nHi\r\n"
@@ -24,16 +24,6 @@ TRACE = TraceInput(
     spf="pass", dkim=[], dmarc="none", from_domain="example.com",
     domain_check="spf=pass; dkim=none; dmarc=none", verified=False, from_address="alice@example.com",
 )
-
-
-@dataclass
-class Envelope:
-    recipients: tuple[str, ...]
-    client_ip: str = "127.0.0.1"
-    helo: str = "client.example.com"
-    helo_kind: str = "EHLO"
-    tls: bool = False
-    mail_from: str = "alice@example.com"
 
 
 class CountingVerifier:

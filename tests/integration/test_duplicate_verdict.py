@@ -4,26 +4,14 @@ verdict and received content (SHA-256); otherwise it is stored with its own verd
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest_twisted
 
 from e2a.inbound import LARGE_CONTENT
-from tests.support.inboundstack import DOMAIN, InboundStack, message, send, trace
+from tests.support.inboundstack import DOMAIN, Envelope, InboundStack, message, send, trace
 
 BOT = f"bot@{DOMAIN}"
 FORGED = trace(spf="fail", dmarc="fail")
 GENUINE = trace(spf="pass", dmarc="pass")
-
-
-@dataclass
-class Envelope:
-    recipients: tuple[str, ...]
-    client_ip: str = "127.0.0.1"
-    helo: str = "client.example"
-    helo_kind: str = "EHLO"
-    tls: bool = False
-    mail_from: str = "alice@example.com"
 
 
 @pytest_twisted.async_yield_fixture

@@ -5,7 +5,6 @@ between, the copy comes out as the read would have made it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import pytest
@@ -18,19 +17,9 @@ from e2a.mailauth import authheaders
 from e2a.smtp.replies import MessageRejected
 from e2a.store import accounts, messages
 from tests.support.apiserver import TEST_MASTER_KEY
-from tests.support.inboundstack import DOMAIN, MX, InboundStack, message
+from tests.support.inboundstack import DOMAIN, MX, Envelope, InboundStack, message
 
 BOT = f"bot@{DOMAIN}"
-
-
-@dataclass
-class Envelope:
-    recipients: tuple[str, ...] = (BOT,)
-    client_ip: str = "127.0.0.1"
-    helo: str = "client.example"
-    helo_kind: str = "EHLO"
-    tls: bool = False
-    mail_from: str = "alice@example.com"
 
 
 @pytest_twisted.async_yield_fixture
@@ -92,16 +81,16 @@ async def test_later_copies_are_written_without_the_read_and_thread_as_the_read_
         " VALUES ('msg_out_1', %s, %s, 'outbound', 'sent', '<out1@mx.e2a.test>', 'conv_x')",
         (BOT, stack.user_id),
     )
-    first = await stack.pipeline.accept(Envelope(), message("<m1@example.com>", extra="In-Reply-To: <nobody@x>\r\n"))
+    first = await stack.pipeline.accept(Envelope((BOT,)), message("<m1@example.com>", extra="In-Reply-To: <nobody@x>\r\n"))
     assert reads == [BOT]
     reply = await stack.pipeline.accept(
-        Envelope(), message("<m2@example.com>", extra="In-Reply-To: <out1@mx.e2a.test>\r\n")
+        Envelope((BOT,)), message("<m2@example.com>", extra="In-Reply-To: <out1@mx.e2a.test>\r\n")
     )
     await db.execute("UPDATE messages SET conversation_id = 'conv_y' WHERE id = %s", (first,))
     follow_up = await stack.pipeline.accept(
-        Envelope(), message("<m3@example.com>", extra="References: <zzz@x> <m1@example.com>\r\n")
+        Envelope((BOT,)), message("<m3@example.com>", extra="References: <zzz@x> <m1@example.com>\r\n")
     )
-    unthreaded = await stack.pipeline.accept(Envelope(), message("<m4@example.com>"))
+    unthreaded = await stack.pipeline.accept(Envelope((BOT,)), message("<m4@example.com>"))
     assert reads == [BOT]
     assert [(await _row(db, i))["conversation_id"] for i in (first, reply, follow_up, unthreaded)] == [
         "conv_y", "conv_x", "conv_y", "",
@@ -113,8 +102,8 @@ async def test_resends_to_the_process_that_stored_the_message_go_through_the_rea
     """The process remembers which messages it stored: their resends are read (and suppressed
     there), never refused by an INSERT, however often a client repeats them."""
     mid = "<resend@example.com>"
-    first = await stack.pipeline.accept(Envelope(), message(mid))
-    again = [await stack.pipeline.accept(Envelope(), message(mid)) for _ in range(3)]
+    first = await stack.pipeline.accept(Envelope((BOT,)), message(mid))
+    again = [await stack.pipeline.accept(Envelope((BOT,)), message(mid)) for _ in range(3)]
     assert again == [first] * 3
     assert reads == [BOT] * 4 and refusals == []
     count = await db.fetchone("SELECT count(*) AS n FROM messages WHERE email_message_id = %s", (mid,))
@@ -127,12 +116,12 @@ async def test_a_resend_to_another_process_is_refused_by_its_insert_and_suppress
     with its remembered context: the INSERT finds the stored copy and refuses, nothing is
     written, and the read answers the first copy's id. A second resend there is read."""
     other = _another_process(stack)
-    await other.accept(Envelope(), message("<warm@example.com>"))
+    await other.accept(Envelope((BOT,)), message("<warm@example.com>"))
     mid = "<resend-elsewhere@example.com>"
-    first = await stack.pipeline.accept(Envelope(), message(mid))
-    assert await other.accept(Envelope(), message(mid)) == first
+    first = await stack.pipeline.accept(Envelope((BOT,)), message(mid))
+    assert await other.accept(Envelope((BOT,)), message(mid)) == first
     assert len(refusals) == 1 and "duplicate" in str(refusals[0])
-    assert await other.accept(Envelope(), message(mid)) == first
+    assert await other.accept(Envelope((BOT,)), message(mid)) == first
     assert len(refusals) == 1
     count = await db.fetchone("SELECT count(*) AS n FROM messages WHERE email_message_id = %s", (mid,))
     assert count["n"] == 1
@@ -143,9 +132,9 @@ async def test_a_new_secret_signs_the_next_copy_while_the_old_one_stays(stack, d
     """Rotation's first step (a new secret; the old one kept while receivers switch): the next
     copy is signed with the newest secret, as the read would sign it."""
     (old,) = await accounts.active_secrets(db, TEST_MASTER_KEY, stack.user_id)
-    await stack.pipeline.accept(Envelope(), message("<n1@example.com>"))
+    await stack.pipeline.accept(Envelope((BOT,)), message("<n1@example.com>"))
     _created, new = await accounts.create_signing_secret(db, TEST_MASTER_KEY, stack.user_id, "next")
-    after = await stack.pipeline.accept(Envelope(), message("<n2@example.com>"))
+    after = await stack.pipeline.accept(Envelope((BOT,)), message("<n2@example.com>"))
     assert len(refusals) == 1 and "agent" in str(refusals[0])
     row = await _row(db, after)
     now = datetime.now(UTC)
@@ -159,11 +148,11 @@ async def test_a_rotated_secret_signs_the_next_copy(stack, db, reads):
     """Rotation (a new secret, the old one deleted) between two copies: the second is signed
     with the new secret only, as a receiver holding only the new one requires."""
     (old,) = await accounts.active_secrets(db, TEST_MASTER_KEY, stack.user_id)
-    before = await stack.pipeline.accept(Envelope(), message("<r1@example.com>"))
+    before = await stack.pipeline.accept(Envelope((BOT,)), message("<r1@example.com>"))
     created, new = await accounts.create_signing_secret(db, TEST_MASTER_KEY, stack.user_id, "rotated")
     others = await db.fetchone("SELECT id FROM signing_secrets WHERE id <> %s", (created.id,))
     await accounts.delete_signing_secret(db, stack.user_id, others["id"])
-    after = await stack.pipeline.accept(Envelope(), message("<r2@example.com>"))
+    after = await stack.pipeline.accept(Envelope((BOT,)), message("<r2@example.com>"))
     assert reads == [BOT, BOT]
     now = datetime.now(UTC)
     for message_id, secret, other in ((before, old, new), (after, new, old)):
@@ -172,17 +161,17 @@ async def test_a_rotated_secret_signs_the_next_copy(stack, db, reads):
         with pytest.raises(authheaders.VerificationError):
             authheaders.verify(row["auth_headers"], bytes(row["raw_message"]), [other], now)
     # and the new secret is remembered from the read that found it
-    await stack.pipeline.accept(Envelope(), message("<r3@example.com>"))
+    await stack.pipeline.accept(Envelope((BOT,)), message("<r3@example.com>"))
     assert reads == [BOT, BOT]
 
 
 @pytest_twisted.ensureDeferred
 async def test_an_agent_deleted_after_being_remembered_gets_nothing(stack, db, reads):
     """The agent is deleted between two copies: the second is refused as at RCPT, none stored."""
-    await stack.pipeline.accept(Envelope(), message("<d1@example.com>"))
+    await stack.pipeline.accept(Envelope((BOT,)), message("<d1@example.com>"))
     await db.execute("DELETE FROM agents WHERE id = %s", (BOT,))
     with pytest.raises(MessageRejected):
-        await stack.pipeline.accept(Envelope(), message("<d2@example.com>"))
+        await stack.pipeline.accept(Envelope((BOT,)), message("<d2@example.com>"))
     assert await db.fetchall("SELECT id FROM messages WHERE email_message_id = '<d2@example.com>'") == []
 
 
@@ -190,14 +179,14 @@ async def test_an_agent_deleted_after_being_remembered_gets_nothing(stack, db, r
 async def test_an_agent_switched_to_cloud_gets_a_delivery_job(stack, db, reads):
     """Local → cloud between two copies: the second gets its webhook job, as any cloud copy;
     copies to a cloud agent keep the read."""
-    await stack.pipeline.accept(Envelope(), message("<c1@example.com>"))
+    await stack.pipeline.accept(Envelope((BOT,)), message("<c1@example.com>"))
     await db.execute(
         "UPDATE agents SET agent_mode = 'cloud', webhook_url = 'http://127.0.0.1:9/hook', webhook_status = 'active'"
         " WHERE id = %s",
         (BOT,),
     )
-    second = await stack.pipeline.accept(Envelope(), message("<c2@example.com>"))
-    third = await stack.pipeline.accept(Envelope(), message("<c3@example.com>"))
+    second = await stack.pipeline.accept(Envelope((BOT,)), message("<c2@example.com>"))
+    third = await stack.pipeline.accept(Envelope((BOT,)), message("<c3@example.com>"))
     assert reads == [BOT, BOT, BOT]
     jobs = await db.fetchall("SELECT message_id FROM deliveries ORDER BY created_at")
     assert [j["message_id"] for j in jobs] == [second, third]

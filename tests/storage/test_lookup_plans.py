@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -118,6 +120,20 @@ def _set_statistics(dsn: str, statistics: str, tables: tuple[str, ...] = ("messa
         conn.close()
 
 
+@contextmanager
+def _autocommit_cursor(dsn: str, statistics: str) -> Iterator[Any]:
+    """A cursor of an autocommit connection of its own, after :func:`_statistics` on
+    ``messages``; the connection is closed after."""
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            _statistics(cur, statistics)
+            yield cur
+    finally:
+        conn.close()
+
+
 def _context_params(agent: str, mid: str, candidates: list[str]) -> dict[str, Any]:
     return {
         "now": datetime.now(UTC),
@@ -154,38 +170,32 @@ async def test_the_accept_read_reads_only_the_rows_it_looks_for(db, db_dsn, stat
     """The accept's one read statement (agent, secrets, duplicate, conversation), prepared as
     the server prepares it, for a new Message-ID whose references match nothing."""
     _user, agent = await _busy_agent(db)
-    conn = psycopg2.connect(db_dsn)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            _statistics(cur, statistics)
-            cur.execute(f"SET plan_cache_mode = {plan_mode}")
-            cur.execute(messages._INBOUND_CONTEXT.prepare_sql)
-            execute = messages._INBOUND_CONTEXT.execute_sql
+    with _autocommit_cursor(db_dsn, statistics) as cur:
+        cur.execute(f"SET plan_cache_mode = {plan_mode}")
+        cur.execute(messages._INBOUND_CONTEXT.prepare_sql)
+        execute = messages._INBOUND_CONTEXT.execute_sql
 
-            miss = cur.mogrify(execute, _context_params(agent, "<new@sender.example>", MISSES)).decode()
-            read, _row = _explain(cur, miss)
-            assert read <= MOST_ROWS_READ, f"read {read} of the agent's messages for a lookup that finds none"
+        miss = cur.mogrify(execute, _context_params(agent, "<new@sender.example>", MISSES)).decode()
+        read, _row = _explain(cur, miss)
+        assert read <= MOST_ROWS_READ, f"read {read} of the agent's messages for a lookup that finds none"
 
-            # The same plan still finds what is there: a resend of message 17, a reply to
-            # outbound 23 by its Message-ID, and one to outbound 29 by the relay's bare id.
-            cur.execute(
-                "UPDATE messages SET auth_headers = jsonb_build_object('X-E2A-Auth-Domain-Check', '',"
-                " 'X-E2A-Auth-Verified', 'false', 'X-E2A-Auth-Sender', '') WHERE id = 'msg_in_17'"
-            )
-            hits = [
-                ("<in17@sender.example>", [], "msg_in_17", ""),
-                ("<new@sender.example>", ["<out23@agents.test>"], None, "conv_out_23"),
-                ("<new@sender.example>", ["<q29@relay.example>"], None, "conv_out_29"),
-                ("<new@sender.example>", ["<in31@sender.example>", "<nobody@x.example>"], None, "conv_in_31"),
-            ]
-            for mid, candidates, duplicate, conversation in hits:
-                sql = cur.mogrify(execute, _context_params(agent, mid, candidates)).decode()
-                read, row = _explain(cur, sql)
-                assert read <= MOST_ROWS_READ, (mid, candidates, read)
-                assert row[-2:] == (duplicate, conversation), (mid, candidates, row[-2:])
-    finally:
-        conn.close()
+        # The same plan still finds what is there: a resend of message 17, a reply to
+        # outbound 23 by its Message-ID, and one to outbound 29 by the relay's bare id.
+        cur.execute(
+            "UPDATE messages SET auth_headers = jsonb_build_object('X-E2A-Auth-Domain-Check', '',"
+            " 'X-E2A-Auth-Verified', 'false', 'X-E2A-Auth-Sender', '') WHERE id = 'msg_in_17'"
+        )
+        hits = [
+            ("<in17@sender.example>", [], "msg_in_17", ""),
+            ("<new@sender.example>", ["<out23@agents.test>"], None, "conv_out_23"),
+            ("<new@sender.example>", ["<q29@relay.example>"], None, "conv_out_29"),
+            ("<new@sender.example>", ["<in31@sender.example>", "<nobody@x.example>"], None, "conv_in_31"),
+        ]
+        for mid, candidates, duplicate, conversation in hits:
+            sql = cur.mogrify(execute, _context_params(agent, mid, candidates)).decode()
+            read, row = _explain(cur, sql)
+            assert read <= MOST_ROWS_READ, (mid, candidates, read)
+            assert row[-2:] == (duplicate, conversation), (mid, candidates, row[-2:])
 
 
 @pytest.mark.parametrize("statistics", ["none", "analyzed"])
@@ -193,21 +203,15 @@ async def test_the_accept_read_reads_only_the_rows_it_looks_for(db, db_dsn, stat
 async def test_the_conversation_lookup_of_a_sent_reply_reads_only_the_rows_it_looks_for(db, db_dsn, statistics):
     """find_conversation_txn (outbound replies and the inbound path outside the prepared read)."""
     _user, agent = await _busy_agent(db)
-    conn = psycopg2.connect(db_dsn)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            _statistics(cur, statistics)
-            for candidates, expected in ((MISSES, None), (["<in5@sender.example>"], "conv_in_5")):
-                sql = cur.mogrify(
-                    messages._conversation_select(agent="%(agent)s", c="%(c)s::text[]", bases="%(bases)s::text[]"),
-                    {"agent": agent, "c": candidates, "bases": messages.provider_id_bases(candidates)},
-                ).decode()
-                read, row = _explain(cur, sql)
-                assert read <= MOST_ROWS_READ, (candidates, read)
-                assert (row[0] if row else None) == expected
-    finally:
-        conn.close()
+    with _autocommit_cursor(db_dsn, statistics) as cur:
+        for candidates, expected in ((MISSES, None), (["<in5@sender.example>"], "conv_in_5")):
+            sql = cur.mogrify(
+                messages._conversation_select(agent="%(agent)s", c="%(c)s::text[]", bases="%(bases)s::text[]"),
+                {"agent": agent, "c": candidates, "bases": messages.provider_id_bases(candidates)},
+            ).decode()
+            read, row = _explain(cur, sql)
+            assert read <= MOST_ROWS_READ, (candidates, read)
+            assert (row[0] if row else None) == expected
 
 
 class _Capture:
@@ -228,54 +232,48 @@ async def test_a_copy_written_with_a_remembered_context_reads_only_the_rows_it_l
     await db.execute(
         "INSERT INTO signing_secrets (id, user_id, secret, secret_prefix) VALUES ('wsec_plan', %s, 'x', 'x')", (user,)
     )
-    conn = psycopg2.connect(db_dsn)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            _statistics(cur, statistics)
-            cur.execute("SET plan_cache_mode = force_generic_plan")
-            cur.execute("UPDATE messages SET auth_headers = jsonb_build_object('X-E2A-Auth-Domain-Check', '',"
-                        " 'X-E2A-Auth-Verified', 'false', 'X-E2A-Auth-Sender', '') WHERE id = 'msg_in_17'")
-            prepared = False
-            for n, (mid, candidates, conversation) in enumerate((
-                ("<new@sender.example>", MISSES, ""),
-                ("<new@sender.example>", ["<out23@agents.test>"], "conv_out_23"),
-                ("<in17@sender.example>", [], None),
-            )):
-                capture = _Capture()
-                copy = InboundMessage(
-                    id=f"msg_new_{n}", agent_id=agent, user_id=user, status="unread", route="smtp", sender="",
-                    display_from="", recipient=agent, envelope_from="alice@sender.example", client_ip="192.0.2.1",
-                    subject="", to_addrs=None, cc_addrs=None, email_message_id=mid, in_reply_to="",
-                    references_ids="", conversation_id="", auth_headers={}, raw_message=b"x",
-                    created_at=datetime.now(UTC),
-                )
-                remembered = messages.Remembered("wsec_plan", "", "false", candidates)
-                await messages.insert_inbound_txn(capture, copy, "sha", remembered)
-                if not prepared:
-                    cur.execute(capture.statement.prepare_sql)
-                    prepared = True
-                sql = cur.mogrify(capture.statement.execute_sql, capture.params).decode()
-                cur.execute("BEGIN")
-                try:
-                    if conversation is None:
-                        with pytest.raises(psycopg2.Error) as refused:
-                            cur.execute(sql)
-                        assert messages.remembered_context_stale(refused.value)
-                        assert "(duplicate)" in str(refused.value)
-                        continue
-                    cur.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql)
-                    (doc,) = cur.fetchone()
-                    plan = (doc if isinstance(doc, list) else json.loads(doc))[0]["Plan"]
-                    assert _rows_read(plan) <= MOST_ROWS_READ, (mid, candidates, _rows_read(plan))
-                    tables = ("messages", "agents", "signing_secrets")
-                    assert _most_pages_one_scan(plan, tables) <= MOST_PAGES_ONE_SCAN, (mid, candidates)
-                    cur.execute("SELECT conversation_id FROM messages WHERE id = %s", (copy.id,))
-                    assert cur.fetchone() == (conversation,)
-                finally:
-                    cur.execute("ROLLBACK")
-    finally:
-        conn.close()
+    with _autocommit_cursor(db_dsn, statistics) as cur:
+        cur.execute("SET plan_cache_mode = force_generic_plan")
+        cur.execute("UPDATE messages SET auth_headers = jsonb_build_object('X-E2A-Auth-Domain-Check', '',"
+                    " 'X-E2A-Auth-Verified', 'false', 'X-E2A-Auth-Sender', '') WHERE id = 'msg_in_17'")
+        prepared = False
+        for n, (mid, candidates, conversation) in enumerate((
+            ("<new@sender.example>", MISSES, ""),
+            ("<new@sender.example>", ["<out23@agents.test>"], "conv_out_23"),
+            ("<in17@sender.example>", [], None),
+        )):
+            capture = _Capture()
+            copy = InboundMessage(
+                id=f"msg_new_{n}", agent_id=agent, user_id=user, status="unread", route="smtp", sender="",
+                display_from="", recipient=agent, envelope_from="alice@sender.example", client_ip="192.0.2.1",
+                subject="", to_addrs=None, cc_addrs=None, email_message_id=mid, in_reply_to="",
+                references_ids="", conversation_id="", auth_headers={}, raw_message=b"x",
+                created_at=datetime.now(UTC),
+            )
+            remembered = messages.Remembered("wsec_plan", "", "false", candidates)
+            await messages.insert_inbound_txn(capture, copy, "sha", remembered)
+            if not prepared:
+                cur.execute(capture.statement.prepare_sql)
+                prepared = True
+            sql = cur.mogrify(capture.statement.execute_sql, capture.params).decode()
+            cur.execute("BEGIN")
+            try:
+                if conversation is None:
+                    with pytest.raises(psycopg2.Error) as refused:
+                        cur.execute(sql)
+                    assert messages.remembered_context_stale(refused.value)
+                    assert "(duplicate)" in str(refused.value)
+                    continue
+                cur.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql)
+                (doc,) = cur.fetchone()
+                plan = (doc if isinstance(doc, list) else json.loads(doc))[0]["Plan"]
+                assert _rows_read(plan) <= MOST_ROWS_READ, (mid, candidates, _rows_read(plan))
+                tables = ("messages", "agents", "signing_secrets")
+                assert _most_pages_one_scan(plan, tables) <= MOST_PAGES_ONE_SCAN, (mid, candidates)
+                cur.execute("SELECT conversation_id FROM messages WHERE id = %s", (copy.id,))
+                assert cur.fetchone() == (conversation,)
+            finally:
+                cur.execute("ROLLBACK")
 
 
 class _PlanProbe:

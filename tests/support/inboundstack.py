@@ -45,6 +45,19 @@ class WebhookReceiver(resource.Resource):
         return b"ok"
 
 
+@dataclass(frozen=True)
+class Envelope:
+    """What ``InboundPipeline.accept`` reads of an SMTP envelope (e2a.inbound.EnvelopeLike),
+    for tests that call the pipeline without an SMTP session."""
+
+    recipients: tuple[str, ...]
+    client_ip: str = "127.0.0.1"
+    helo: str = "client.example"
+    helo_kind: str = "EHLO"
+    tls: bool = False
+    mail_from: str = "alice@example.com"
+
+
 def trace(spf: str = "pass", dkim: str = "none", dmarc: str = "none", from_domain: str = "example.com") -> TraceInput:
     """A TraceInput as the verifier would give it (``from_domain`` None-able)."""
     return TraceInput(
