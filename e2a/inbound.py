@@ -118,6 +118,15 @@ SEEN_MESSAGE_IDS = 20_000
 _REMEMBERED_KEYS = ("id", "user_id", "agent_mode", "secret_id", "secret")
 
 
+def _put_newest(entries: dict[Any, Any], key: Any, value: Any, limit: int) -> None:
+    """Put ``key`` at the newest end of ``entries`` (insertion order = age), first dropping
+    the oldest entries beyond ``limit``: the bounded memories of InboundPipeline."""
+    entries.pop(key, None)
+    while len(entries) >= limit:
+        del entries[next(iter(entries))]
+    entries[key] = value
+
+
 def content_digest(raw: bytes) -> str:
     """SHA-256 (hex) of the DATA content as received, before e2a adds or strips any header:
     a true RFC 1047 resend carries the same bytes, a forged copy with a copied Message-ID does
@@ -316,11 +325,7 @@ class InboundPipeline:
         if not message_id:
             return  # without a Message-ID a copy is never a resend
         for recipient in recipients:
-            key = hash((recipient, message_id))
-            self._seen.pop(key, None)  # a repeat moves to the newest end
-            while len(self._seen) >= SEEN_MESSAGE_IDS:
-                del self._seen[next(iter(self._seen))]
-            self._seen[key] = None
+            _put_newest(self._seen, hash((recipient, message_id)), None, SEEN_MESSAGE_IDS)
 
     def _remember(self, recipient: str, agent: dict[str, Any] | None) -> None:
         """Keep the read of a local agent with a signing secret for the next copy to it (see
@@ -329,10 +334,7 @@ class InboundPipeline:
         if agent is None or agent["agent_mode"] != "local" or agent["secret_id"] is None:
             self._remembered.pop(recipient, None)
             return
-        if recipient not in self._remembered:
-            while len(self._remembered) >= REMEMBERED_AGENTS:
-                del self._remembered[next(iter(self._remembered))]
-        self._remembered[recipient] = {key: agent[key] for key in _REMEMBERED_KEYS}
+        _put_newest(self._remembered, recipient, {key: agent[key] for key in _REMEMBERED_KEYS}, REMEMBERED_AGENTS)
 
     async def _accept_txn(
         self,
@@ -366,9 +368,9 @@ class InboundPipeline:
         for recipient in envelope.recipients:
             remembered = None
             if remember and hash((recipient, view.message_id_token)) not in self._seen:
-                remembered = self._remembered.pop(recipient, None)
+                remembered = self._remembered.get(recipient)
             if remembered is not None:
-                self._remembered[recipient] = remembered  # the most recently used go last
+                _put_newest(self._remembered, recipient, remembered, REMEMBERED_AGENTS)  # most recently used
                 agent = dict(remembered, conversation_id="")  # the INSERT computes it
                 checked = messages.Remembered(
                     remembered["secret_id"], verdict.domain_check, verdict.verified, candidates
