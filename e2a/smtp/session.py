@@ -69,6 +69,7 @@ from e2a.smtp.replies import (
     queued_reply,
     verdict_reply,
 )
+from e2a.smtp.sendnow import write_now
 
 if TYPE_CHECKING:
     from e2a.smtp.factory import SmtpFactory
@@ -242,7 +243,7 @@ class SmtpSession(smtp.ESMTP):
         self.transport.registerProducer(self, True)
         self._producing = True
         self._can_tls = self.ctx is not None and ITLSTransport.providedBy(self.transport)
-        self.transport.write(b"220 " + self.greeting() + b"\r\n")
+        write_now(self.transport, b"220 " + self.greeting() + b"\r\n")
         self._session_call = self._clock.callLater(self._config.session_timeout, self._on_timeout)
         self._restart_idle()
 
@@ -397,7 +398,7 @@ class SmtpSession(smtp.ESMTP):
     def _reply(self, reply: Reply) -> None:
         if self._closing:
             return
-        self.transport.write(bytes(reply))
+        write_now(self.transport, bytes(reply))
         if reply.is_error and reply.code != 421:
             self._errors += 1
             if self._errors >= self._config.max_errors:
@@ -410,7 +411,7 @@ class SmtpSession(smtp.ESMTP):
     def _close(self, reply: Reply) -> None:
         if self._closing:
             return
-        self.transport.write(bytes(Reply(reply.code, reply.text.format(domain=self._config.domain))))
+        write_now(self.transport, bytes(Reply(reply.code, reply.text.format(domain=self._config.domain))))
         self._finish()
 
     def _finish(self) -> None:
