@@ -18,18 +18,22 @@ from twisted.internet import tcp
 
 
 def can_send_now(transport: Any) -> bool:
-    """Whether ``data`` may go straight to the socket without overtaking or bypassing anything:
-    a plain (not TLS) TCP connection, still open for writing, with nothing queued.
+    """Whether bytes may go straight to the socket without overtaking or bypassing anything:
+    a plain (not TLS) TCP connection, still open for writing and not aborted, with nothing
+    queued.
 
     WHY the private attributes: ``dataBuffer``/``offset`` and ``_tempDataBuffer`` are the
-    transport's queue (twisted.internet.abstract.FileDescriptor); a transport without them, or
-    with anything in them, takes the queued path, so a Twisted that changes them only loses the
-    shortcut.
+    transport's queue (twisted.internet.abstract.FileDescriptor), ``_writeDisconnected`` and
+    ``_aborting`` its half-close and abort (``abortConnection`` leaves ``connected`` set until
+    ``connectionLost`` runs); a transport without them, or with anything queued, takes the
+    queued path, so a Twisted that changes them only loses the shortcut.
     """
     if not isinstance(transport, tcp.Connection) or getattr(transport, "TLS", True):
         return False
-    if not transport.connected or transport.disconnecting or getattr(transport, "_writeDisconnected", True):
+    if not transport.connected or transport.disconnecting:
         return False
+    if getattr(transport, "_writeDisconnected", True) or getattr(transport, "_aborting", True):
+        return False  # half-closed, or aborted: Twisted's write never sends the bytes
     queued = getattr(transport, "_tempDataBuffer", None)
     buffer = getattr(transport, "dataBuffer", None)
     offset = getattr(transport, "offset", None)

@@ -142,6 +142,25 @@ async def test_a_closing_connection_takes_the_transport_write():
         await pair.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_an_aborted_connection_sends_nothing_more():
+    """abortConnection leaves ``connected`` set until connectionLost runs; nothing may be
+    sent in between."""
+    pair = await _pair()
+    try:
+        pair.transport.abortConnection()
+        assert not can_send_now(pair.transport)
+        write_now(pair.transport, b"250 late\r\n")
+        await pair.server.lost
+        try:
+            got = pair.client.recv(100)
+        except ConnectionResetError:
+            got = b""
+        assert got == b""  # the reset, and nothing before it
+    finally:
+        await pair.close()
+
+
 def test_other_transports_take_their_own_write():
     """TLS must encrypt the reply and test transports record it: neither is sent directly."""
     transport = StringTransport()
