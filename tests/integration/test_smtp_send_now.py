@@ -162,7 +162,8 @@ async def test_an_aborted_connection_sends_nothing_more():
 
 
 def test_other_transports_take_their_own_write():
-    """TLS must encrypt the reply and test transports record it: neither is sent directly."""
+    """A transport that is not Twisted's TCP connection (here the tests' StringTransport)
+    gets the bytes through its own write."""
     transport = StringTransport()
     assert not can_send_now(transport)
     write_now(transport, b"220 mx ESMTP\r\n")
