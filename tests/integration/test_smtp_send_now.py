@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest_twisted
@@ -62,48 +64,45 @@ class _Pair:
         await self.port.stopListening()
 
 
-async def _pair() -> _Pair:
+@asynccontextmanager
+async def _pair() -> AsyncIterator[_Pair]:
     factory = protocol.Factory.forProtocol(_Server)
     factory.connected = defer.Deferred()
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     client = socket.socket()
     client.setblocking(False)
     client.connect_ex(("127.0.0.1", port.getHost().port))
-    server = await factory.connected
-    return _Pair(port, server, client)
+    pair = _Pair(port, await factory.connected, client)
+    try:
+        yield pair
+    finally:
+        await pair.close()
 
 
 @pytest_twisted.ensureDeferred
 async def test_reply_is_sent_at_once_without_waiting_for_writability():
-    pair = await _pair()
-    try:
+    async with _pair() as pair:
         assert can_send_now(pair.transport)
         write_now(pair.transport, b"250 2.1.0 Ok\r\n")
         assert pair.transport not in reactor.getWriters()  # nothing queued, no epoll_ctl
         assert pair.transport._tempDataBuffer == [] and pair.transport.dataBuffer == b""
         assert await pair.receive(14) == b"250 2.1.0 Ok\r\n"
-    finally:
-        await pair.close()
 
 
 @pytest_twisted.ensureDeferred
 async def test_bytes_already_queued_go_first():
     """A write queued by the transport is not overtaken: the reply joins the queue."""
-    pair = await _pair()
-    try:
+    async with _pair() as pair:
         pair.transport.write(b"first ")
         assert not can_send_now(pair.transport)
         write_now(pair.transport, b"second\r\n")
         assert pair.transport in reactor.getWriters()
         assert await pair.receive(14) == b"first second\r\n"
-    finally:
-        await pair.close()
 
 
 @pytest_twisted.ensureDeferred
 async def test_what_a_full_socket_does_not_take_is_left_to_the_reactor():
-    pair = await _pair()
-    try:
+    async with _pair() as pair:
         pair.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         pair.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         data = bytes(range(256)) * 256  # 64 KiB: more than both buffers hold
@@ -111,14 +110,11 @@ async def test_what_a_full_socket_does_not_take_is_left_to_the_reactor():
         assert pair.transport in reactor.getWriters()  # the rest is queued
         assert 0 < len(data) - pair.transport._tempDataLen < len(data)
         assert await pair.receive(len(data)) == data
-    finally:
-        await pair.close()
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_reset_connection_raises_nothing_and_is_lost_the_usual_way():
-    pair = await _pair()
-    try:
+    async with _pair() as pair:
         pair.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         pair.client.close()  # RST
         for _ in range(3):  # the first send may still succeed; later ones meet the reset
@@ -126,28 +122,22 @@ async def test_a_reset_connection_raises_nothing_and_is_lost_the_usual_way():
         await pair.server.lost
         assert not pair.transport.connected
         write_now(pair.transport, b"421 late\r\n")  # after the loss: dropped, as transport.write does
-    finally:
-        await pair.port.stopListening()
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_closing_connection_takes_the_transport_write():
-    pair = await _pair()
-    try:
+    async with _pair() as pair:
         pair.transport.loseConnection()
         assert not can_send_now(pair.transport)
         write_now(pair.transport, b"250 late\r\n")  # dropped by Twisted, as before
         await pair.server.lost
-    finally:
-        await pair.close()
 
 
 @pytest_twisted.ensureDeferred
 async def test_an_aborted_connection_sends_nothing_more():
     """abortConnection leaves ``connected`` set until connectionLost runs; nothing may be
     sent in between."""
-    pair = await _pair()
-    try:
+    async with _pair() as pair:
         pair.transport.abortConnection()
         assert not can_send_now(pair.transport)
         write_now(pair.transport, b"250 late\r\n")
@@ -157,8 +147,6 @@ async def test_an_aborted_connection_sends_nothing_more():
         except ConnectionResetError:
             got = b""
         assert got == b""  # the reset, and nothing before it
-    finally:
-        await pair.close()
 
 
 def test_other_transports_take_their_own_write():
@@ -172,10 +160,9 @@ def test_other_transports_take_their_own_write():
 
 @pytest_twisted.ensureDeferred
 async def test_a_tls_connection_is_never_written_around():
-    pair = await _pair()
-    try:
-        pair.transport.TLS = True  # what Connection.startTLS sets before wrapping the protocol
-        assert not can_send_now(pair.transport)
-    finally:
-        pair.transport.TLS = False
-        await pair.close()
+    async with _pair() as pair:
+        try:
+            pair.transport.TLS = True  # what Connection.startTLS sets before wrapping the protocol
+            assert not can_send_now(pair.transport)
+        finally:
+            pair.transport.TLS = False
