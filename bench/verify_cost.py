@@ -57,10 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     import dkim
     import spf
 
-    from twisted.python.threadpool import ThreadPool
-
     from e2a.mailauth.dns import DnsClient
     from e2a.mailauth.verify import MailVerifier
+    from e2a.workers import WorkerPool
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     stack = E2AStack(tmp)
     pem, txt = dkim_key()
     mails = {s: build_mail(s, SIZES[s], pem) for s in counts}
-    pool = ThreadPool(1, 1, "verify-cost")  # MailVerifier wants one; thd_verify runs here
+    pool = WorkerPool(None, 1, "verify-cost")  # MailVerifier wants one (never started); thd_verify runs here
     results: dict[str, dict[str, list[float]]] = {}
     verifier = None
     try:

@@ -78,6 +78,7 @@ from e2a.store.domains import ensure_shared_domain
 from e2a.store.embedded import EmbeddedPostgres, EmbeddedSettings, Supervisor
 from e2a.store.events import CHANNEL_REVOKE, EventListener
 from e2a.tlsreload import CertificateWatcher
+from e2a.workers import WorkerPool
 
 log = Logger()
 
@@ -180,8 +181,9 @@ class E2AService(service.Service):
         # SPF/DKIM/DMARC is mostly GIL-bound Python once DNS answers are cached, so more threads
         # only compete with the reactor; but each thread can also sit in a slow DNS lookup
         # (5 s timeouts), so too few would let two bad senders stall verification for all.
-        # 4 balances the two (2 and 8 threads measured within noise of each other).
-        self.mailauth_pool = ThreadPool(minthreads=0, maxthreads=4, name="e2a-mailauth")
+        # 4 balances the two (2 and 8 threads measured within noise of each other). One call per
+        # message, so its hand-off is the lean one of e2a.workers, not ThreadPool's.
+        self.mailauth_pool = WorkerPool(reactor, 4, "e2a-mailauth")
         self.metrics, self._metrics_sampler = self._build_metrics()
         # The start-up plan that bounds ``http.max_connections`` so SMTP keeps its descriptors.
         self.fd_budget: FdBudget = plan_descriptors(config)
@@ -218,7 +220,7 @@ class E2AService(service.Service):
         self.inbound = InboundPipeline(
             self.db, self.verifier, self.master_key, smtp.domain, smtp.effective_authserv_id,
             delivery=self.delivery_port,
-            in_thread=lambda fn, *args: threads.deferToThreadPool(reactor, self.mailauth_pool, fn, *args),
+            in_thread=self.mailauth_pool.run,
             metrics=self.metrics,
         )
         tls = load_tls_options(smtp.tls_cert, smtp.tls_key) if smtp.tls_enabled else None

@@ -1,8 +1,8 @@
 """SPF + DKIM + DMARC for one inbound message → :class:`~e2a.mailauth.verdict.Verdict` (mail.md §2).
 
 pyspf and dkimpy block on DNS, so :meth:`MailVerifier.verify` runs :meth:`MailVerifier.thd_verify`
-on the bounded ``ThreadPool`` its owner starts and stops; nothing here touches the reactor
-from a thread. Every DNS query goes through the injected :class:`~e2a.mailauth.dns.DnsClient`
+on the bounded :class:`~e2a.workers.WorkerPool` its owner starts and stops; nothing here
+touches the reactor from a thread. Every DNS query goes through the injected :class:`~e2a.mailauth.dns.DnsClient`
 (dkimpy per call through ``dnsfunc``, pyspf through its module-global hook), so
 ``dns.nameservers`` is the only resolver ever asked.
 
@@ -43,9 +43,7 @@ from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizatio
 from dkim.crypto import DigestTooLargeError, RSASSA_PKCS1_v1_5_verify
 from dkim.util import InvalidTagValueList, parse_tag_value
 
-from twisted.internet import threads
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
 from e2a.mailauth.dns import (
     DkimDnsTemporaryError,
@@ -70,6 +68,7 @@ from e2a.mailauth.verdict import (
     select_dmarc_record,
 )
 from e2a.mailsyntax.headers import HeaderField
+from e2a.workers import WorkerPool
 
 __all__ = ["MAX_DKIM_SIGNATURES", "DkimMessage", "MailVerifier"]
 
@@ -88,8 +87,8 @@ class MailVerifier:
 
     Args:
         dns: the resolver seam; the only DNS any check uses.
-        pool: a started, bounded ``ThreadPool`` owned by a service (never the reactor's).
-        reactor: for ``deferToThreadPool`` and the default ``now``.
+        pool: a started :class:`~e2a.workers.WorkerPool` owned by a service (never the reactor's).
+        reactor: for the default ``now``.
         spf_timeout: seconds for one whole SPF evaluation (§2.2: 20 s → ``temperror``).
 
     Constructing a verifier points pyspf's process-wide DNS hook at ``dns``
@@ -102,13 +101,13 @@ class MailVerifier:
     def __init__(
         self,
         dns: DnsClient,
-        pool: ThreadPool,
+        pool: WorkerPool,
         reactor: Any,
         spf_timeout: float = 20.0,
         budget: float | None = None,
     ) -> None:
         # ``budget``: seconds from submission after which a verification stops asking DNS and
-        # reports what it has not checked as ``temperror``. A deferToThreadPool job cannot be
+        # reports what it has not checked as ``temperror``. A call in a worker thread cannot be
         # cancelled, so without it a few senders with slow DNS (10 DKIM keys × 5 s + SPF 20 s)
         # could keep every pool thread busy long after SMTP answered 451.
         self._budget = budget
@@ -144,9 +143,8 @@ class MailVerifier:
         """
         when = self._reactor.seconds() if now is None else now
         deadline = None if self._budget is None else time.monotonic() + self._budget
-        return await threads.deferToThreadPool(
-            self._reactor, self._pool, self.thd_verify, raw, client_ip, helo, mail_from, when, deadline,
-            header_fields,
+        return await self._pool.run(
+            self.thd_verify, raw, client_ip, helo, mail_from, when, deadline, header_fields
         )
 
     # ------------------------------------------------------------------ thread side

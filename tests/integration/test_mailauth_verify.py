@@ -5,7 +5,7 @@ are published in the zone. Every query goes to the test server on 127.0.0.1.
 
 Most tests call ``thd_verify`` directly, in a reactor thread (the DNS server lives on the
 reactor, so the blocking side must not run on it); one test goes through ``verify`` and a
-real bounded ThreadPool.
+real bounded worker pool.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from dkim.canonicalization import CanonicalizationPolicy
 
 from twisted.internet import reactor, threads
-from twisted.python.threadpool import ThreadPool
 
 from e2a.mailauth.dns import DnsClient
 from e2a.mailauth.verdict import DkimResult
 from e2a.mailauth.verify import MailVerifier
+from e2a.workers import WorkerPool
 from tests.support.dnsserver import start_dns_server
 
 # ---------------------------------------------------------------- keys and signing helpers
@@ -194,9 +194,9 @@ async def test_verify_passes_all_when_signed_and_authorised(spf_hook):
 
 @pytest_twisted.ensureDeferred
 async def test_verify_runs_on_the_given_thread_pool(spf_hook):
-    """verify() runs the checks on the injected bounded ThreadPool, never on the reactor."""
+    """verify() runs the checks on the injected bounded worker pool, never on the reactor."""
     handle = await start_dns_server(reactor, ZONE)
-    pool = ThreadPool(minthreads=1, maxthreads=2, name="mailauth-test")
+    pool = WorkerPool(reactor, 2, "mailauth-test")
     pool.start()
     client = DnsClient(handle.nameservers, timeout=2.0, reactor=reactor)
     verifier = MailVerifier(client, pool, reactor)
