@@ -634,6 +634,8 @@ def main(argv: list[str] | None = None) -> int:
             "webhooks": {"allow_private": True, "max_concurrency_per_agent": args.per_agent},
             # 1,000 agents from one IP through the API (default 20/h per IP).
             "rate_limits": {"register_per_hour": 100000},
+            # Their WebSockets all come from 127.0.0.1 too (default 64 connections per IP).
+            "http": {"max_connections_per_ip": n_agents + 64, "max_connections": max(1000, n_agents + 64)},
             **({"cpu_affinity": args.pin} if args.pin is not None else {}),
         }, log)
         if args.leased_index:
@@ -824,6 +826,8 @@ def main(argv: list[str] | None = None) -> int:
                      "agents": n_agents, "soak": args.soak, "quick": args.quick,
                      "postgres": "embedded, defaults (fsync=on, synchronous_commit=on)",
                      "e2a_overrides": {"webhooks.allow_private": True, "rate_limits.register_per_hour": 100000,
+                                       "http.max_connections_per_ip": n_agents + 64,
+                                       "http.max_connections": max(1000, n_agents + 64),
                                        "smtp.max_connections_per_ip": 200,
                                        "smtp.max_messages_per_session": 100000},
                      "webhooks.max_concurrency_per_agent": args.per_agent, "sink_hold_ms": args.sink_hold_ms,
