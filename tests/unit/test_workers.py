@@ -10,7 +10,8 @@ broken pool fails the test instead of hanging it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -41,6 +42,18 @@ class RecordingReactor:
         return len(calls)
 
 
+@contextmanager
+def _started(size: int) -> Iterator[tuple[RecordingReactor, WorkerPool]]:
+    """A started pool on a recording reactor, stopped (threads joined) however the test ends."""
+    reactor = RecordingReactor()
+    pool = WorkerPool(reactor, size, "wp-test")
+    pool.start()
+    try:
+        yield reactor, pool
+    finally:
+        pool.stop()
+
+
 def _outcomes(deferreds: list[Any]) -> list[Any]:
     got: list[Any] = []
     for d in deferreds:
@@ -49,9 +62,6 @@ def _outcomes(deferreds: list[Any]) -> list[Any]:
 
 
 def test_result_and_failure_come_back_on_the_collecting_thread() -> None:
-    reactor = RecordingReactor()
-    pool = WorkerPool(reactor, 2, "wp-test")
-    pool.start()
     ran_in: list[str] = []
     finished = threading.Semaphore(0)
 
@@ -64,7 +74,7 @@ def test_result_and_failure_come_back_on_the_collecting_thread() -> None:
         finished.release()
         raise ValueError("bad input")
 
-    try:
+    with _started(2) as (reactor, pool):
         ok, bad = pool.run(work, 21), pool.run(broken)
         got_ok, got_bad = _outcomes([ok]), _outcomes([bad])
         assert finished.acquire(timeout=WAIT) and finished.acquire(timeout=WAIT)
@@ -75,14 +85,9 @@ def test_result_and_failure_come_back_on_the_collecting_thread() -> None:
         assert isinstance(got_bad[0], Failure) and got_bad[0].check(ValueError)
         assert ran_in and ran_in[0].startswith("wp-test-")
         assert threading.current_thread().name not in ran_in
-    finally:
-        pool.stop()
 
 
 def test_results_finished_while_the_reactor_is_busy_take_one_wake_up() -> None:
-    reactor = RecordingReactor()
-    pool = WorkerPool(reactor, 3, "wp-test")
-    pool.start()
     count = 60
     finished = threading.Semaphore(0)
 
@@ -90,7 +95,7 @@ def test_results_finished_while_the_reactor_is_busy_take_one_wake_up() -> None:
         finished.release()
         return i
 
-    try:
+    with _started(3) as (reactor, pool):
         got = _outcomes([pool.run(work, i) for i in range(count)])
         for _ in range(count):
             assert finished.acquire(timeout=WAIT)
@@ -101,17 +106,12 @@ def test_results_finished_while_the_reactor_is_busy_take_one_wake_up() -> None:
         reactor.run_pending()
         assert sorted(got) == list(range(count))
         assert len(got) == count  # an extra collection from a race found nothing to fire again
-    finally:
-        pool.stop()
 
 
 def test_no_result_is_left_behind_when_collections_and_workers_interleave() -> None:
     """The reactor collects all the while workers finish (the race the flag is ordered for)."""
-    reactor = RecordingReactor()
-    pool = WorkerPool(reactor, 4, "wp-test")
-    pool.start()
     count = 5000
-    try:
+    with _started(4) as (reactor, pool):
         got = _outcomes([pool.run(int, i) for i in range(count)])
         deadline = threading.Event()
         timer = threading.Timer(WAIT, deadline.set)
@@ -122,27 +122,22 @@ def test_no_result_is_left_behind_when_collections_and_workers_interleave() -> N
         finally:
             timer.cancel()
         assert sorted(got) == list(range(count))
-    finally:
-        pool.stop()
 
 
 def test_a_slow_call_holds_one_thread_not_the_pool() -> None:
-    reactor = RecordingReactor()
-    pool = WorkerPool(reactor, 2, "wp-test")
-    pool.start()
     release = threading.Event()
     quick_done = threading.Event()
-    try:
-        slow = _outcomes([pool.run(release.wait, WAIT)])
-        quick = _outcomes([pool.run(lambda: quick_done.set() or "quick")])
-        assert quick_done.wait(WAIT)
-        release.set()
-        pool.stop()
-        reactor.run_pending()
-        assert quick == ["quick"] and slow == [True]
-    finally:
-        release.set()
-        pool.stop()
+    with _started(2) as (reactor, pool):
+        try:
+            slow = _outcomes([pool.run(release.wait, WAIT)])
+            quick = _outcomes([pool.run(lambda: quick_done.set() or "quick")])
+            assert quick_done.wait(WAIT)
+            release.set()
+            pool.stop()
+            reactor.run_pending()
+            assert quick == ["quick"] and slow == [True]
+        finally:
+            release.set()  # before the pool joins its threads, whatever failed
 
 
 def test_stop_finishes_queued_calls_then_refuses_new_ones() -> None:
