@@ -60,10 +60,6 @@ class WorkerPool:
         self._threads: list[threading.Thread] = []
         self._running = False
 
-    @property
-    def size(self) -> int:
-        return self._size
-
     def start(self) -> None:
         """Start the threads (idle ones wait in the queue's C lock, costing nothing)."""
         if self._running:
