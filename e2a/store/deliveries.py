@@ -399,8 +399,13 @@ async def _finish(db: Database, sql: str, params: dict[str, Any]) -> bool:
 
 # The 2xx write: the delivery row and the message's ``read`` flag (two CTEs, ``done`` returns
 # the message id when the guarded update matched). The message is only touched when the
-# guarded delivery update matched, and found by its primary key (``id = (SELECT …)``: with
-# ``IN``, a plan made without statistics read every unread message through the inbox index).
+# guarded delivery update matched, and only through its primary key: the direction is checked
+# on the row a fenced probe found (``OFFSET 0``), as in ``messages.mark_read``. Offered
+# ``direction = 'inbound' AND status = 'unread'`` on the updated row itself, PostgreSQL could
+# serve the id from the inbox index (``agent_id, status, created_at, id``, skipping through
+# every agent's unread mail), and a plan made while the tables were small (a new
+# installation's first mail, kept by the connection until the next ANALYZE) did: each
+# delivered mark then read all unread mail, which grows fastest while a backlog drains.
 _MARK_DELIVERED = """done AS (
     UPDATE deliveries SET status = 'delivered', attempts = attempts + 1, last_status_code = %(code)s,
         last_error = '', last_attempt_at = %(now)s, delivered_at = %(now)s, next_attempt_at = NULL,
@@ -409,7 +414,10 @@ _MARK_DELIVERED = """done AS (
     RETURNING message_id
 ), marked_read AS (
     UPDATE messages SET status = 'read', read_at = COALESCE(read_at, %(now)s)
-    WHERE id = (SELECT message_id FROM done) AND direction = 'inbound' AND status = 'unread'
+    WHERE id = (
+        SELECT one.id FROM (SELECT id, direction, status FROM messages WHERE id = (SELECT message_id FROM done) OFFSET 0) one
+        WHERE one.direction = 'inbound' AND one.status = 'unread'
+    ) AND status = 'unread'
 )"""
 
 # ONE statement (one implicit transaction, one round trip): both rows commit together.

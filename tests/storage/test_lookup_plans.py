@@ -319,13 +319,23 @@ class _PlanProbe:
 @pytest_twisted.ensureDeferred
 async def test_the_delivery_statements_read_the_backlog_not_the_history(db, db_dsn, statistics):
     """An agent with N delivered jobs behind it and a few due: the claim, the hand-on, the
-    delivered mark and the backlog counts read the pending rows, never the delivered ones."""
+    delivered mark and the backlog counts read the pending rows, never the delivered ones.
+    Beside them, another agent's N unread messages (a local agent offline, or a cloud agent
+    whose webhook is down): the delivered mark's probe of the message it marks read must not
+    read through everyone's unread mail either."""
     _user, agent = await agent_with_due_jobs(db, 6)
     await db.execute(
         "INSERT INTO messages (id, agent_id, user_id, direction, status)"
         " SELECT 'msg_h_' || g, %s, (SELECT user_id FROM agents WHERE id = %s), 'inbound', 'read'"
         " FROM generate_series(1, %s) g",
         (agent, agent, N),
+    )
+    offline_user, offline = await user_with_agent(db, "Offline@agents.test", mode="local", email="off@example.com")
+    await db.execute(
+        "INSERT INTO messages (id, agent_id, user_id, direction, status, created_at)"
+        " SELECT 'msg_u_' || g, %s, %s, 'inbound', 'unread', now() - make_interval(secs => g)"
+        " FROM generate_series(1, %s) g",
+        (offline, offline_user, N),
     )
     await db.execute(
         "INSERT INTO deliveries (id, message_id, agent_id, webhook_url, status, attempts, delivered_at, created_at)"
@@ -356,6 +366,50 @@ async def test_the_delivery_statements_read_the_backlog_not_the_history(db, db_d
         assert max(reads) <= MOST_ROWS_READ + 6 * 4, (name, reads)
     for name, pages in probe.pages.items():
         assert max(pages) <= MOST_PAGES_ONE_SCAN, (name, pages)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_delivered_mark_probes_one_message_when_unread_mail_grows(db, db_dsn):
+    """A connection keeps the generic plan it made at its first execution until the next
+    ANALYZE; a new installation makes it while the tables are nearly empty. Offered the updated
+    message's direction and status, that plan served the message id from the inbox index,
+    skipping through every agent's unread mail (54 pages per mark beside N unread messages),
+    mail that grows fastest while a backlog drains. The mark probes the primary key whatever
+    the plan was made on."""
+    _user, agent = await agent_with_due_jobs(db, 2)
+    statements = (deliveries._DELIVERED, deliveries._DELIVERED_CLAIM_NEXT)
+    _set_statistics(db_dsn, "none", ("messages", "deliveries"))  # committed first: DDL would replan
+    conn = psycopg2.connect(db_dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SET plan_cache_mode = force_generic_plan")
+            now = datetime.now(UTC)
+            nothing = {"code": 200, "now": now, "url": "https://hook.example/in", "id": "dlv_none", "lease": now,
+                       "agent_id": agent, "lease_until": now, "per_agent": 4, "max_secrets": 3}
+            for statement in statements:  # each plan made now, on tables of two messages
+                cur.execute(statement.prepare_sql)
+                cur.execute(statement.execute_sql, nothing)
+        conn.commit()
+        offline_user, offline = await user_with_agent(db, "Offline@agents.test", mode="local", email="off@example.com")
+        await db.execute(
+            "INSERT INTO messages (id, agent_id, user_id, direction, status, created_at)"
+            " SELECT 'msg_u_' || g, %s, %s, 'inbound', 'unread', now() - make_interval(secs => g)"
+            " FROM generate_series(1, %s) g",
+            (offline, offline_user, N),
+        )
+        (job,) = await deliveries.claim_due(db, now, 1, 60.0, 4)
+        params = dict(nothing, id=job.id, lease=job.lease_until)
+        for statement in statements:
+            with conn.cursor() as cur:
+                cur.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement.execute_sql, params)
+                (doc,) = cur.fetchone()
+            conn.rollback()
+            doc = doc if isinstance(doc, list) else json.loads(doc)
+            plan, tables = doc[0]["Plan"], ("messages", "deliveries")
+            assert _most_pages_one_scan(plan, tables) <= MOST_PAGES_ONE_SCAN, statement.name
+            assert _rows_read(plan, tables) <= MOST_ROWS_READ, statement.name
+    finally:
+        conn.close()
 
 
 class _StatementProbe:
