@@ -28,7 +28,7 @@ BENCH = Path(__file__).resolve().parent
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
-import smtp_ingest  # noqa: E402 - the colleague's bench, imported for its helpers
+import smtp_ingest  # noqa: E402 - the ingest bench, imported for its helpers
 from smtp_ingest import (  # noqa: E402,F401 - re-exported
     DKIM_SELECTOR,
     LOOPBACK,
@@ -48,6 +48,7 @@ from smtp_ingest import (  # noqa: E402,F401 - re-exported
     free_port,
     http_json,
     loadavg,
+    machine_cpu,
     make_client_class,
     percentile,
     postgres_cpu,

@@ -71,6 +71,7 @@ from common import (  # noqa: E402
     cpu_list,
     dkim_key,
     loadavg,
+    machine_cpu,
     make_client_class,
     percentile,
     pg_stat_reset,
@@ -95,6 +96,8 @@ PEERS = ("aiosmtpd", "haraka-file", "haraka-pg")
 FULL = {"runs": 3, "messages": {"2k": 1000, "100k": 300}}
 QUICK = {"runs": 1, "messages": {"2k": 60, "100k": 20}}
 WARMUP_MESSAGES = 60  # also lets V8 (Haraka) compile its hot paths before the first measured round
+
+CPUS = os.cpu_count() or 1
 
 # Issue 16's targets 2 and 3, checked on every invocation's medians (c=8).
 TARGET_THROUGHPUT = 1.5  # e2a >= 1.5x the best peer's msg/s
@@ -302,6 +305,10 @@ class Round:
     load_before: float
     load_after: float
     errors: list[str]
+    # The whole machine during the round (machine_cpu): every process, this client and
+    # PostgreSQL included; NaN in reports written before it was recorded.
+    cpu_machine_s: float = float("nan")
+    cpu_steal_s: float = float("nan")
 
     @property
     def verified_ok(self) -> bool:
@@ -313,7 +320,8 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def aggregate(rounds: list[Round], receivers: list[str]) -> list[dict[str, Any]]:
+def aggregate(rounds: list[Round], receivers: list[str], processes: int | None = 1) -> list[dict[str, Any]]:
+    """Medians per cell and receiver; ``processes``: e2a's setting in these rounds (None: mixed)."""
     cells: dict[tuple[str, int], dict[str, list[Round]]] = {}
     for r in rounds:
         cells.setdefault((r.size, r.concurrency), {}).setdefault(r.receiver, []).append(r)
@@ -332,6 +340,14 @@ def aggregate(rounds: list[Round], receivers: list[str]) -> list[dict[str, Any]]
                 "cpu_ms_per_msg_receiver": median([1000 * r.cpu_receiver_s / r.ok for r in rs if r.ok]),
                 "cpu_ms_per_msg_postgres": median([1000 * r.cpu_postgres_s / r.ok for r in rs if r.ok]),
                 "cpu_ms_per_msg_dns": median([1000 * r.cpu_dns_s / r.ok for r in rs if r.ok]),
+                "cpu_ms_per_msg_client": median([1000 * r.cpu_client_s / r.ok for r in rs if r.ok]),
+                "cpu_ms_per_msg_machine": median([1000 * r.cpu_machine_s / r.ok for r in rs if r.ok]),
+                # CPU-seconds per second of the receiver's processes (one process with one GIL
+                # can run Python on about one CPU at a time).
+                "receiver_cpus": median([r.cpu_receiver_s / r.wall for r in rs if r.wall > 0]),
+                # Share of the machine's CPUs busy during the round (1.0: no idle CPU left).
+                "machine_busy": median([r.cpu_machine_s / (r.wall * CPUS) for r in rs if r.wall > 0]),
+                "steal": median([r.cpu_steal_s / (r.wall * CPUS) for r in rs if r.wall > 0]),
                 "load": median([(r.load_before + r.load_after) / 2 for r in rs]),
                 "all_verified": all(r.verified_ok for r in rs),
                 "errors": sum(r.sent - r.ok for r in rs),
@@ -353,6 +369,20 @@ def aggregate(rounds: list[Round], receivers: list[str]) -> list[dict[str, Any]]
                 if er and pr:
                     per_run.append(er[0].throughput / max(p.throughput for p in pr))
             row["ratio_throughput_vs_best_peer_per_run"] = [round(x, 3) for x in per_run]
+            # What TARGET_THROUGHPUT x the best peer's rate would need. Of e2a's processes: each
+            # runs Python on at most one CPU at a time (one GIL), so at most this much CPU per
+            # message in all. Of the machine: all its CPUs busy, at most this much CPU per message for
+            # everything (e2a, PostgreSQL, the client, the rest), of which e2a's process gets
+            # what the other costs measured in e2a's rounds leave. Estimates (costs per message
+            # assumed not to fall with the rate), but they tell a target out of reach for one
+            # process from one out of reach for this machine.
+            rate = TARGET_THROUGHPUT * peers[best]["throughput"]
+            if processes is not None:
+                row["e2a_processes"] = processes
+                row["process_budget_ms_per_msg"] = 1000 * min(processes, CPUS) / rate
+            row["machine_budget_ms_per_msg"] = 1000 * CPUS / rate
+            row["e2a_machine_budget_ms_per_msg"] = (
+                row["machine_budget_ms_per_msg"] - (e["cpu_ms_per_msg_machine"] - e["cpu_ms_per_msg_receiver"]))
         if "e2a" in recs and "reference" in recs:
             row["ratio_throughput_vs_reference"] = recs["e2a"]["throughput"] / recs["reference"]["throughput"]
         out.append(row)
@@ -384,9 +414,10 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def format_table(rows: list[dict[str, Any]], runs: int) -> str:
     head = (f"{'size':>5} {'conc':>4} {'receiver':<12} | {'msg/s':>7} {'p50 ms':>7} {'p99 ms':>7} | "
-            f"{'cpu/msg ms':>10} {'pg/msg ms':>9} {'dns/msg':>7} | {'load':>5} | verified")
+            f"{'cpu/msg ms':>10} {'pg/msg ms':>9} {'dns/msg':>7} {'all/msg':>7} {'busy':>5} | {'load':>5} | verified")
     lines = [f"medians of {runs} run(s); cpu = ms of CPU per accepted message (receiver process tree, "
-             "PostgreSQL postmaster + backends, the bench DNS server)", head, "-" * len(head)]
+             "PostgreSQL postmaster + backends, the bench DNS server, the whole machine); busy = share of "
+             f"the machine's {CPUS} CPUs in use during the round", head, "-" * len(head)]
     for row in rows:
         for name, v in row["receivers"].items():
             flag = (" CAPPED" if v["capped"] else "") + (f" {v['errors']} errors" if v["errors"] else "")
@@ -396,7 +427,8 @@ def format_table(rows: list[dict[str, Any]], runs: int) -> str:
             lines.append(
                 f"{row['size']:>5} {row['concurrency']:>4} {name:<12} | {v['throughput']:7.1f} {v['p50_ms']:7.1f} "
                 f"{v['p99_ms']:7.1f} | {v['cpu_ms_per_msg_receiver']:10.2f} {v['cpu_ms_per_msg_postgres']:9.2f} "
-                f"{v['cpu_ms_per_msg_dns']:7.2f} | {v['load']:5.2f} | {ver}{flag}")
+                f"{v['cpu_ms_per_msg_dns']:7.2f} {v['cpu_ms_per_msg_machine']:7.2f} {v['machine_busy']:5.0%} | "
+                f"{v['load']:5.2f} | {ver}{flag}")
         if "best_peer" in row:
             lines.append(
                 f"{'':>11}e2a / best peer ({row['best_peer']}): msg/s x{row['ratio_throughput_vs_best_peer']:.2f}"
@@ -404,6 +436,23 @@ def format_table(rows: list[dict[str, Any]], runs: int) -> str:
                 f" p99 x{row['ratio_p99_vs_best_peer']:.2f}"
                 + (f"; e2a / reference msg/s x{row['ratio_throughput_vs_reference']:.2f}"
                    if "ratio_throughput_vs_reference" in row else ""))
+            e = row["receivers"]["e2a"]
+            head = f"{'':>11}{TARGET_THROUGHPUT}x the best peer: "
+            if "process_budget_ms_per_msg" in row:
+                n = row["e2a_processes"]
+                lines.append(
+                    f"{head}e2a's {n} process{'es' if n > 1 else ''} <= "
+                    f"{row['process_budget_ms_per_msg']:.2f} ms of CPU per message (one GIL each; used "
+                    f"{e['cpu_ms_per_msg_receiver']:.2f}, {e['receiver_cpus']:.2f} CPU-s/s)")
+                head = " " * len(head)
+            if e["cpu_ms_per_msg_machine"] == e["cpu_ms_per_msg_machine"]:  # not NaN: recorded
+                rest = e["cpu_ms_per_msg_machine"] - e["cpu_ms_per_msg_receiver"] - e["cpu_ms_per_msg_client"]
+                lines.append(
+                    f"{head}the machine <= "
+                    f"{row['machine_budget_ms_per_msg']:.2f} ms per message for everything (e2a's rounds: "
+                    f"{e['cpu_ms_per_msg_machine']:.2f}, e2a {e['cpu_ms_per_msg_receiver']:.2f} + client "
+                    f"{e['cpu_ms_per_msg_client']:.2f} + the rest {rest:.2f}; {e['machine_busy']:.0%} busy), "
+                    f"leaving e2a <= {row['e2a_machine_budget_ms_per_msg']:.2f}")
         lines.append("")
     return "\n".join(lines)
 
@@ -422,7 +471,9 @@ def pool_reports(paths: list[Path]) -> int:
         for r in report["rounds"]:
             if r["run"] >= 0:
                 rounds.append(Round(**{k: v for k, v in r.items() if k in names} | {"run": 100 * i + r["run"]}))
-    rows = aggregate(rounds, [n for n in ALL_RECEIVERS if n in {r.receiver for r in rounds}])
+    settings = {json.loads(path.read_text())["settings"].get("e2a_processes", 1) for path in paths}
+    rows = aggregate(rounds, [n for n in ALL_RECEIVERS if n in {r.receiver for r in rounds}],
+                     settings.pop() if len(settings) == 1 else None)
     print(format_table(rows, len({r.run for r in rounds if r.receiver == "e2a"})).replace(
         "run(s);", "interleaved run(s), pooled over the invocations above;", 1))
     for v in targets(rows):
@@ -541,10 +592,6 @@ def main(argv: list[str] | None = None) -> int:
         log("pids: " + ", ".join(f"{n} {r.pid} :{r.port}" for n, r in receivers.items())
             + f"; load {loadavg():.2f}")
         profiler = Profiler(Path(args.profile), stack.e2a.pid, args.profile_gil) if args.profile and stack.e2a else None
-        if profiler is not None and not Path(profiler.exe).exists() and (PYLIB / "bin" / "py-spy").exists():
-            profiler.exe = str(PYLIB / "bin" / "py-spy")  # installed by bench/peers/setup.sh
-        if profiler is not None and not Path(profiler.exe).exists():
-            raise SystemExit("--profile needs py-spy: sh bench/peers/setup.sh")
         id_base = uuid.uuid4().hex[:10]
         client_cls = make_client_class()
         names = list(receivers)
@@ -560,8 +607,10 @@ def main(argv: list[str] | None = None) -> int:
                 profiler.start(f"e2a-{size}-c{conc}-run{run}", int(args.round_timeout) + 30)
             c0, p0, d0, m0, l0 = (tree_cpu(r.pid), pg_cpu_total(stack.postmaster_pid), proc_cpu(dns_pid),
                                   sum(os.times()[:2]), loadavg())
+            busy0, steal0 = machine_cpu()
             sent, ok, wall, lat, capped, errs = await run_round(
                 reactor, client_cls, r.port, mails[size], count, conc, prefix, args.round_timeout)
+            busy1, steal1 = machine_cpu()
             c1, p1, d1, m1 = (tree_cpu(r.pid), pg_cpu_total(stack.postmaster_pid), proc_cpu(dns_pid),
                               sum(os.times()[:2]))
             if profiling:
@@ -571,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
             lat.sort()
             return Round(r.name, size, conc, run, sent, ok, stored, verified, wall,
                          ok / wall if wall > 0 else 0.0, 1000 * percentile(lat, 50), 1000 * percentile(lat, 99),
-                         capped, c1 - c0, p1 - p0, d1 - d0, m1 - m0, l0, l1, errs)
+                         capped, c1 - c0, p1 - p0, d1 - d0, m1 - m0, l0, l1, errs, busy1 - busy0, steal1 - steal0)
 
         async def measure(reactor: Any) -> None:
             deadline = time.monotonic() + 60 * args.max_minutes
@@ -627,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log(f"kept {tmp}")
 
-    rows = aggregate(rounds, [n for n in ALL_RECEIVERS if n in {r.receiver for r in rounds}])
+    rows = aggregate(rounds, [n for n in ALL_RECEIVERS if n in {r.receiver for r in rounds}], args.processes or 1)
     verdicts = targets(rows)
     print(f"e2a vs peers, {started_at:%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs, load at start "
           f"{' '.join(load_start)}, at end {' '.join(Path('/proc/loadavg').read_text().split()[:3])}"

@@ -264,6 +264,19 @@ def postgres_cpu(postmaster_pid: int) -> float:
     return tree_cpu(postmaster_pid)
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, steal) CPU-seconds of the whole machine since boot, all CPUs (``/proc/stat``).
+
+    Busy is user + nice + system + irq + softirq: every process on the machine, this
+    benchmark's client and PostgreSQL included. Steal (time the hypervisor gave to other guests)
+    is apart: it is capacity this machine did not have.
+    """
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / tick, steal / tick
+
+
 def loadavg() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
@@ -562,9 +575,20 @@ class Profiler:
         self.out_dir = out_dir
         self.gil_only = gil_only
         self.pid = pid
-        self.exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        self.exe = self.find()
         self.proc: subprocess.Popen[bytes] | None = None
         self.files: list[Path] = []
+
+    @staticmethod
+    def find() -> str:
+        """py-spy on PATH, beside this interpreter, or where ``bench/peers/setup.sh`` installs it;
+        every bench that profiles stops before its rounds when none is found."""
+        candidates = [shutil.which("py-spy"), str(Path(sys.executable).parent / "py-spy"),
+                      str(RESULTS / "peers" / "pylib" / "bin" / "py-spy")]
+        for exe in candidates:
+            if exe and Path(exe).exists():
+                return exe
+        raise SystemExit("--profile needs py-spy: pip install py-spy, or sh bench/peers/setup.sh")
 
     def start(self, label: str, max_seconds: int) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -795,8 +819,6 @@ def main(argv: list[str] | None = None) -> int:
         log(f"e2a pid {stack.e2a.pid} smtp {stack.e2a_smtp}; reference pid {stack.ref.pid} smtp {stack.ref_smtp}; "
             f"dns {stack.dns_port}; load {loadavg():.2f}")
         profiler = Profiler(Path(args.profile), stack.e2a.pid, args.profile_gil) if args.profile else None
-        if profiler is not None and not Path(profiler.exe).exists():
-            raise SystemExit("--profile needs py-spy: .venv/bin/pip install py-spy")
         profile_conc = max([c for c in concs if c <= 8] or concs)
         id_base = uuid.uuid4().hex[:10]
 
