@@ -368,48 +368,101 @@ async def test_the_delivery_statements_read_the_backlog_not_the_history(db, db_d
         assert max(pages) <= MOST_PAGES_ONE_SCAN, (name, pages)
 
 
+async def _remembered_insert(agent: str, user: str, n: int) -> tuple[Any, dict[str, Any]]:
+    """The statement and parameters of a copy written with a remembered context, for a new
+    Message-ID whose references match nothing."""
+    capture = _Capture()
+    copy = InboundMessage(
+        id=f"msg_new_{n}", agent_id=agent, user_id=user, status="unread", route="smtp", sender="",
+        display_from="", recipient=agent, envelope_from="alice@sender.example", client_ip="192.0.2.1",
+        subject="", to_addrs=None, cc_addrs=None, email_message_id=f"<new{n}@sender.example>", in_reply_to="",
+        references_ids="", conversation_id="", auth_headers={}, raw_message=b"x", created_at=datetime.now(UTC),
+    )
+    await messages.insert_inbound_txn(capture, copy, "sha", messages.Remembered("wsec_plan", "", "false", MISSES))
+    return capture.statement, capture.params
+
+
 @pytest_twisted.ensureDeferred
-async def test_the_delivered_mark_probes_one_message_when_unread_mail_grows(db, db_dsn):
-    """A connection keeps the generic plan it made at its first execution until the next
-    ANALYZE; a new installation makes it while the tables are nearly empty. Offered the updated
-    message's direction and status, that plan served the message id from the inbox index,
-    skipping through every agent's unread mail (54 pages per mark beside N unread messages),
-    mail that grows fastest while a backlog drains. The mark probes the primary key whatever
-    the plan was made on."""
-    _user, agent = await agent_with_due_jobs(db, 2)
-    statements = (deliveries._DELIVERED, deliveries._DELIVERED_CLAIM_NEXT)
-    _set_statistics(db_dsn, "none", ("messages", "deliveries"))  # committed first: DDL would replan
+async def test_plans_made_on_nearly_empty_tables_still_read_only_what_they_look_for(db, db_dsn):
+    """A pooled connection keeps the generic plan it made at a statement's first execution
+    until the next ANALYZE, and a new installation makes its plans while the tables hold a few
+    rows. Two such plans read through whole indexes once the tables had grown: the delivered
+    mark served the message id from the inbox index (every agent's unread mail, which grows
+    fastest while a backlog drains), and the check of a remembered agent served the agent from
+    its owner's agents (an owner with an agent per customer). The mail path's prepared
+    statements are planned here on nearly empty tables, the tables then grow without
+    statistics (N agents of one owner, N unread messages), and each must still touch no more
+    pages than a few index probes do."""
+    user, agent = await user_with_agent(db, "Local@agents.test", mode="local", email="local@example.com")
+    await db.execute(
+        "INSERT INTO signing_secrets (id, user_id, secret, secret_prefix) VALUES ('wsec_plan', %s, 'x', 'x')", (user,)
+    )
+    await agent_with_due_jobs(db, 6)
+    _set_statistics(db_dsn, "none", ("messages", "deliveries", "agents", "signing_secrets"))  # committed: DDL replans
+    accept = (messages._INBOUND_CONTEXT, messages._INSERT_INBOUND_REMEMBERED)
     conn = psycopg2.connect(db_dsn)
+    conn.autocommit = True
+    probe = _PlanProbe(db_dsn, db)  # the delivery statements, on a connection of its own
+
+    async def one_of_each(explain: bool) -> dict[str, float]:
+        """Run each statement once as the mail path does (the accept's two in a transaction
+        rolled back); with ``explain``, the most pages one scan of each touched."""
+        pages = {}
+        statement, params = await _remembered_insert(agent, user, len(probe.read))
+        runs = [(messages._INBOUND_CONTEXT, _context_params(agent, "<new@sender.example>", MISSES)),
+                (statement, params)]
+        with conn.cursor() as cur:
+            for statement, params in runs:
+                cur.execute("BEGIN")
+                try:
+                    cur.execute(("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " if explain else "")
+                                + statement.execute_sql, params)
+                    row = cur.fetchone() if explain else None
+                finally:
+                    cur.execute("ROLLBACK")
+                if explain:
+                    plan = (row[0] if isinstance(row[0], list) else json.loads(row[0]))[0]["Plan"]
+                    pages[statement.name] = _most_pages_one_scan(plan, ("messages", "agents", "signing_secrets"))
+        now = datetime.now(UTC)
+        probe.pages.clear()
+        await deliveries.count_due(db, now, 1000)
+        await deliveries.due_by_agent(db, now, 1000, 1)
+        jobs = await deliveries.claim_due(db, now, 2, 60.0, 4)
+        assert len(jobs) == 2
+        delivered, _following = await deliveries.record_delivered_and_claim_next(
+            db, jobs[0], 200, "https://hook.example/in", now, 60.0, 4
+        )
+        assert delivered
+        assert await deliveries.record_delivered(db, jobs[1], 200, "https://hook.example/in", now)
+        pages.update({name: max(p) for name, p in probe.pages.items()})
+        return pages
+
     try:
         with conn.cursor() as cur:
             cur.execute("SET plan_cache_mode = force_generic_plan")
-            now = datetime.now(UTC)
-            nothing = {"code": 200, "now": now, "url": "https://hook.example/in", "id": "dlv_none", "lease": now,
-                       "agent_id": agent, "lease_until": now, "per_agent": 4, "max_secrets": 3}
-            for statement in statements:  # each plan made now, on tables of two messages
+            for statement in accept:
                 cur.execute(statement.prepare_sql)
-                cur.execute(statement.execute_sql, nothing)
-        conn.commit()
-        offline_user, offline = await user_with_agent(db, "Offline@agents.test", mode="local", email="off@example.com")
+        await one_of_each(explain=False)  # every plan made now, on tables of a few rows
         await db.execute(
-            "INSERT INTO messages (id, agent_id, user_id, direction, status, created_at)"
-            " SELECT 'msg_u_' || g, %s, %s, 'inbound', 'unread', now() - make_interval(secs => g)"
-            " FROM generate_series(1, %s) g",
-            (offline, offline_user, N),
+            "INSERT INTO agents (id, user_id, domain, agent_mode)"
+            " SELECT 'bot' || g || '@agents.test', %s, 'agents.test', 'local' FROM generate_series(1, %s) g",
+            (user, N),
         )
-        (job,) = await deliveries.claim_due(db, now, 1, 60.0, 4)
-        params = dict(nothing, id=job.id, lease=job.lease_until)
-        for statement in statements:
-            with conn.cursor() as cur:
-                cur.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement.execute_sql, params)
-                (doc,) = cur.fetchone()
-            conn.rollback()
-            doc = doc if isinstance(doc, list) else json.loads(doc)
-            plan, tables = doc[0]["Plan"], ("messages", "deliveries")
-            assert _most_pages_one_scan(plan, tables) <= MOST_PAGES_ONE_SCAN, statement.name
-            assert _rows_read(plan, tables) <= MOST_ROWS_READ, statement.name
+        await db.execute(
+            "INSERT INTO messages (id, agent_id, user_id, direction, status, email_message_id, created_at)"
+            " SELECT 'msg_u_' || g, 'bot' || (g %% 50 + 1) || '@agents.test', %s, 'inbound', 'unread',"
+            " '<u' || g || '@sender.example>', now() - make_interval(secs => g) FROM generate_series(1, %s) g",
+            (user, N),
+        )
+        pages = await one_of_each(explain=True)
     finally:
+        probe.close()
         conn.close()
+    assert set(pages) == {s.name for s in accept} | {
+        "e2a_count_due_deliveries", "e2a_due_deliveries_by_agent", "e2a_claim_deliveries",
+        "e2a_delivery_delivered_claim_next", "e2a_delivery_delivered",
+    }
+    assert {name: p for name, p in pages.items() if p > MOST_PAGES_ONE_SCAN} == {}
 
 
 class _StatementProbe:
@@ -563,3 +616,4 @@ async def test_a_backlog_is_not_read_by_each_delivery(db, db_dsn, statistics):
         read, row = _explain(cur, sql)
         assert read <= MOST_ROWS_READ and row[0] == agent
         conn.rollback()
+
