@@ -24,7 +24,7 @@ import psycopg2
 import pytest
 import pytest_twisted
 
-from e2a.store import deliveries, messages
+from e2a.store import agents, deliveries, messages
 from e2a.store.database import Txn
 from e2a.store.models import InboundMessage
 from tests.storage.storehelpers import agent_with_due_jobs, user_with_agent
@@ -279,7 +279,8 @@ async def test_a_copy_written_with_a_remembered_context_reads_only_the_rows_it_l
 class _PlanProbe:
     """Runs each prepared statement the store sends under ``EXPLAIN ANALYZE`` first, on a side
     connection with the server's plan mode, in a transaction rolled back (so the store's own
-    call then finds the same state), and records the rows of ``messages``/``deliveries`` read."""
+    call then finds the same state), and records the rows read and the most pages one scan
+    touched of the mail path's tables (messages, deliveries, agents, domains, secrets)."""
 
     def __init__(self, dsn: str, db) -> None:
         self.conn = psycopg2.connect(dsn)
@@ -307,7 +308,7 @@ class _PlanProbe:
             (doc,) = cur.fetchone()
         self.conn.rollback()
         doc = doc if isinstance(doc, list) else json.loads(doc)
-        plan, tables = doc[0]["Plan"], ("deliveries", "messages")
+        plan, tables = doc[0]["Plan"], ("deliveries", "messages", "agents", "domains", "signing_secrets")
         self.read.setdefault(statement.name, []).append(_rows_read(plan, tables))
         self.pages.setdefault(statement.name, []).append(_most_pages_one_scan(plan, tables))
 
@@ -390,9 +391,10 @@ async def test_plans_made_on_nearly_empty_tables_still_read_only_what_they_look_
     mark served the message id from the inbox index (every agent's unread mail, which grows
     fastest while a backlog drains), and the check of a remembered agent served the agent from
     its owner's agents (an owner with an agent per customer). The mail path's prepared
-    statements are planned here on nearly empty tables, the tables then grow without
-    statistics (N agents of one owner, N unread messages), and each must still touch no more
-    pages than a few index probes do."""
+    statements (the RCPT lookup, the accept's read and remembered write, webhook delivery's)
+    are planned here on nearly empty tables, the tables then grow without statistics (N agents
+    of one owner on one domain, N unread messages), and each must still touch no more pages
+    than a few index probes do."""
     user, agent = await user_with_agent(db, "Local@agents.test", mode="local", email="local@example.com")
     await db.execute(
         "INSERT INTO signing_secrets (id, user_id, secret, secret_prefix) VALUES ('wsec_plan', %s, 'x', 'x')", (user,)
@@ -425,6 +427,7 @@ async def test_plans_made_on_nearly_empty_tables_still_read_only_what_they_look_
                     pages[statement.name] = _most_pages_one_scan(plan, ("messages", "agents", "signing_secrets"))
         now = datetime.now(UTC)
         probe.pages.clear()
+        assert await agents.find_receiving_agent(db, agent.lower()) == agent
         await deliveries.count_due(db, now, 1000)
         await deliveries.due_by_agent(db, now, 1000, 1)
         jobs = await deliveries.claim_due(db, now, 2, 60.0, 4)
@@ -459,7 +462,7 @@ async def test_plans_made_on_nearly_empty_tables_still_read_only_what_they_look_
         probe.close()
         conn.close()
     assert set(pages) == {s.name for s in accept} | {
-        "e2a_count_due_deliveries", "e2a_due_deliveries_by_agent", "e2a_claim_deliveries",
+        "e2a_rcpt_lookup", "e2a_count_due_deliveries", "e2a_due_deliveries_by_agent", "e2a_claim_deliveries",
         "e2a_delivery_delivered_claim_next", "e2a_delivery_delivered",
     }
     assert {name: p for name, p in pages.items() if p > MOST_PAGES_ONE_SCAN} == {}
