@@ -268,8 +268,9 @@ class Remembered:
 # is fenced (``OFFSET 0``): offered its owner's id too, a plan made while the tables held a
 # few rows served it from ``agents_user_idx`` and read all the owner's agents per message.
 _REMEMBERED_CONVERSATION = (
-    "(CASE WHEN NOT EXISTS (SELECT 1 FROM (SELECT id, user_id, agent_mode FROM agents WHERE id = %(agent_id)s"
-    " OFFSET 0) a WHERE a.user_id = %(user_id)s AND a.agent_mode = 'local' AND (SELECT t.id FROM signing_secrets t WHERE t.user_id = a.user_id"
+    "(CASE WHEN NOT EXISTS (SELECT 1 FROM (SELECT id, user_id, agent_mode FROM agents"
+    " WHERE id = %(agent_id)s OFFSET 0) a WHERE a.user_id = %(user_id)s AND a.agent_mode = 'local'"
+    " AND (SELECT t.id FROM signing_secrets t WHERE t.user_id = a.user_id"
     " ORDER BY t.created_at DESC, t.id DESC LIMIT 1) = %(secret_id)s)"
     " THEN e2a_accept_context_stale('agent')"
     " WHEN %(email_message_id)s <> '' AND EXISTS ("
