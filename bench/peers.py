@@ -320,8 +320,11 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def aggregate(rounds: list[Round], receivers: list[str], processes: int | None = 1) -> list[dict[str, Any]]:
-    """Medians per cell and receiver; ``processes``: e2a's setting in these rounds (None: mixed)."""
+def aggregate(
+    rounds: list[Round], receivers: list[str], processes: int | None = 1, cpus: int = CPUS
+) -> list[dict[str, Any]]:
+    """Medians per cell and receiver; ``processes``: e2a's setting in these rounds (None: mixed);
+    ``cpus``: the CPUs of the machine that ran them."""
     cells: dict[tuple[str, int], dict[str, list[Round]]] = {}
     for r in rounds:
         cells.setdefault((r.size, r.concurrency), {}).setdefault(r.receiver, []).append(r)
@@ -346,8 +349,8 @@ def aggregate(rounds: list[Round], receivers: list[str], processes: int | None =
                 # can run Python on about one CPU at a time).
                 "receiver_cpus": median([r.cpu_receiver_s / r.wall for r in rs if r.wall > 0]),
                 # Share of the machine's CPUs busy during the round (1.0: no idle CPU left).
-                "machine_busy": median([r.cpu_machine_s / (r.wall * CPUS) for r in rs if r.wall > 0]),
-                "steal": median([r.cpu_steal_s / (r.wall * CPUS) for r in rs if r.wall > 0]),
+                "machine_busy": median([r.cpu_machine_s / (r.wall * cpus) for r in rs if r.wall > 0]),
+                "steal": median([r.cpu_steal_s / (r.wall * cpus) for r in rs if r.wall > 0]),
                 "load": median([(r.load_before + r.load_after) / 2 for r in rs]),
                 "all_verified": all(r.verified_ok for r in rs),
                 "errors": sum(r.sent - r.ok for r in rs),
@@ -379,8 +382,8 @@ def aggregate(rounds: list[Round], receivers: list[str], processes: int | None =
             rate = TARGET_THROUGHPUT * peers[best]["throughput"]
             if processes is not None:
                 row["e2a_processes"] = processes
-                row["process_budget_ms_per_msg"] = 1000 * min(processes, CPUS) / rate
-            row["machine_budget_ms_per_msg"] = 1000 * CPUS / rate
+                row["process_budget_ms_per_msg"] = 1000 * min(processes, cpus) / rate
+            row["machine_budget_ms_per_msg"] = 1000 * cpus / rate
             row["e2a_machine_budget_ms_per_msg"] = (
                 row["machine_budget_ms_per_msg"] - (e["cpu_ms_per_msg_machine"] - e["cpu_ms_per_msg_receiver"]))
         if "e2a" in recs and "reference" in recs:
@@ -412,12 +415,12 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def format_table(rows: list[dict[str, Any]], runs: int) -> str:
+def format_table(rows: list[dict[str, Any]], runs: int, cpus: int = CPUS) -> str:
     head = (f"{'size':>5} {'conc':>4} {'receiver':<12} | {'msg/s':>7} {'p50 ms':>7} {'p99 ms':>7} | "
             f"{'cpu/msg ms':>10} {'pg/msg ms':>9} {'dns/msg':>7} {'all/msg':>7} {'busy':>5} | {'load':>5} | verified")
     lines = [f"medians of {runs} run(s); cpu = ms of CPU per accepted message (receiver process tree, "
              "PostgreSQL postmaster + backends, the bench DNS server, the whole machine); busy = share of "
-             f"the machine's {CPUS} CPUs in use during the round", head, "-" * len(head)]
+             f"the machine's {cpus} CPUs in use during the round", head, "-" * len(head)]
     for row in rows:
         for name, v in row["receivers"].items():
             flag = (" CAPPED" if v["capped"] else "") + (f" {v['errors']} errors" if v["errors"] else "")
@@ -437,18 +440,18 @@ def format_table(rows: list[dict[str, Any]], runs: int) -> str:
                 + (f"; e2a / reference msg/s x{row['ratio_throughput_vs_reference']:.2f}"
                    if "ratio_throughput_vs_reference" in row else ""))
             e = row["receivers"]["e2a"]
-            head = f"{'':>11}{TARGET_THROUGHPUT}x the best peer: "
+            lead = f"{'':>11}{TARGET_THROUGHPUT}x the best peer: "
             if "process_budget_ms_per_msg" in row:
                 n = row["e2a_processes"]
                 lines.append(
-                    f"{head}e2a's {n} process{'es' if n > 1 else ''} <= "
+                    f"{lead}e2a's {n} process{'es' if n > 1 else ''} <= "
                     f"{row['process_budget_ms_per_msg']:.2f} ms of CPU per message (one GIL each; used "
                     f"{e['cpu_ms_per_msg_receiver']:.2f}, {e['receiver_cpus']:.2f} CPU-s/s)")
-                head = " " * len(head)
+                lead = " " * len(lead)
             if e["cpu_ms_per_msg_machine"] == e["cpu_ms_per_msg_machine"]:  # not NaN: recorded
                 rest = e["cpu_ms_per_msg_machine"] - e["cpu_ms_per_msg_receiver"] - e["cpu_ms_per_msg_client"]
                 lines.append(
-                    f"{head}the machine <= "
+                    f"{lead}the machine <= "
                     f"{row['machine_budget_ms_per_msg']:.2f} ms per message for everything (e2a's rounds: "
                     f"{e['cpu_ms_per_msg_machine']:.2f}, e2a {e['cpu_ms_per_msg_receiver']:.2f} + client "
                     f"{e['cpu_ms_per_msg_client']:.2f} + the rest {rest:.2f}; {e['machine_busy']:.0%} busy), "
@@ -463,18 +466,22 @@ def pool_reports(paths: list[Path]) -> int:
 
     names = {f.name for f in fields(Round)}
     rounds: list[Round] = []
-    for i, path in enumerate(paths):
-        report = json.loads(path.read_text())
+    reports = [json.loads(path.read_text()) for path in paths]
+    for i, (path, report) in enumerate(zip(paths, reports, strict=True)):
         load = report["machine"].get("loadavg_start", ["?"])[0], report["machine"]["loadavg_end"][0]
         print(f"  {path.name}: started {report['started_at'][:16]} UTC, load {load[0]} -> {load[1]}, "
               f"e2a tree: {report['settings'].get('e2a_tree') or 'working tree'}")
         for r in report["rounds"]:
             if r["run"] >= 0:
                 rounds.append(Round(**{k: v for k, v in r.items() if k in names} | {"run": 100 * i + r["run"]}))
-    settings = {json.loads(path.read_text())["settings"].get("e2a_processes", 1) for path in paths}
+    processes = {report["settings"].get("e2a_processes", 1) for report in reports}
+    cpus = {report["machine"]["cpus"] for report in reports}
+    if len(cpus) > 1:
+        raise SystemExit(f"--pool: the reports come from machines with different CPU counts ({sorted(cpus)})")
+    machine_cpus = cpus.pop()
     rows = aggregate(rounds, [n for n in ALL_RECEIVERS if n in {r.receiver for r in rounds}],
-                     settings.pop() if len(settings) == 1 else None)
-    print(format_table(rows, len({r.run for r in rounds if r.receiver == "e2a"})).replace(
+                     processes.pop() if len(processes) == 1 else None, machine_cpus)
+    print(format_table(rows, len({r.run for r in rounds if r.receiver == "e2a"}), machine_cpus).replace(
         "run(s);", "interleaved run(s), pooled over the invocations above;", 1))
     for v in targets(rows):
         print(f"  target {v['target']}: {v['value']} -> {'MET' if v['met'] else 'MISSED'}")
