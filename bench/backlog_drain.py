@@ -9,14 +9,21 @@ many due jobs (with statistics, as after autovacuum's ANALYZE), eight jobs claim
 (the second timed: a worker's claim when it wakes), then a run of hand-ons, each timed; PostgreSQL's
 CPU is taken from its processes over the hand-ons. Flat figures across the sizes are the goal.
 
+``--new-installation``: the backlog arrives after the pool's connections have planned their
+statements on a nearly empty database, and before any ANALYZE (autovacuum kept off those
+tables), as on a new installation whose agent's webhook goes down in its first minutes: each
+connection keeps those plans until the next ANALYZE.
+
     python bench/backlog_drain.py                   # backlogs 1,000 / 10,000 / 50,000, medians of 3
     python bench/backlog_drain.py --quick
+    python bench/backlog_drain.py --new-installation
     python bench/backlog_drain.py --e2a-tree DIR    # the same store code and schema from another copy
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import shutil
@@ -34,10 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 WEBHOOK = "https://hook.bench.test/in"
 AGENT = "bench@agents.bench.test"
+# Job g is due DUE_SPAN_SECONDS - g/1000 seconds ago: every job due, in the order of its id.
+DUE_SPAN_SECONDS = 100_000
 
 
-def _setup(dsn: str, backlog: int) -> None:
-    """One user, domain and cloud agent, ``backlog`` inbound messages each with a due job.
+def _setup(dsn: str, backlog: int, *, analyze: bool = True, agent: bool = True) -> None:
+    """One user, domain and cloud agent (unless ``agent`` is False: already there),
+    ``backlog`` inbound messages each with a due job, then (``analyze``) statistics.
 
     Written straight in SQL, as the store's tests build their rows: 50,000 jobs through SMTP
     would take minutes and measure the accept, not the drain.
@@ -45,13 +55,16 @@ def _setup(dsn: str, backlog: int) -> None:
     conn = psycopg2.connect(dsn)
     try:
         with conn, conn.cursor() as cur:
+            if agent:
+                _insert_agent(cur)
             _insert_backlog(cur, backlog)
     finally:
         conn.close()
-    _autocommit(dsn, "VACUUM ANALYZE messages", "VACUUM ANALYZE deliveries")
+    if analyze:
+        _autocommit(dsn, "VACUUM ANALYZE messages", "VACUUM ANALYZE deliveries")
 
 
-def _insert_backlog(cur: Any, backlog: int) -> None:
+def _insert_agent(cur: Any) -> None:
     cur.execute("INSERT INTO users (id, email, name) VALUES ('usr_bench', 'bench@example.com', 'bench')")
     cur.execute("INSERT INTO domains (domain, user_id, verified) VALUES ('agents.bench.test', 'usr_bench', true)")
     cur.execute(
@@ -59,16 +72,22 @@ def _insert_backlog(cur: Any, backlog: int) -> None:
         " VALUES (%s, 'usr_bench', 'agents.bench.test', 'cloud', %s, 'active')",
         (AGENT, WEBHOOK),
     )
+
+
+def _insert_backlog(cur: Any, backlog: int) -> None:
+    """``backlog`` jobs, due in the order of their ids and after every job already there."""
+    cur.execute("SELECT count(*) FROM deliveries")
+    (first,) = cur.fetchone()
     cur.execute(
         "INSERT INTO messages (id, agent_id, user_id, direction, status)"
-        " SELECT 'msg_' || g, %s, 'usr_bench', 'inbound', 'unread' FROM generate_series(1, %s) g",
-        (AGENT, backlog),
+        " SELECT 'msg_' || g, %s, 'usr_bench', 'inbound', 'unread' FROM generate_series(%s, %s) g",
+        (AGENT, first + 1, first + backlog),
     )
     cur.execute(
         "INSERT INTO deliveries (id, message_id, agent_id, webhook_url, status, next_attempt_at, created_at)"
         " SELECT 'dlv_' || lpad(g::text, 8, '0'), 'msg_' || g, %s, %s, 'pending',"
-        " now() - make_interval(secs => %s - g / 1000.0), now() FROM generate_series(1, %s) g",
-        (AGENT, WEBHOOK, backlog, backlog),
+        " now() - make_interval(secs => %s - g / 1000.0), now() FROM generate_series(%s, %s) g",
+        (AGENT, WEBHOOK, DUE_SPAN_SECONDS, first + 1, first + backlog),
     )
 
 
@@ -84,13 +103,34 @@ def _autocommit(dsn: str, *statements: str) -> None:
         conn.close()
 
 
-async def _drain(reactor: Any, dsn: str, deliveries_count: int, pg_cpu: Any) -> dict[str, float]:
+async def _drain(
+    reactor: Any, dsn: str, deliveries_count: int, pg_cpu: Any, backlog_arrives: Any = None
+) -> dict[str, float]:
+    """Time the claims and hand-ons; with ``backlog_arrives``, first plan every statement on
+    each pooled connection with the jobs already there, then call it (it adds the backlog)."""
+    from twisted.internet import defer
+
     from e2a.store import deliveries
     from e2a.store.database import Database
 
     db = Database(dsn, 4, reactor)
     await db.start()
     try:
+        if backlog_arrives is not None:
+            # Four claims at once take every connection: each plans the claim, and each
+            # claimed job's hand-on plans the hand-on on a connection of the pool.
+            now = datetime.now(UTC)
+            batches = await defer.gatherResults([
+                defer.Deferred.fromCoroutine(deliveries.claim_due(db, now, 1, 600.0, 8)) for _ in range(4)
+            ])
+            handed_on = await defer.gatherResults([
+                defer.Deferred.fromCoroutine(deliveries.record_delivered_and_claim_next(
+                    db, job, 200, WEBHOOK, now, 600.0, 8)) for batch in batches for job in batch
+            ])
+            for _delivered, following in handed_on:  # their slots free again for the claims below
+                if following is not None:
+                    await deliveries.record_delivered(db, following, 200, WEBHOOK, now)
+            backlog_arrives()
         now = datetime.now(UTC)
         # two claims of four: the first prepares the statement on its connection, the second
         # is timed (a worker's claim while the agent has free slots)
@@ -128,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--backlogs", default="1000,10000,50000", help="comma list of backlog sizes")
     parser.add_argument("--deliveries", type=int, default=500, help="hand-ons timed per backlog")
+    parser.add_argument("--new-installation", action="store_true",
+                        help="the backlog arrives after the statements were planned on a nearly empty database")
     parser.add_argument("--e2a-tree", metavar="DIR", default=None, help="import e2a (and its schema) from DIR")
     parser.add_argument("--output", default=None, help="JSON path (default bench/results/backlog_drain-<time>.json)")
     args = parser.parse_args(argv)
@@ -170,8 +212,15 @@ def main(argv: list[str] | None = None) -> int:
                     _autocommit(stack.dsn, f"CREATE DATABASE {name}")
                     dsn = stack.dsn.replace("dbname=e2a", f"dbname={name}")
                     await migrate.migrate(dsn, reactor)
-                    _setup(dsn, backlog)
-                    figures = await _drain(reactor, dsn, count, pg_cpu)
+                    if args.new_installation:
+                        _autocommit(dsn, *(f"ALTER TABLE {t} SET (autovacuum_enabled = false)"
+                                           for t in ("messages", "deliveries", "agents")))
+                        _setup(dsn, 8 + 8, analyze=False)  # the claims' and hand-ons' before the backlog
+                        arrives = functools.partial(_setup, dsn, backlog, analyze=False, agent=False)
+                        figures = await _drain(reactor, dsn, count, pg_cpu, arrives)
+                    else:
+                        _setup(dsn, backlog)
+                        figures = await _drain(reactor, dsn, count, pg_cpu)
                     results[backlog].append(figures)
                     log(f"run {run}/{runs} backlog {backlog:>7,}: hand-on {figures['median_ms']:.3f} ms median,"
                         f" PostgreSQL CPU {figures['pg_cpu_ms']:.3f} ms per delivery,"
@@ -188,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     first, last = backlogs[0], backlogs[-1]
     print(f"backlog drain, {started:%Y-%m-%d %H:%M} UTC, e2a tree {tree}; medians of {runs} run(s),"
-          f" {count} hand-ons per backlog")
+          f" {count} hand-ons per backlog" + ("; statements planned before the backlog arrived, no ANALYZE"
+                                              if args.new_installation else ""))
     print(" backlog | hand-on ms (median) | PostgreSQL CPU ms per delivery | claim ms")
     for b in backlogs:
         print(f" {b:>7,} | {summary[b]['median_ms']:19.3f} | {summary[b]['pg_cpu_ms']:30.3f} | {summary[b]['claim_ms']:.2f}")
@@ -198,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "started": started.isoformat(), "machine": platform.platform(), "e2a_tree": str(tree),
+        "new_installation": args.new_installation,
         "runs": runs, "deliveries": count, "results": {str(b): results[b] for b in backlogs},
         "summary": {str(b): summary[b] for b in backlogs},
     }, indent=2))

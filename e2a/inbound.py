@@ -378,7 +378,9 @@ class InboundPipeline:
             else:
                 checked = None
                 read = await messages.inbound_context_txn(
-                    txn, recipient, view.message_id_token, envelope.mail_from, candidates, received_at, verdict
+                    txn, recipient, view.message_id_token, envelope.mail_from, candidates, received_at, verdict,
+                    # without delivery no job is leased here, so the count is not needed
+                    in_flight_cap=self.delivery.max_per_agent if self.delivery is not None else 0,
                 )
                 self._remember(recipient, read)
                 if read is None:

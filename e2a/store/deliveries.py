@@ -203,8 +203,9 @@ WITH in_flight AS (
     FROM due d
     JOIN free f ON f.agent_id = d.agent_id AND f.n > 0
     CROSS JOIN LATERAL (
-        SELECT c.id, c.agent_id, c.next_attempt_at FROM deliveries c
-        WHERE c.id = d.id AND c.agent_id = f.agent_id AND {_DUE_UNLEASED}
+        SELECT c.id, c.agent_id, c.next_attempt_at
+        FROM (SELECT * FROM deliveries WHERE id = d.id OFFSET 0) c
+        WHERE c.agent_id = f.agent_id AND {_DUE_UNLEASED}
         FOR UPDATE SKIP LOCKED
     ) c
 ), ranked AS (
@@ -432,7 +433,7 @@ _DELIVERED = Prepared(
 # done)``, an uncorrelated one-time filter: a lost lease leases nothing). All CTEs see the
 # snapshot taken when the statement starts, in which the finishing row is still pending and
 # leased: the in-flight count (the agent's live leases, on ``deliveries_leased_idx``)
-# therefore leaves it out by id, and so does the candidate scan (with its lease run out the
+# therefore leaves it out, and so does the candidate scan (with its lease run out the
 # row would look due; PostgreSQL would skip it as already updated by this command, but it is
 # never a candidate to begin with). The one candidate is the agent's oldest due, unleased
 # job (the agent's pending rows in due order, ``deliveries_pending_agent_idx``: a backlog is
@@ -441,14 +442,22 @@ _DELIVERED = Prepared(
 # (NULL when nothing was leased). The finishing row's lease must still be live: then every
 # count taken under the agent's lock (module docstring) counted it, and swapping it for the
 # next job's lease in one commit keeps each such count true. A row whose lease ran out was
-# not counted, so it hands nothing on (the claim does that, under the lock).
+# not counted, so it hands nothing on (the claim does that, under the lock). The count reads
+# the agent's live leases in lease order, at most ``per_agent + 1`` of them (enough to tell
+# whether a slot is free, with the finishing row among them or not): an order only
+# ``deliveries_leased_idx`` gives. As a plain count, a plan made while the table held a few rows
+# counted through ``deliveries_pending_agent_idx`` instead and read the agent's whole backlog
+# on each hand-on (docs/decisions.md, "Prepared statements keep one plan").
 _DELIVERED_CLAIM_NEXT = Prepared(
     "e2a_delivery_delivered_claim_next",
     f"""
 WITH {_MARK_DELIVERED}, in_flight AS (
-    SELECT count(*) AS n
-    FROM deliveries
-    WHERE agent_id = %(agent_id)s AND status = 'pending' AND leased_until > %(now)s AND id <> %(id)s
+    SELECT count(*) FILTER (WHERE l.id <> %(id)s) AS n
+    FROM (
+        SELECT id FROM deliveries
+        WHERE agent_id = %(agent_id)s AND status = 'pending' AND leased_until > %(now)s
+        ORDER BY leased_until LIMIT %(per_agent)s + 1
+    ) l
 ), chosen AS (
     SELECT c.id
     FROM deliveries c

@@ -148,9 +148,13 @@ _INBOUND_CONTEXT = Prepared(
     "SELECT a.id, a.user_id, a.agent_mode, a.webhook_url, a.webhook_status,"
     " s.secret_ids[1] AS secret_id, s.secrets[1] AS secret, s.secret_ids, s.secrets,"
     # The agent's webhook attempts in flight in every process (leases), for the hand-off of a
-    # fresh job to this process's worker (e2a.inbound): same count as the claim's.
-    " CASE WHEN a.agent_mode = 'cloud' THEN (SELECT count(*) FROM deliveries f WHERE f.agent_id = a.id"
-    "  AND f.status = 'pending' AND f.leased_until > %(now)s) ELSE 0 END AS in_flight,"
+    # fresh job to this process's worker (e2a.inbound): same count as the claim's, read in lease
+    # order and at most ``in_flight_cap`` of them, an order only ``deliveries_leased_idx`` gives
+    # (as a plain count, a plan made on a new installation's few rows read the agent's whole
+    # backlog through ``deliveries_pending_agent_idx``; schema/0011).
+    " CASE WHEN a.agent_mode = 'cloud' THEN (SELECT count(*) FROM (SELECT 1 FROM deliveries f"
+    "  WHERE f.agent_id = a.id AND f.status = 'pending' AND f.leased_until > %(now)s"
+    "  ORDER BY f.leased_until LIMIT %(in_flight_cap)s) live) ELSE 0 END AS in_flight,"
     " CASE WHEN %(mid)s = '' THEN NULL ELSE ("
     + _duplicate_select(
         agent="a.id", mid="%(mid)s", sender="%(sender)s", window="%(window)s", ip="%(ip)s",
@@ -173,13 +177,15 @@ async def inbound_context_txn(
     candidates: list[str],
     now: datetime,
     verdict: Verdict,
+    in_flight_cap: int,
 ) -> dict[str, Any] | None:
     """Everything accepting one inbound copy needs to read, in ONE statement (one round trip).
 
     The agent of ``recipient`` (``id, user_id, agent_mode, webhook_url, webhook_status``), its
     owner's newest signing secret (``secret_id``/``secret``, None when the user has none) and
     newest few (``secret_ids``/``secrets`` arrays, for a webhook attempt started from here),
-    the agent's webhook attempts in flight at ``now`` (``in_flight``, 0 for a local agent), the
+    the agent's webhook attempts in flight at ``now`` (``in_flight``, 0 for a local agent;
+    counted up to ``in_flight_cap``, the per-agent limit: all a free slot needs), the
     RFC 1047 duplicate (``duplicate_id``, as :func:`find_duplicate_txn`: same ``verdict`` too) and the conversation
     id (``conversation_id``, ``""`` when none, as :func:`find_conversation_txn`). None when the
     agent no longer exists.
@@ -188,6 +194,7 @@ async def inbound_context_txn(
         _INBOUND_CONTEXT,
         {
             "now": now,
+            "in_flight_cap": in_flight_cap,
             "max_secrets": MAX_WEBHOOK_SECRETS,
             "rcpt": recipient,
             "mid": email_message_id,

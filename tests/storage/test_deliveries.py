@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import psycopg2
 import pytest_twisted
 
 from e2a.store import deliveries
 from e2a.store.models import Delivery
-from tests.storage.storehelpers import user_with_agent
+from tests.storage.storehelpers import agent_with_due_jobs, user_with_agent
 
 
 async def _message(db, user_id, agent, mid="msg_1"):
@@ -68,3 +69,21 @@ async def test_latest_for_message_returns_the_newest_delivery(db):
         )
     latest = await deliveries.latest_for_message(db, "msg_1")
     assert isinstance(latest, Delivery) and latest.id == "dlv_2" and latest.status == "failed"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_claim_skips_the_jobs_another_transaction_holds(db, db_dsn):
+    """Two claims at once never lease one job: each locks the rows it leases ``FOR UPDATE SKIP
+    LOCKED``, so a row another transaction holds is passed over, and the job after it taken."""
+    await agent_with_due_jobs(db, 3)
+    locker = psycopg2.connect(db_dsn)
+    try:
+        with locker.cursor() as cur:  # a concurrent claim holding the oldest due job's row
+            cur.execute("SELECT id FROM deliveries WHERE id = 'dlv_00' FOR UPDATE")
+            jobs = await deliveries.claim_due(db, datetime.now(UTC), 2, 60.0, 4)
+        locker.rollback()
+    finally:
+        locker.close()
+    assert [j.id for j in jobs] == ["dlv_01", "dlv_02"]
+    held = await db.fetchone("SELECT leased_until FROM deliveries WHERE id = 'dlv_00'")
+    assert held["leased_until"] is None
