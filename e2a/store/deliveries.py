@@ -167,8 +167,9 @@ LEFT JOIN LATERAL (
 # (``e2a_webhook_slots_free``, module docstring); then the rows of agents with a free slot
 # are locked SKIP LOCKED, each found by its primary key (a LATERAL probe that depends on
 # ``free``, so only those rows are locked; joined as a table, PostgreSQL read the agent's
-# whole backlog to find them), the due condition repeated so a row leased since the snapshot
-# drops out.
+# whole backlog to find them; fenced with ``OFFSET 0``, since a plan made on a few rows
+# otherwise took the id from a due index), the due condition repeated so a row leased since
+# the snapshot drops out.
 _CLAIM = Prepared(
     "e2a_claim_deliveries",
     f"""
@@ -447,7 +448,7 @@ _DELIVERED = Prepared(
 # whether a slot is free, with the finishing row among them or not): an order only
 # ``deliveries_leased_idx`` gives. As a plain count, a plan made while the table held a few rows
 # counted through ``deliveries_pending_agent_idx`` instead and read the agent's whole backlog
-# on each hand-on (docs/decisions.md, "Prepared statements keep one plan").
+# on each hand-on (docs/decisions.md, "Plans made before the backlog").
 _DELIVERED_CLAIM_NEXT = Prepared(
     "e2a_delivery_delivered_claim_next",
     f"""
