@@ -223,6 +223,24 @@ class _Capture:
         self.statement, self.params = statement, params
 
 
+async def _remembered_insert(
+    agent: str, user: str, n: int, mid: str | None = None, candidates: list[str] = MISSES
+) -> tuple[Any, dict[str, Any]]:
+    """The statement and parameters of copy ``msg_new_<n>`` written with a remembered context
+    (Message-ID ``mid``, by default a new one; references ``candidates``, by default ones
+    that match nothing)."""
+    capture = _Capture()
+    copy = InboundMessage(
+        id=f"msg_new_{n}", agent_id=agent, user_id=user, status="unread", route="smtp", sender="",
+        display_from="", recipient=agent, envelope_from="alice@sender.example", client_ip="192.0.2.1",
+        subject="", to_addrs=None, cc_addrs=None, email_message_id=mid or f"<new{n}@sender.example>",
+        in_reply_to="", references_ids="", conversation_id="", auth_headers={}, raw_message=b"x",
+        created_at=datetime.now(UTC),
+    )
+    await messages.insert_inbound_txn(capture, copy, "sha", messages.Remembered("wsec_plan", "", "false", candidates))
+    return capture.statement, capture.params
+
+
 @pytest.mark.parametrize("statistics", ["none", "analyzed"])
 @pytest_twisted.ensureDeferred
 async def test_a_copy_written_with_a_remembered_context_reads_only_the_rows_it_looks_for(db, db_dsn, statistics):
@@ -244,20 +262,11 @@ async def test_a_copy_written_with_a_remembered_context_reads_only_the_rows_it_l
             ("<new@sender.example>", ["<out23@agents.test>"], "conv_out_23"),
             ("<in17@sender.example>", [], None),
         )):
-            capture = _Capture()
-            copy = InboundMessage(
-                id=f"msg_new_{n}", agent_id=agent, user_id=user, status="unread", route="smtp", sender="",
-                display_from="", recipient=agent, envelope_from="alice@sender.example", client_ip="192.0.2.1",
-                subject="", to_addrs=None, cc_addrs=None, email_message_id=mid, in_reply_to="",
-                references_ids="", conversation_id="", auth_headers={}, raw_message=b"x",
-                created_at=datetime.now(UTC),
-            )
-            remembered = messages.Remembered("wsec_plan", "", "false", candidates)
-            await messages.insert_inbound_txn(capture, copy, "sha", remembered)
+            statement, params = await _remembered_insert(agent, user, n, mid, candidates)
             if not prepared:
-                cur.execute(capture.statement.prepare_sql)
+                cur.execute(statement.prepare_sql)
                 prepared = True
-            sql = cur.mogrify(capture.statement.execute_sql, capture.params).decode()
+            sql = cur.mogrify(statement.execute_sql, params).decode()
             cur.execute("BEGIN")
             try:
                 if conversation is None:
@@ -272,7 +281,7 @@ async def test_a_copy_written_with_a_remembered_context_reads_only_the_rows_it_l
                 assert _rows_read(plan) <= MOST_ROWS_READ, (mid, candidates, _rows_read(plan))
                 tables = ("messages", "agents", "signing_secrets")
                 assert _most_pages_one_scan(plan, tables) <= MOST_PAGES_ONE_SCAN, (mid, candidates)
-                cur.execute("SELECT conversation_id FROM messages WHERE id = %s", (copy.id,))
+                cur.execute("SELECT conversation_id FROM messages WHERE id = %s", (f"msg_new_{n}",))
                 assert cur.fetchone() == (conversation,)
             finally:
                 cur.execute("ROLLBACK")
@@ -381,20 +390,6 @@ async def test_the_delivery_statements_read_the_backlog_not_the_history(db, db_d
         assert max(reads) <= MOST_ROWS_READ + 6 * 4, (name, reads)
     for name, pages in probe.pages.items():
         assert max(pages) <= MOST_PAGES_ONE_SCAN, (name, pages)
-
-
-async def _remembered_insert(agent: str, user: str, n: int) -> tuple[Any, dict[str, Any]]:
-    """The statement and parameters of a copy written with a remembered context, for a new
-    Message-ID whose references match nothing."""
-    capture = _Capture()
-    copy = InboundMessage(
-        id=f"msg_new_{n}", agent_id=agent, user_id=user, status="unread", route="smtp", sender="",
-        display_from="", recipient=agent, envelope_from="alice@sender.example", client_ip="192.0.2.1",
-        subject="", to_addrs=None, cc_addrs=None, email_message_id=f"<new{n}@sender.example>", in_reply_to="",
-        references_ids="", conversation_id="", auth_headers={}, raw_message=b"x", created_at=datetime.now(UTC),
-    )
-    await messages.insert_inbound_txn(capture, copy, "sha", messages.Remembered("wsec_plan", "", "false", MISSES))
-    return capture.statement, capture.params
 
 
 @pytest_twisted.ensureDeferred
