@@ -116,6 +116,37 @@ class E2AStack:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     floor: bool = False  # diagnostic: e2a through bench/floor_twistd.py (remembered verdicts)
     processes: int = 1  # e2a's ``processes`` setting
+    # The copy of the source e2a runs from (None: REPO, which ``--e2a-tree`` may have replaced);
+    # a second stack of peers.py ``--compare-tree`` runs another copy beside the first.
+    repo: Path | None = None
+
+    @property
+    def source(self) -> Path:
+        return self.repo or REPO
+
+    def share(self, other: E2AStack, database: str) -> None:
+        """Use ``other``'s PostgreSQL and DNS server, in a database of our own (created here):
+        a second e2a beside the first, with its own schema and rows. ``other`` stops them."""
+        import psycopg2
+        from psycopg2.extensions import make_dsn
+
+        conn = psycopg2.connect(other.dsn)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f"CREATE DATABASE {database}")  # noqa: S608 - a bench constant
+        conn.close()
+        self.dsn = make_dsn(other.dsn, dbname=database)
+        self.postmaster_pid, self.dns_port = other.postmaster_pid, other.dns_port
+
+    def _env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """The environment of what this stack starts: its copy of the source first on the
+        path, no proxies (everything is on 127.0.0.1), then ``extra``."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(self.source) + os.pathsep + env.get("PYTHONPATH", "")
+        for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+            env.pop(k, None)
+        env.update(extra or {})
+        return env
 
     def start_postgres(self, log: Any, options: tuple[tuple[str, str], ...] = ()) -> None:
         from e2a.store.embedded import EmbeddedPostgres, EmbeddedSettings
@@ -151,7 +182,7 @@ class E2AStack:
         out = subprocess.run(
             [str(bindir / "e2a-admin"), "--config", str(self.config_path), "bootstrap",
              "--email", "bench@example.com", "--json"],
-            check=True, capture_output=True, timeout=120, cwd=str(REPO),
+            check=True, capture_output=True, timeout=120, cwd=str(self.source), env=self._env(),
         )
         boot = json.loads(out.stdout)
         self.api_key = boot["api_key"]["key"]
@@ -163,13 +194,8 @@ class E2AStack:
     def spawn(
         self, argv: list[str], logname: str, env_extra: dict[str, str] | None = None, stdin_pipe: bool = False
     ) -> subprocess.Popen[bytes]:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-        for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-            env.pop(k, None)
-        env.update(env_extra or {})
         proc = subprocess.Popen(
-            argv, cwd=str(REPO), env=env, stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
+            argv, cwd=str(self.source), env=self._env(env_extra), stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=open(self.tmp / logname, "wb"),  # noqa: SIM115 - lives as long as the child
             preexec_fn=_raise_nofile,  # noqa: PLW1509 - no threads started yet in children

@@ -30,6 +30,7 @@ Setup (bench-only dependencies, never part of e2a's install)::
     .venv/bin/python bench/peers.py              # medians of 3 runs, 2 KB and 100 KB, c=8
     .venv/bin/python bench/peers.py --pin 0      # e2a kept on CPU 0 (cpu_affinity); --pin-peers: all
     .venv/bin/python bench/peers.py --pool bench/results/peers-*.json   # pool invocations
+    .venv/bin/python bench/peers.py --receivers e2a --sizes 2k --compare-tree DIR  # A/B: e2a from DIR as e2a-b
 
 Haraka is skipped (and the reason printed) when Node.js or the npm install is missing.
 
@@ -92,6 +93,9 @@ PYLIB = INSTALL / "pylib"
 AGENT_SLUG = "bench"
 
 ALL_RECEIVERS = ("e2a", "aiosmtpd", "haraka-file", "haraka-pg", "reference")
+# ``--compare-tree``: a second e2a, from another copy of the source, in the same invocation.
+COMPARED = "e2a-b"
+ORDER = ("e2a", COMPARED, *ALL_RECEIVERS[1:])
 PEERS = ("aiosmtpd", "haraka-file", "haraka-pg")
 FULL = {"runs": 3, "messages": {"2k": 1000, "100k": 300}}
 QUICK = {"runs": 1, "messages": {"2k": 60, "100k": 20}}
@@ -144,6 +148,7 @@ class Receiver:
     queue_dir: Path | None = None  # haraka-file
     last_id: int = 0
     since: str = ""  # e2a: PostgreSQL clock at the start of the round
+    dsn: str | None = None  # e2a: its database (``--compare-tree`` gives the second e2a its own)
 
 
 def pin_threads(pid: int, cpu: int) -> None:
@@ -234,14 +239,24 @@ class Checker:
     """Reads back what each receiver stored during a round and counts spf/dkim/dmarc = pass."""
 
     def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.conns: dict[str, Any] = {}
+        self._connect(dsn)  # fails here, not after the first round, if PostgreSQL is not there
+
+    def _connect(self, dsn: str) -> Any:
         import psycopg2
 
-        self.conn = psycopg2.connect(dsn)
-        self.conn.autocommit = True
+        if dsn not in self.conns:
+            self.conns[dsn] = psycopg2.connect(dsn)
+            self.conns[dsn].autocommit = True
+        return self.conns[dsn]
+
+    def _cursor(self, r: Receiver) -> Any:
+        return self._connect(r.dsn or self.dsn).cursor()
 
     def mark(self, r: Receiver) -> None:
-        with self.conn.cursor() as cur:
-            if r.name == "e2a":
+        with self._cursor(r) as cur:
+            if r.dsn is not None:
                 cur.execute("SELECT clock_timestamp()::text")
                 r.since = cur.fetchone()[0]
             elif r.table is not None:
@@ -253,8 +268,8 @@ class Checker:
 
     def check(self, r: Receiver) -> tuple[int, int | None]:
         """(stored, verified) since :meth:`mark`; verified is None for the reference."""
-        with self.conn.cursor() as cur:
-            if r.name == "e2a":
+        with self._cursor(r) as cur:
+            if r.dsn is not None:
                 cur.execute(
                     "SELECT auth_headers->>'X-E2A-Auth-Domain-Check' FROM messages"
                     " WHERE direction = 'inbound' AND created_at >= %s::timestamptz", (r.since,))
@@ -277,7 +292,8 @@ class Checker:
         return len(heads), sum(verdict_of_headers(h) == "pass" for h in heads)
 
     def close(self) -> None:
-        self.conn.close()
+        for conn in self.conns.values():
+            conn.close()
 
 
 # ============================================================== results
@@ -386,9 +402,37 @@ def aggregate(
             row["machine_budget_ms_per_msg"] = 1000 * cpus / rate
             row["e2a_machine_budget_ms_per_msg"] = (
                 row["machine_budget_ms_per_msg"] - (e["cpu_ms_per_msg_machine"] - e["cpu_ms_per_msg_receiver"]))
+        if "e2a" in recs and COMPARED in recs:
+            row["compared"] = compare(by["e2a"], by[COMPARED])
         if "e2a" in recs and "reference" in recs:
             row["ratio_throughput_vs_reference"] = recs["e2a"]["throughput"] / recs["reference"]["throughput"]
         out.append(row)
+    return out
+
+
+def compare(a: list[Round], b: list[Round]) -> dict[str, Any]:
+    """``--compare-tree``: the second e2a against the first, each ratio b / a taken within one
+    run (the same minutes, the same load on the machine), then the median of those ratios.
+
+    WHY per run: invocations run one after another meet different hours of a shared machine,
+    and their spread is larger than most changes worth measuring; two copies measured round by
+    round in one invocation meet the same minutes, so a ratio per run keeps that drift out.
+    What is left, the spread within minutes, is measured in docs/performance.md (A/A).
+    """
+    metrics = {
+        "throughput": lambda r: r.throughput,
+        "p99_ms": lambda r: r.p99_ms,
+        "cpu_ms_per_msg_receiver": lambda r: r.cpu_receiver_s / r.ok if r.ok else float("nan"),
+        "cpu_ms_per_msg_postgres": lambda r: r.cpu_postgres_s / r.ok if r.ok else float("nan"),
+        "cpu_ms_per_msg_machine": lambda r: r.cpu_machine_s / r.ok if r.ok else float("nan"),
+    }
+    by_run = {r.run: r for r in a}
+    pairs = [(by_run[r.run], r) for r in b if r.run in by_run]
+    out: dict[str, Any] = {"runs": len(pairs)}
+    for name, value in metrics.items():
+        ratios = [value(rb) / value(ra) for ra, rb in pairs if value(ra) > 0]
+        out[name] = median(ratios)
+        out[f"{name}_per_run"] = [round(x, 3) for x in ratios]
     return out
 
 
@@ -432,6 +476,13 @@ def format_table(rows: list[dict[str, Any]], runs: int, cpus: int = CPUS) -> str
                 f"{v['p99_ms']:7.1f} | {v['cpu_ms_per_msg_receiver']:10.2f} {v['cpu_ms_per_msg_postgres']:9.2f} "
                 f"{v['cpu_ms_per_msg_dns']:7.2f} {v['cpu_ms_per_msg_machine']:7.2f} {v['machine_busy']:5.0%} | "
                 f"{v['load']:5.2f} | {ver}{flag}")
+        if "compared" in row:
+            c = row["compared"]
+            lines.append(
+                f"{'':>11}{COMPARED} / e2a, medians of {c['runs']} same-run ratios: msg/s x{c['throughput']:.3f}"
+                f" (per run {c['throughput_per_run']}), cpu/msg x{c['cpu_ms_per_msg_receiver']:.3f}"
+                f" (per run {c['cpu_ms_per_msg_receiver_per_run']}), pg/msg x{c['cpu_ms_per_msg_postgres']:.3f},"
+                f" all/msg x{c['cpu_ms_per_msg_machine']:.3f}, p99 x{c['p99_ms']:.3f}")
         if "best_peer" in row:
             lines.append(
                 f"{'':>11}e2a / best peer ({row['best_peer']}): msg/s x{row['ratio_throughput_vs_best_peer']:.2f}"
@@ -470,7 +521,9 @@ def pool_reports(paths: list[Path]) -> int:
     for i, (path, report) in enumerate(zip(paths, reports, strict=True)):
         load = report["machine"].get("loadavg_start", ["?"])[0], report["machine"]["loadavg_end"][0]
         print(f"  {path.name}: started {report['started_at'][:16]} UTC, load {load[0]} -> {load[1]}, "
-              f"e2a tree: {report['settings'].get('e2a_tree') or 'working tree'}")
+              f"e2a tree: {report['settings'].get('e2a_tree') or 'working tree'}"
+              + (f", {COMPARED} tree: {report['settings']['compare_tree']}"
+                 if report["settings"].get("compare_tree") else ""))
         for r in report["rounds"]:
             if r["run"] >= 0:
                 rounds.append(Round(**{k: v for k, v in r.items() if k in names} | {"run": 100 * i + r["run"]}))
@@ -479,7 +532,7 @@ def pool_reports(paths: list[Path]) -> int:
     if len(cpus) > 1:
         raise SystemExit(f"--pool: the reports come from machines with different CPU counts ({sorted(cpus)})")
     machine_cpus = cpus.pop()
-    rows = aggregate(rounds, [n for n in ALL_RECEIVERS if n in {r.receiver for r in rounds}],
+    rows = aggregate(rounds, [n for n in ORDER if n in {r.receiver for r in rounds}],
                      processes.pop() if len(processes) == 1 else None, machine_cpus)
     print(format_table(rows, len({r.run for r in rounds if r.receiver == "e2a"}), machine_cpus).replace(
         "run(s);", "interleaved run(s), pooled over the invocations above;", 1))
@@ -515,6 +568,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--e2a-tree", metavar="DIR", default=None,
                         help="run e2a (twistd, e2a-admin) from another copy of the source, e.g. an export of the"
                         " last commit (git archive HEAD | tar -x -C DIR) while the working tree is mid-change")
+    parser.add_argument("--compare-tree", metavar="DIR", default=None,
+                        help=f"also run e2a from DIR as receiver {COMPARED}, interleaved round by round with the"
+                        " first e2a and in a database of its own; prints their same-run ratios (A/B of a change)")
     parser.add_argument("--pool", nargs="+", metavar="JSON", default=None,
                         help="run nothing: pool the rounds of earlier invocations' JSON files and print their medians")
     parser.add_argument("--output", default=None, help="JSON path (default bench/results/peers-<time>.json)")
@@ -557,11 +613,20 @@ def main(argv: list[str] | None = None) -> int:
         common.REPO = tree  # E2AStack.spawn and start_e2a put it first on PYTHONPATH / use it as cwd
         os.environ["PYTHONPATH"] = str(tree) + os.pathsep + os.environ.get("PYTHONPATH", "")
         log(f"e2a runs from {tree}")
+    compare_tree = None
+    if args.compare_tree:
+        compare_tree = Path(args.compare_tree).resolve()
+        if not (compare_tree / "e2a" / "service.py").exists():
+            parser.error(f"--compare-tree {compare_tree}: no e2a/service.py there")
+        if "e2a" not in wanted:
+            parser.error("--compare-tree needs the receiver e2a")
+        log(f"{COMPARED} runs from {compare_tree}")
 
     tmp = Path(tempfile.mkdtemp(prefix="e2a-peers-"))
     pem, txt = dkim_key()
     mails = {s: build_mail(s, SIZES[s], pem) for s in sizes}
     stack = E2AStack(tmp, processes=args.processes)
+    stack_b = E2AStack(tmp / COMPARED, processes=args.processes, repo=compare_tree) if compare_tree else None
     rounds: list[Round] = []
     skipped: dict[str, str] = {}
     profile_summary = None
@@ -577,7 +642,13 @@ def main(argv: list[str] | None = None) -> int:
         if "e2a" in wanted:
             stack.start_e2a({"cpu_affinity": args.pin} if args.pin is not None else {}, log)
             stack.api("/api/v1/agents", {"slug": AGENT_SLUG, "name": "Bench", "agent_mode": "local"})
-            receivers["e2a"] = Receiver("e2a", stack.e2a_smtp, stack.e2a.pid)
+            receivers["e2a"] = Receiver("e2a", stack.e2a_smtp, stack.e2a.pid, dsn=stack.dsn)
+        if stack_b is not None:
+            stack_b.tmp.mkdir()
+            stack_b.share(stack, "e2a_b")
+            stack_b.start_e2a({"cpu_affinity": args.pin} if args.pin is not None else {}, log)
+            stack_b.api("/api/v1/agents", {"slug": AGENT_SLUG, "name": "Bench", "agent_mode": "local"})
+            receivers[COMPARED] = Receiver(COMPARED, stack_b.e2a_smtp, stack_b.e2a.pid, dsn=stack_b.dsn)
         starters = {
             "aiosmtpd": lambda: start_aiosmtpd(stack, log),
             "haraka-file": lambda: start_haraka(stack, "file", log),
@@ -593,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"SKIPPED {name}: {e}")
         if args.pin is not None and args.pin_peers:
             for name, receiver in receivers.items():
-                if name != "e2a":  # e2a pins itself: its cpu_affinity setting
+                if name not in ("e2a", COMPARED):  # e2a pins itself: its cpu_affinity setting
                     pin_threads(receiver.pid, args.pin[0])
         checker = Checker(stack.dsn)
         log("pids: " + ", ".join(f"{n} {r.pid} :{r.port}" for n, r in receivers.items())
@@ -677,13 +748,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if checker is not None:
             checker.close()
+        if stack_b is not None:
+            stack_b.stop()
         stack.stop()
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             log(f"kept {tmp}")
 
-    rows = aggregate(rounds, [n for n in ALL_RECEIVERS if n in {r.receiver for r in rounds}], args.processes or 1)
+    rows = aggregate(rounds, [n for n in ORDER if n in {r.receiver for r in rounds}], args.processes or 1)
     verdicts = targets(rows)
     print(f"e2a vs peers, {started_at:%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs, load at start "
           f"{' '.join(load_start)}, at end {' '.join(Path('/proc/loadavg').read_text().split()[:3])}"
@@ -700,7 +773,8 @@ def main(argv: list[str] | None = None) -> int:
                     "loadavg_start": load_start, "loadavg_end": Path("/proc/loadavg").read_text().split()[:3]},
         "settings": {"runs": runs, "sizes": {s: mails[s].length for s in sizes}, "concurrency": concs,
                      "messages_per_round": {s: counts[s] for s in sizes}, "quick": args.quick,
-                     "e2a_processes": args.processes, "pin": args.pin, "pin_peers": args.pin_peers, "e2a_tree": args.e2a_tree, "receivers": list(receivers) if rounds else wanted,
+                     "e2a_processes": args.processes, "pin": args.pin, "pin_peers": args.pin_peers, "e2a_tree": args.e2a_tree, "compare_tree": args.compare_tree,
+                     "receivers": list(receivers) if rounds else wanted,
                      "postgres": "embedded, defaults (fsync=on, synchronous_commit=on)"},
         "medians": rows, "targets": verdicts, "skipped": skipped,
         "rounds": [asdict(r) | {"verified_ok": r.verified_ok} for r in rounds],
