@@ -3,9 +3,11 @@ the inbox, WebSocket summaries, reply sources, retention purges and feedback."""
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 
 import psycopg2
+import pytest
 import pytest_twisted
 
 from twisted.internet.defer import Deferred
@@ -61,6 +63,56 @@ async def test_inbound_message_round_trips_through_insert_and_read(db):
     read = await message_store.read_inbound(db, agent, message.id)
     assert read is not None and read.status == "read"
     assert await message_store.read_inbound(db, agent, "msg_" + "f" * 32) is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "as_text"),
+    [
+        (b"Subject: hi\r\n\r\nbody\r\n", True),
+        (b"", True),
+        (b"quote ' backslash \\ E'\\x41' $$ -- ; \\000 \\\\\r\n", True),
+        (b"\x7f\x01\t\r\n", True),  # every 7-bit octet but NUL is text
+        (b"caf\xc3\xa9 (8BITMIME, UTF-8)", False),
+        (b"\xff\xfe not UTF-8", False),
+        (b"a NUL \x00 in the content", False),
+    ],
+)
+def test_raw_message_params_send_7bit_content_as_text_and_the_rest_as_bytes(raw, as_text):
+    """Exactly one parameter carries the bytes: text for 7-bit content without NUL."""
+    params = message_store.raw_message_params(raw)
+    if as_text:
+        assert params == {"raw_text": raw.decode("ascii"), "raw_message": None}
+    else:
+        assert params == {"raw_text": None, "raw_message": raw}
+
+
+@pytest_twisted.ensureDeferred
+async def test_stored_bytes_are_the_received_bytes_whichever_parameter_carries_them(db):
+    """Every kind of content comes back octet for octet, by read and by PostgreSQL's own hash,
+    through the text form (quotes, backslashes and what would be escapes elsewhere) and the
+    bytea form (8-bit octets, NUL, invalid UTF-8)."""
+    user_id, agent = await user_with_agent(db)
+    contents = [
+        b"",
+        b"Subject: hi\r\n\r\nbody\r\n",
+        b"quote ' backslash \\ E'\\x41' $$ -- ; \\000 \\\\ %s %(x)s\r\n",
+        bytes(range(1, 128)),
+        b"caf\xc3\xa9\r\n",
+        b"\xff\xfe\x00\x80",
+        bytes(range(256)) * 40,
+        b"7-bit line of base64 payload AAAA\r\n" * 3000,
+    ]
+    for n, raw in enumerate(contents, start=1):
+        message = _message(user_id, agent, n, raw_message=raw)
+        await _insert(db, message)
+        stored = await message_store.read_inbound(db, agent, message.id, mark_read=False)
+        assert stored is not None and stored.raw_message == raw
+        row = await db.fetchone(
+            "SELECT octet_length(raw_message) AS size, encode(sha256(raw_message), 'hex') AS digest"
+            " FROM messages WHERE id = %s",
+            (message.id,),
+        )
+        assert (row["size"], row["digest"]) == (len(raw), hashlib.sha256(raw).hexdigest())
 
 
 @pytest_twisted.ensureDeferred
