@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from e2a.store.database import Database, Txn
+from e2a.store.database import Database, Txn, octets_params, octets_sql
 from e2a.store.models import HeldAttachment, HeldMessage
 
 __all__ = [
@@ -160,7 +160,7 @@ async def release_txn(
         f"UPDATE messages SET status = %(status)s, reviewed_at = %(now)s, edited = edited OR %(edited)s,"
         f" subject = %(subject)s, to_addrs = %(to)s, cc_addrs = %(cc)s, bcc_addrs = %(bcc)s,"
         f" smtp_message_id = %(smtp_message_id)s, method = %(method)s, delivery_status = %(delivery_status)s,"
-        f" composed = %(composed)s, {_SCRUB}"
+        f" composed = {octets_sql('composed')}, {_SCRUB}"
         f" WHERE id = %(id)s AND direction = 'outbound' AND status = 'pending_approval'{unexpired}"
         f" RETURNING edited",
         {
@@ -174,7 +174,7 @@ async def release_txn(
             "smtp_message_id": values.smtp_message_id,
             "method": values.method,
             "delivery_status": values.delivery_status,
-            "composed": values.composed,
+            **octets_params("composed", values.composed),
             "id": message_id,
         },
     )

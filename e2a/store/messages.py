@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from e2a.store.accounts import MAX_WEBHOOK_SECRETS, NEWEST_SECRETS_LATERAL
-from e2a.store.database import Database, Prepared, Txn
+from e2a.store.database import Database, Prepared, Txn, octets_params, octets_sql
 from e2a.store.models import InboundMessage, InboundSummary, ReplySource
 
 # RFC 1047 duplicate suppression: a sender that lost our reply to its final dot resends the
@@ -233,32 +233,11 @@ async def find_conversation_txn(txn: Txn, agent_id: str, candidates: list[str]) 
     return value or ""
 
 
-# The stored bytes arrive as one of two parameters (raw_message_params): 7-bit content as text,
-# anything else as bytea.
-_RAW_MESSAGE_VALUE = "COALESCE(convert_to(%(raw_text)s, 'UTF8'), %(raw_message)s)"
-
-
-def raw_message_params(raw: bytes) -> dict[str, Any]:
-    """The two parameters that carry a message's stored bytes into its ``INSERT``.
-
-    WHY: psycopg2 sends a ``bytes`` parameter as a hex literal in the statement's text, twice
-    its size, which PostgreSQL's lexer then reads character by character and decodes; for a
-    100 KB message that was over a third of PostgreSQL's CPU per message (docs/performance.md).
-    Content of 7-bit octets without NUL, which most mail is, goes as a text literal of its own
-    size instead, and ``convert_to(…, 'UTF8')`` gives the same octets back as ``bytea``: ASCII
-    is the same octets in every encoding PostgreSQL offers for a server or a client. Anything
-    else (8-bit octets, NUL) goes as before. Exactly one of the two is not None.
-    """
-    if raw.isascii() and b"\0" not in raw:
-        return {"raw_text": raw.decode("ascii"), "raw_message": None}
-    return {"raw_text": None, "raw_message": raw}
-
-
 _INSERT_INBOUND = Prepared(
     "e2a_insert_inbound",
     f"INSERT INTO messages (direction, {INBOUND_COLUMNS}, content_sha256) VALUES ('inbound', "
     + ", ".join(
-        _RAW_MESSAGE_VALUE if name == "raw_message" else f"%({name})s" for name in InboundMessage.__dataclass_fields__
+        octets_sql(name) if name == "raw_message" else f"%({name})s" for name in InboundMessage.__dataclass_fields__
     )
     + ", %(content_sha256)s)",
 )
@@ -335,7 +314,7 @@ async def insert_inbound_txn(
         "to_addrs": None if message.to_addrs is None else json.dumps(message.to_addrs),
         "cc_addrs": None if message.cc_addrs is None else json.dumps(message.cc_addrs),
         "auth_headers": json.dumps(message.auth_headers),
-        **raw_message_params(message.raw_message),
+        **octets_params("raw_message", message.raw_message),
     }
     if remembered is None:
         await txn.execute_prepared(_INSERT_INBOUND, params)

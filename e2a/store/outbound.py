@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from e2a.store.database import Database, Txn
+from e2a.store.database import Database, Txn, octets_params, octets_sql
 from e2a.store.models import NewOutboundMessage, OutboundRecipientState, OutboundRecord
 
 __all__ = [
@@ -358,7 +358,8 @@ async def insert_message_txn(txn: Txn, message: NewOutboundMessage) -> None:
             [{"filename": a.filename, "content_type": a.content_type, "data": a.data} for a in message.attachments]
         )
     columns = ", ".join(row)
-    values = ", ".join(f"%({k})s" for k in row)
+    values = ", ".join(octets_sql(k) if k == "composed" else f"%({k})s" for k in row)
+    row.update(octets_params("composed", message.composed))  # after the columns: not one of them
     await txn.execute(f"INSERT INTO messages (direction, {columns}) VALUES ('outbound', {values})", row)
 
 

@@ -8,6 +8,31 @@ from typing import Any
 from e2a.store.database import Database
 from tests.support.apiserver import insert_user_with_key
 
+#: Mail octets every writer must store unchanged (e2a.store.database.octets_params): what could
+#: trip the text form (quotes, backslashes, dollar quotes, escape-like sequences, psycopg2's own
+#: placeholders, every 7-bit octet but NUL) and what must take the bytea form (8-bit octets,
+#: NUL, invalid UTF-8), small and large.
+MAIL_OCTETS = (
+    b"",
+    b"Subject: hi\r\n\r\nbody\r\n",
+    b"quote ' backslash \\ E'\\x41' $$ -- ; \\000 \\\\ %s %(x)s\r\n",
+    bytes(range(1, 128)),
+    b"caf\xc3\xa9\r\n",
+    b"\xff\xfe\x00\x80",
+    bytes(range(256)) * 40,
+    b"7-bit line of base64 payload AAAA\r\n" * 3000,
+)
+
+
+async def stored_octets(db: Database, message_id: str, column: str) -> tuple[int, str]:
+    """(octet length, SHA-256 hex) of a message's octets column, as PostgreSQL computes them."""
+    row = await db.fetchone(
+        f"SELECT octet_length({column}) AS size, encode(sha256({column}), 'hex') AS digest"
+        " FROM messages WHERE id = %s",
+        (message_id,),
+    )
+    return row["size"], row["digest"]
+
 
 async def user_with_agent(
     db: Database,

@@ -14,8 +14,9 @@ from twisted.internet.defer import Deferred
 
 from e2a.store import feedback as feedback_store
 from e2a.store import messages as message_store
+from e2a.store.database import octets_params
 from e2a.store.models import InboundMessage, InboundSummary, ReplySource
-from tests.storage.storehelpers import user_with_agent
+from tests.storage.storehelpers import MAIL_OCTETS, stored_octets, user_with_agent
 from tests.support.waiting import wait_for
 
 T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
@@ -75,15 +76,17 @@ async def test_inbound_message_round_trips_through_insert_and_read(db):
         (b"caf\xc3\xa9 (8BITMIME, UTF-8)", False),
         (b"\xff\xfe not UTF-8", False),
         (b"a NUL \x00 in the content", False),
+        (None, False),
     ],
 )
-def test_raw_message_params_send_7bit_content_as_text_and_the_rest_as_bytes(raw, as_text):
-    """Exactly one parameter carries the bytes: text for 7-bit content without NUL."""
-    params = message_store.raw_message_params(raw)
+def test_octets_params_send_7bit_content_as_text_and_the_rest_as_bytes(raw, as_text):
+    """Exactly one parameter carries the octets: text for 7-bit content without NUL (none for
+    no content)."""
+    params = octets_params("raw_message", raw)
     if as_text:
-        assert params == {"raw_text": raw.decode("ascii"), "raw_message": None}
+        assert params == {"raw_message_text": raw.decode("ascii"), "raw_message": None}
     else:
-        assert params == {"raw_text": None, "raw_message": raw}
+        assert params == {"raw_message_text": None, "raw_message": raw}
 
 
 @pytest_twisted.ensureDeferred
@@ -92,27 +95,12 @@ async def test_stored_bytes_are_the_received_bytes_whichever_parameter_carries_t
     through the text form (quotes, backslashes and what would be escapes elsewhere) and the
     bytea form (8-bit octets, NUL, invalid UTF-8)."""
     user_id, agent = await user_with_agent(db)
-    contents = [
-        b"",
-        b"Subject: hi\r\n\r\nbody\r\n",
-        b"quote ' backslash \\ E'\\x41' $$ -- ; \\000 \\\\ %s %(x)s\r\n",
-        bytes(range(1, 128)),
-        b"caf\xc3\xa9\r\n",
-        b"\xff\xfe\x00\x80",
-        bytes(range(256)) * 40,
-        b"7-bit line of base64 payload AAAA\r\n" * 3000,
-    ]
-    for n, raw in enumerate(contents, start=1):
+    for n, raw in enumerate(MAIL_OCTETS, start=1):
         message = _message(user_id, agent, n, raw_message=raw)
         await _insert(db, message)
         stored = await message_store.read_inbound(db, agent, message.id, mark_read=False)
         assert stored is not None and stored.raw_message == raw
-        row = await db.fetchone(
-            "SELECT octet_length(raw_message) AS size, encode(sha256(raw_message), 'hex') AS digest"
-            " FROM messages WHERE id = %s",
-            (message.id,),
-        )
-        assert (row["size"], row["digest"]) == (len(raw), hashlib.sha256(raw).hexdigest())
+        assert await stored_octets(db, message.id, "raw_message") == (len(raw), hashlib.sha256(raw).hexdigest())
 
 
 @pytest_twisted.ensureDeferred

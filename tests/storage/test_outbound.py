@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime, timedelta
 
 import pytest_twisted
 
 from e2a.store import approvals, outbound
 from e2a.store.models import HeldAttachment, NewOutboundMessage, OutboundRecipientState
-from tests.storage.storehelpers import user_with_agent
+from tests.storage.storehelpers import MAIL_OCTETS, stored_octets, user_with_agent
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -82,3 +83,28 @@ async def test_get_record_hides_e2a_own_mail_and_other_users(db):
     await db.run("t", outbound.insert_message_txn, _new(user_id, agent, "msg_s"))
     assert await outbound.get_record(db, user_id, "msg_n") is None
     assert await outbound.get_record(db, other, "msg_s") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_composed_octets_are_stored_unchanged_by_the_send_and_by_a_release(db):
+    """The signed bytes of a sent message, and of a hold released later, come back octet for
+    octet whichever parameter carried them (text for 7-bit, bytea for the rest)."""
+    user_id, agent = await user_with_agent(db)
+    for n, composed in enumerate(MAIL_OCTETS):
+        sent, held = f"msg_sent_{n}", f"msg_held_{n}"
+        await db.run("t", outbound.insert_message_txn, _new(user_id, agent, sent, composed=composed))
+        await db.run("t", outbound.insert_message_txn, _new(
+            user_id, agent, held, status="pending_approval", composed=None, smtp_message_id="", method="",
+            delivery_status="", approval_expires_at=NOW + timedelta(hours=1),
+        ))
+        released = approvals.Released(
+            subject="hi", to=("a@example.com",), cc=(), bcc=(), smtp_message_id=f"<{held}@mail.test>",
+            method="smtp", delivery_status="queued", composed=composed,
+        )
+        assert await db.run(
+            "t", approvals.release_txn, held, status="sent", now=NOW, edited=False, values=released,
+            require_unexpired=False,
+        ) is False
+        for mid in (sent, held):
+            assert (await outbound.load_message(db, mid)).composed == composed
+            assert await stored_octets(db, mid, "composed") == (len(composed), hashlib.sha256(composed).hexdigest())
