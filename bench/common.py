@@ -54,6 +54,7 @@ from smtp_ingest import (  # noqa: E402,F401 - re-exported
     postgres_cpu,
     proc_cpu,
     read_listening,
+    round_order,
     summarize_profile,
     tree_cpu,
     twistd_command,

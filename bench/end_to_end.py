@@ -83,6 +83,7 @@ from common import (  # noqa: E402
     postgres_cpu,
     proc_cpu,
     read_listening,
+    round_order,
     rss_kib,
     summarize_profile,
     tree_cpu,
@@ -680,11 +681,9 @@ def main(argv: list[str] | None = None) -> int:
 
             if do_matrix:
                 global_deadline = time.monotonic() + 60 * args.max_minutes
-                cell = 0
                 for run in range(runs):
-                    for conc in concs:
-                        order = ["e2a", "reference"] if (run + cell) % 2 == 0 else ["reference", "e2a"]
-                        cell += 1
+                    for cell, conc in enumerate(concs):
+                        order = round_order(["e2a", "reference"], run, cell)
                         for name in order:
                             if time.monotonic() > global_deadline:
                                 log("--max-minutes reached: stopping the matrix early")

@@ -22,11 +22,11 @@ def install() -> None:
     remembered: dict[tuple[str, str], Any] = {}
 
     async def remembered_verify(self: MailVerifier, raw: bytes, client_ip: str, helo: str, mail_from: str,
-                                now: float | None = None, header_fields: Any = None) -> Any:
+                                now: float | None = None, header_fields: Any = None, crlf_only: bool = False) -> Any:
         key = (client_ip, mail_from)
         verdict = remembered.get(key)
         if verdict is None:
-            verdict = await real_verify(self, raw, client_ip, helo, mail_from, now, header_fields)
+            verdict = await real_verify(self, raw, client_ip, helo, mail_from, now, header_fields, crlf_only)
             remembered[key] = verdict
         return verdict
 

@@ -80,6 +80,7 @@ from common import (  # noqa: E402
     postgres_cpu,
     proc_cpu,
     read_listening,
+    round_order,
     summarize_profile,
     tree_cpu,
     wait_smtp,
@@ -600,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--pin {args.pin}: this process may only use CPUs {sorted(os.sched_getaffinity(0))}")
     if args.pin_peers and args.pin is None:
         parser.error("--pin-peers needs --pin CPU")
+    if args.pg_stat and args.compare_tree:
+        parser.error("--pg-stat counts the statements of every database: not with --compare-tree")
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -710,13 +713,10 @@ def main(argv: list[str] | None = None) -> int:
                         + (f" errors {w.errors}" if w.errors else ""))
             if args.pg_stat:
                 pg_stat_reset(stack.dsn)
-            cell = 0
             for run in range(runs):
-                for s in sizes:
-                    for conc in concs:
-                        k = (run + cell) % len(names)
-                        order = names[k:] + names[:k]  # rotate who goes first, round by round
-                        cell += 1
+                for i, s in enumerate(sizes):
+                    for j, conc in enumerate(concs):
+                        order = round_order(names, run, i * len(concs) + j)
                         for name in order:
                             if time.monotonic() > deadline:
                                 log("--max-minutes reached: stopping early")

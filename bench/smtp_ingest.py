@@ -484,6 +484,21 @@ class RoundResult:
     error_samples: list[str]
 
 
+def round_order(names: list[str], run: int, cell: int) -> list[str]:
+    """The order of the receivers in one cell (size, concurrency) of one run: turned by one
+    receiver every other run and reversed in between, so that over 2 × len(names) runs each
+    receiver goes first, and follows each other receiver, equally often.
+
+    WHY: a receiver measured right after another meets the PostgreSQL work that one left
+    behind (checkpoint, autovacuum, WAL). A counter over all rounds did not turn the order:
+    with one cell and two receivers (run + rounds so far) is always even, and e2a went first in
+    every run.
+    """
+    k = (run // 2 + cell) % len(names)
+    order = names[k:] + names[:k]
+    return order[::-1] if run % 2 else order
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100) of an already sorted list."""
     if not sorted_values:
@@ -835,12 +850,10 @@ def main(argv: list[str] | None = None) -> int:
                     await run_round(reactor, client_cls, port, mails[s], WARMUP_MESSAGES, 4,
                                     f"warm.{id_base}.{name}.{s}", args.round_timeout)
             log(f"warm-up done; sample: {verify_sample(stack.dsn)}")
-            cell = 0
             for run in range(runs):
-                for s in sizes:
-                    for conc in concs:
-                        order = ["e2a", "reference"] if (run + cell) % 2 == 0 else ["reference", "e2a"]
-                        cell += 1
+                for i, s in enumerate(sizes):
+                    for j, conc in enumerate(concs):
+                        order = round_order(["e2a", "reference"], run, i * len(concs) + j)
                         for name in order:
                             if time.monotonic() > global_deadline:
                                 log("--max-minutes reached: stopping early")

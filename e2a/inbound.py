@@ -97,7 +97,8 @@ class StoredCopy:
 
 class Verifier(Protocol):
     async def verify(
-        self, raw: bytes, client_ip: str, helo: str, mail_from: str, *, header_fields: Any = None
+        self, raw: bytes, client_ip: str, helo: str, mail_from: str, *, header_fields: Any = None,
+        crlf_only: bool = False,
     ) -> Any: ...
 
 
@@ -235,7 +236,10 @@ class InboundPipeline:
         verdict = await _guarded(
             abort,
             Deferred.fromCoroutine(
-                self.verifier.verify(raw, envelope.client_ip, envelope.helo, envelope.mail_from, header_fields=fields)
+                self.verifier.verify(
+                    raw, envelope.client_ip, envelope.helo, envelope.mail_from, header_fields=fields,
+                    crlf_only=getattr(envelope, "crlf_only", False),
+                )
             ),
         )
         trace = self.to_trace(verdict)

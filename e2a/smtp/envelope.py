@@ -47,6 +47,9 @@ class Envelope:
     tls: bool
     mail_from: str
     recipients: tuple[str, ...] = field(default_factory=tuple)
+    # Set by the session for content its DATA scanner let through: every line ends with CRLF
+    # and no CR or LF stands alone (mail.md §1.5), so DKIM need not count them again.
+    crlf_only: bool = False
     # Set by the session when ``store_timeout`` expires (e2a.abort): accept stops and reports
     # its real outcome instead of being cancelled mid-commit.
     abort: AbortSignal = field(default_factory=AbortSignal, compare=False, repr=False)

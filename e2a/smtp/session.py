@@ -769,6 +769,7 @@ class SmtpSession(smtp.ESMTP):
             tls=self._tls,
             mail_from=self._mail.address,
             recipients=tuple(self._rcpts),
+            crlf_only=True,  # what the scanner checked; a message that fails it is refused below
         )
         self._reset_transaction()
         verdict = scanner.verdict

@@ -67,8 +67,9 @@ def octets_params(name: str, value: bytes | None) -> dict[str, Any]:
     Octets that are all 7-bit and none NUL, which most mail is, go as a text literal of their
     own size instead (``name_text``; psycopg2 quotes it like any string), and
     ``convert_to(…, 'UTF8')`` gives the same octets back as ``bytea``: ASCII is the same octets
-    in every encoding PostgreSQL offers for a server or a client. Anything else (8-bit octets,
-    NUL) goes as ``bytea`` as before (``name``).
+    in every server encoding PostgreSQL offers, and the pool's connections speak UTF8
+    (:meth:`Database._connect`). Anything else (8-bit octets, NUL) goes as ``bytea`` as before
+    (``name``).
     """
     if value is not None and value.isascii() and b"\0" not in value:
         return {f"{name}_text": value.decode("ascii"), name: None}
@@ -231,10 +232,16 @@ class Database:
             self._idle.append(await self._connect())
 
     async def _connect(self) -> txpostgres.Connection:
-        """A new pooled connection; its prepared statements keep one plan (see :class:`Prepared`)."""
+        """A new pooled connection; its prepared statements keep one plan (see :class:`Prepared`).
+
+        Its client encoding is UTF8 whatever the DSN or the server's default says: text goes
+        out as UTF-8 and the server converts it, and the text form of :func:`octets_params`
+        is never quoted for an encoding in which a backslash is not the octet 0x5C
+        (SHIFT_JIS_2004 with ``standard_conforming_strings`` off changed such octets).
+        """
         conn = txpostgres.Connection(reactor=self._reactor)
         try:
-            await conn.connect(self._dsn)
+            await conn.connect(self._dsn, client_encoding="UTF8")
         except psycopg2.Error as e:
             raise DatabaseUnavailable(f"cannot connect to the database: {e}".strip()) from e
         try:

@@ -30,7 +30,9 @@ class CountingVerifier:
     def __init__(self) -> None:
         self.calls = 0
 
-    async def verify(self, raw: bytes, client_ip: str, helo: str, mail_from: str, header_fields: Any = None) -> Any:
+    async def verify(
+        self, raw: bytes, client_ip: str, helo: str, mail_from: str, header_fields: Any = None, crlf_only: bool = False
+    ) -> Any:
         self.calls += 1
         return None
 

@@ -88,3 +88,16 @@ async def test_notify_reaches_listener_only_after_commit(db, db_dsn):
     await db.run("notify", _notify_txn)
     assert await got == "agent@example.com\tmsg_1"
     listener.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_pooled_connections_speak_utf8_whatever_the_dsn_asks(db_dsn):
+    """The pool's client encoding is UTF8 even when the DSN names another one (octets_params'
+    text form relies on it)."""
+    database = Database(f"{db_dsn} client_encoding=SHIFT_JIS_2004", 1, reactor)
+    await database.start()
+    try:
+        row = await database.fetchone("SHOW client_encoding")
+        assert row == {"client_encoding": "UTF8"}
+    finally:
+        database.close()

@@ -96,11 +96,14 @@ async def test_stored_bytes_are_the_received_bytes_whichever_parameter_carries_t
     bytea form (8-bit octets, NUL, invalid UTF-8)."""
     user_id, agent = await user_with_agent(db)
     for n, raw in enumerate(MAIL_OCTETS, start=1):
-        message = _message(user_id, agent, n, raw_message=raw)
-        await _insert(db, message)
-        stored = await message_store.read_inbound(db, agent, message.id, mark_read=False)
-        assert stored is not None and stored.raw_message == raw
-        assert await stored_octets(db, message.id, "raw_message") == (len(raw), hashlib.sha256(raw).hexdigest())
+        # Both ways the statement runs: plain SQL in a transaction, and the accept's way, the
+        # prepared statement's EXECUTE in a batched (group-committed) write.
+        for k, write in enumerate((db.run, db.run_batched)):
+            message = _message(user_id, agent, n, id=f"msg_{k}{n:031x}", raw_message=raw)
+            await write("insert", message_store.insert_inbound_txn, message)
+            stored = await message_store.read_inbound(db, agent, message.id, mark_read=False)
+            assert stored is not None and stored.raw_message == raw
+            assert await stored_octets(db, message.id, "raw_message") == (len(raw), hashlib.sha256(raw).hexdigest())
 
 
 @pytest_twisted.ensureDeferred

@@ -79,7 +79,9 @@ class FakeVerifier:
     verdicts: dict[str, TraceInput] = dataclasses.field(default_factory=dict)
     calls: int = 0
 
-    async def verify(self, raw: bytes, client_ip: str, helo: str, mail_from: str, header_fields: Any = None) -> Any:
+    async def verify(
+        self, raw: bytes, client_ip: str, helo: str, mail_from: str, header_fields: Any = None, crlf_only: bool = False
+    ) -> Any:
         self.calls += 1
         return self.verdicts.get(mail_from.rpartition("@")[2].lower(), self.default)
 

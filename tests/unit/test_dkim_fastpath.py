@@ -160,6 +160,31 @@ def test_split_matches_rfc822_parse(raw):
         assert got == expected
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"\r\n",
+        b"\r\nbody only\r\n",
+        b"A: b\r\n",
+        b"A: b\r\n\r\n",
+        b"A: b\r\n c\r\n\r\nbody\r\n\r\n",
+        b"From x\r\nA: b\r\n\r\nbody",
+        b"A: b\r\nC: d\r\n\r\n" + b"line\r\n" * 2000,
+    ],
+)
+def test_split_of_crlf_only_content_skips_the_count_and_still_matches(raw):
+    """With ``crlf_only`` (content the SMTP DATA scanner let through) the split is still
+    dkimpy's rfc822_parse, without counting the line ends."""
+    class Uncounted(bytes):
+        def count(self, *_args):
+            raise AssertionError("counted the line ends of content known to be CRLF-only")
+
+    expected = dkim.rfc822_parse(raw)
+    headers, body = _dkim_split(Uncounted(raw), crlf_only=True)
+    assert [list(h) for h in headers] == [list(h) for h in expected[0]] and body == expected[1]
+
+
 def _btag_cases():
     import random
 

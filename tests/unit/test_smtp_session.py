@@ -284,3 +284,19 @@ def test_session_timeout_during_store_bounded_by_store_timeout():
     clock.advance(20)
     assert replies(transport) == ["451 4.3.0 Temporary failure, try again later", "421 4.4.2 mx.test Timeout, closing connection"]
     assert transport.disconnecting
+
+
+def test_accepted_content_is_handed_over_as_crlf_only_and_refused_content_never_is():
+    """The envelope handed to accept says the DATA scanner found CRLF line ends only (DKIM then
+    does not count them again); content with a bare LF never reaches accept (550 5.6.0)."""
+    proto, transport, _clock, fakes = session()
+    start_data(proto, transport)
+    proto.dataReceived(b"A: b\r\n\r\nbody\r\n.\r\n")
+    [(envelope, raw)] = fakes.accepted
+    assert envelope.crlf_only is True and raw == b"A: b\r\n\r\nbody\r\n"
+    fakes.pending[0].callback("msg_" + "0" * 32)
+    transport.clear()
+    proto.dataReceived(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<bot@x.test>\r\nDATA\r\n")
+    assert replies(transport)[-1].startswith("354")
+    proto.dataReceived(b"A: b\r\n\r\nbare\nLF\r\n.\r\n")
+    assert replies(transport)[-1].startswith("550 5.6.0") and len(fakes.accepted) == 1
