@@ -143,7 +143,7 @@ class MailVerifier:
         (the inbound pipeline), so the header section is not split a second time.
         ``crlf_only``: the caller knows that every line of ``raw`` ends with CRLF and no CR or
         LF stands alone (the SMTP DATA scanner's check, mail.md §1.5), so DKIM does not count
-        them again (:func:`_dkim_split`); wrong for other content, the default checks.
+        them again (:func:`_dkim_split`). Only for content so checked; the default counts.
         """
         when = self._reactor.seconds() if now is None else now
         deadline = None if self._budget is None else time.monotonic() + self._budget
