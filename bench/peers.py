@@ -563,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--round-timeout", type=float, default=120.0, help="wall-clock cap per round, seconds")
     parser.add_argument("--max-minutes", type=float, default=30.0, help="wall-clock cap for all rounds")
     parser.add_argument("--profile", metavar="DIR", default=None,
-                        help="py-spy record e2a during its 2 KB rounds (raw collapsed stacks into DIR)")
+                        help="py-spy record e2a during its rounds (raw collapsed stacks into DIR; summarised per size)")
     parser.add_argument("--profile-gil", action="store_true",
                         help="with --profile: sample only the thread holding the GIL (where Python CPU goes)")
     parser.add_argument("--e2a-tree", metavar="DIR", default=None,
@@ -683,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
         async def one_round(reactor: Any, r: Receiver, size: str, conc: int, run: int, count: int,
                             prefix: str) -> Round:
             checker.mark(r)
-            profiling = profiler is not None and r.name == "e2a" and size == "2k" and run >= 0
+            profiling = profiler is not None and r.name == "e2a" and run >= 0
             if profiling:
                 profiler.start(f"e2a-{size}-c{conc}-run{run}", int(args.round_timeout) + 30)
             c0, p0, d0, m0, l0 = (tree_cpu(r.pid), pg_cpu_total(stack.postmaster_pid), proc_cpu(dns_pid),
@@ -738,7 +738,8 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as e:
             exit_code = int(e.code or 0)
         if profiler is not None:
-            profile_summary = summarize_profile(profiler.files)
+            profile_summary = {size: summarize_profile([f for f in profiler.files if f.name.startswith(f"e2a-{size}-")])
+                               for size in sizes}
         if args.pg_stat:
             accepted = sum(r.ok for r in rounds if r.receiver == "e2a")
             pg_stat = pg_stat_top(stack.dsn, accepted or 1)

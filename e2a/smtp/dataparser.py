@@ -22,6 +22,12 @@ from dataclasses import dataclass
 _CRLF = b"\r\n"
 _END = b"\r\n.\r\n"
 _STUFFED = b"\r\n."
+# The regular-expression engine finds these literals in about half the time ``bytes.find`` and
+# ``bytes.count`` take over a large message (both stop at each CR, the engine more cheaply).
+_FIND_END = re.compile(re.escape(_END)).search
+_FIND_STUFFED = re.compile(re.escape(_STUFFED)).findall
+# A CR that no LF follows (the end of a region counts as no LF).
+_FIND_BARE_CR = re.compile(rb"\r(?!\n)").search
 
 # A top-level header line: field name of printable ASCII except ':' (whitespace before the
 # colon tolerated), or a continuation line starting with SP/TAB (mail.md §1.5 item 5).
@@ -108,8 +114,9 @@ class DataScanner:
             raise RuntimeError("DataScanner already finished")
         carried = len(self._buf)
         buf = self._buf + data
-        end = buf.find(_END)
-        if end >= 0:
+        found = _FIND_END(buf)
+        if found is not None:
+            end = found.start()
             # buf[:end] are complete lines (each preceded by its CRLF); the CRLF at `end`
             # ends the last content line and belongs to the content.
             self._take(buf[:end])
@@ -179,8 +186,8 @@ class DataScanner:
         """
         if not region:
             return
-        # memchr for '.' first: base64 bodies have none, and the 3-octet count is the slow part.
-        stuffed = region.count(_STUFFED) if b"." in region else 0
+        # memchr for '.' first: base64 bodies have none, and the 3-octet search is the slow part.
+        stuffed = len(_FIND_STUFFED(region)) if b"." in region else 0
         n = len(region) - stuffed
         starts_with_synthetic = self._first and not self._mid_line
         if starts_with_synthetic:
@@ -189,11 +196,12 @@ class DataScanner:
         self._count(n)
 
         if not self.bad_line_ending:
-            crlf = region.count(_CRLF)
+            # With no CR lacking its LF, as many LFs as CRs means each LF follows a CR: no bare
+            # LF either. (Cheaper than counting CRLFs: a two-octet count is the slow part.)
             if (
                 b"\x00" in region
-                or region.count(b"\r") != crlf
-                or region.count(b"\n") != crlf
+                or region.count(b"\r") != region.count(b"\n")
+                or _FIND_BARE_CR(region) is not None
             ):
                 self.bad_line_ending = True
                 self._reject()

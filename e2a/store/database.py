@@ -57,6 +57,50 @@ def octets_sql(name: str) -> str:
     return f"COALESCE(convert_to(%({name}_text)s, 'UTF8'), %({name})s)"
 
 
+#: The delimiter of the dollar-quoted literal that carries 7-bit mail octets (:func:`octets_params`).
+OCTETS_TAG = b"$e2a_octets$"
+
+
+class DollarQuoted:
+    """A string constant psycopg2 puts into a statement as it stands: ``$e2a_octets$…$e2a_octets$``.
+
+    WHY: psycopg2's own quoting of a ``str`` walks it character by character
+    (``PQescapeStringConn``); for a 100 KB message that was a sixth of the reactor's time per
+    message (docs/performance.md). In a dollar-quoted constant PostgreSQL takes every character
+    up to the closing tag as it is (no escapes, whatever ``standard_conforming_strings`` says),
+    so octets need no quoting at all when they are 7-bit, hold no NUL, and the first
+    :data:`OCTETS_TAG` after the opening one is the closing one: the tag may not occur in the
+    octets, nor start in them and end in the closing tag (octets ending in ``$e2a_octets``).
+    Anything else raises ``ValueError``; :func:`octets_params` then sends ``bytea``.
+    """
+
+    __slots__ = ("_quoted",)
+
+    def __init__(self, octets: bytes) -> None:
+        if not octets.isascii() or b"\0" in octets:
+            raise ValueError("only 7-bit octets without NUL can be dollar-quoted")
+        quoted = OCTETS_TAG + octets + OCTETS_TAG
+        # memchr for '$' first: most mail has none, and then only the closing tag can end it.
+        if b"$" in octets and quoted.find(OCTETS_TAG, len(OCTETS_TAG)) != len(OCTETS_TAG) + len(octets):
+            raise ValueError("octets that hold the dollar-quote's tag cannot be dollar-quoted")
+        self._quoted = quoted
+
+    def __conform__(self, protocol: Any) -> DollarQuoted:
+        return self  # psycopg2's adapter protocol (ISQLQuote): this object quotes itself
+
+    def getquoted(self) -> bytes:
+        return self._quoted
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DollarQuoted) and other._quoted == self._quoted
+
+    def __hash__(self) -> int:
+        return hash(self._quoted)
+
+    def __repr__(self) -> str:
+        return f"DollarQuoted({len(self._quoted) - 2 * len(OCTETS_TAG)} octets)"
+
+
 def octets_params(name: str, value: bytes | None) -> dict[str, Any]:
     """The two parameters that carry mail octets (a stored message, a composed one) into a
     statement, for :func:`octets_sql`; exactly one is not None unless ``value`` is None.
@@ -64,15 +108,18 @@ def octets_params(name: str, value: bytes | None) -> dict[str, Any]:
     WHY: psycopg2 sends a ``bytes`` parameter as a hex literal in the statement's text, twice
     its size, which PostgreSQL's lexer then reads one character at a time and decodes; for a
     100 KB message that was over a third of PostgreSQL's CPU per message (docs/performance.md).
-    Octets that are all 7-bit and none NUL, which most mail is, go as a text literal of their
-    own size instead (``name_text``; psycopg2 quotes it like any string), and
-    ``convert_to(…, 'UTF8')`` gives the same octets back as ``bytea``: ASCII is the same octets
-    in every server encoding PostgreSQL offers, and the pool's connections speak UTF8
-    (:meth:`Database._connect`). Anything else (8-bit octets, NUL) goes as ``bytea`` as before
-    (``name``).
+    Octets that are all 7-bit and none NUL, which most mail is, go as a string constant of
+    their own size instead (``name_text``, a :class:`DollarQuoted` that needs no escaping),
+    and ``convert_to(…, 'UTF8')`` gives the same octets back as ``bytea``: ASCII is the same
+    octets in every server encoding PostgreSQL offers, and the pool's connections speak UTF8
+    (:meth:`Database._connect`). Anything else (8-bit octets, NUL, content that holds the
+    dollar-quote's tag) goes as ``bytea`` as before (``name``).
     """
-    if value is not None and value.isascii() and b"\0" not in value:
-        return {f"{name}_text": value.decode("ascii"), name: None}
+    if value is not None:
+        try:
+            return {f"{name}_text": DollarQuoted(value), name: None}
+        except ValueError:
+            pass
     return {f"{name}_text": None, name: value}
 
 
@@ -235,9 +282,10 @@ class Database:
         """A new pooled connection; its prepared statements keep one plan (see :class:`Prepared`).
 
         Its client encoding is UTF8 whatever the DSN or the server's default says: text goes
-        out as UTF-8 and the server converts it, and the text form of :func:`octets_params`
-        is never quoted for an encoding in which a backslash is not the octet 0x5C
-        (SHIFT_JIS_2004 with ``standard_conforming_strings`` off changed such octets).
+        out as UTF-8 and the server converts it, and psycopg2 never quotes a string for an
+        encoding in which a backslash is not the octet 0x5C (SHIFT_JIS_2004 with
+        ``standard_conforming_strings`` off changed such octets in what was once the text form
+        of :func:`octets_params`).
         """
         conn = txpostgres.Connection(reactor=self._reactor)
         try:

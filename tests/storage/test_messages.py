@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred
 
 from e2a.store import feedback as feedback_store
 from e2a.store import messages as message_store
-from e2a.store.database import octets_params
+from e2a.store.database import DollarQuoted, octets_params
 from e2a.store.models import InboundMessage, InboundSummary, ReplySource
 from tests.storage.storehelpers import MAIL_OCTETS, stored_octets, user_with_agent
 from tests.support.waiting import wait_for
@@ -73,6 +73,10 @@ async def test_inbound_message_round_trips_through_insert_and_read(db):
         (b"", True),
         (b"quote ' backslash \\ E'\\x41' $$ -- ; \\000 \\\\\r\n", True),
         (b"\x7f\x01\t\r\n", True),  # every 7-bit octet but NUL is text
+        (b"$ $$ $e2a$ e2a_octets$ $e2a_octets cut short", True),  # dollars, the tag in parts
+        (b"$", True),
+        (b"a body with $e2a_octets$ in it", False),  # the dollar-quote's tag
+        (b"ends in $e2a_octets", False),  # with the closing tag's '$' it would end the constant
         (b"caf\xc3\xa9 (8BITMIME, UTF-8)", False),
         (b"\xff\xfe not UTF-8", False),
         (b"a NUL \x00 in the content", False),
@@ -80,11 +84,12 @@ async def test_inbound_message_round_trips_through_insert_and_read(db):
     ],
 )
 def test_octets_params_send_7bit_content_as_text_and_the_rest_as_bytes(raw, as_text):
-    """Exactly one parameter carries the octets: text for 7-bit content without NUL (none for
-    no content)."""
+    """Exactly one parameter carries the octets: a dollar-quoted string constant for 7-bit
+    content without NUL that cannot end the constant early (none for no content)."""
     params = octets_params("raw_message", raw)
     if as_text:
-        assert params == {"raw_message_text": raw.decode("ascii"), "raw_message": None}
+        assert params == {"raw_message_text": DollarQuoted(raw), "raw_message": None}
+        assert params["raw_message_text"].getquoted() == b"$e2a_octets$" + raw + b"$e2a_octets$"
     else:
         assert params == {"raw_message_text": None, "raw_message": raw}
 
