@@ -283,9 +283,8 @@ class Database:
 
         Its client encoding is UTF8 whatever the DSN or the server's default says: text goes
         out as UTF-8 and the server converts it, and psycopg2 never quotes a string for an
-        encoding in which a backslash is not the octet 0x5C (SHIFT_JIS_2004 with
-        ``standard_conforming_strings`` off changed such octets in what was once the text form
-        of :func:`octets_params`).
+        encoding in which a backslash is not the octet 0x5C (with SHIFT_JIS_2004 and
+        ``standard_conforming_strings`` off, quoted backslashes came back changed).
         """
         conn = txpostgres.Connection(reactor=self._reactor)
         try:
