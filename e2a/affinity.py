@@ -10,16 +10,25 @@ throughput rose by about 12 % (docs/performance.md, "Keeping a process on one CP
 Only Linux has per-thread affinity (``os.sched_setaffinity`` on a thread id); elsewhere a
 configured ``cpu_affinity`` is refused at start. External programs e2a starts (the embedded
 PostgreSQL, the other processes) get the CPUs the process started with: :func:`unpinned`.
+
+``colocate_threads`` (on by default, used when ``cpu_affinity`` is empty): the same saving
+without a pin. :class:`ThreadFollower` moves the mail-auth threads to the CPU the reactor thread
+is on each time it hands them a call; the reactor itself stays free to move, and they follow.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
+from twisted.logger import Logger
+
 from e2a.errors import ConfigError
+
+log = Logger()
 
 #: The CPUs this process could use before :func:`pin_process` (None: never pinned).
 _original: frozenset[int] | None = None
@@ -137,3 +146,103 @@ def unpinned() -> Iterator[None]:
             # the original CPUs like every other.
             if _original is not None:
                 os.sched_setaffinity(0, pinned)
+
+
+# ---------------------------------------------------------------- colocate_threads
+
+
+def current_cpu_reader() -> Callable[[], int] | None:
+    """A function returning the CPU the calling thread runs on, or None where there is none.
+
+    libc's ``sched_getcpu`` (glibc and musl; on Linux a vDSO read, no system call), through
+    ctypes: under a tenth of a microsecond per call, cheap enough for every hand-over.
+    """
+    if not supported():
+        return None
+    try:
+        fn = ctypes.CDLL(None).sched_getcpu
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = []
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+class ThreadFollower:
+    """Keeps a set of threads on the CPU of the thread that calls :meth:`follow`.
+
+    Why: the reactor hands each message's verification to a mail-auth thread, and the two take
+    turns at the GIL. On different CPUs every turn wakes the other CPU, and the woken thread often
+    finds the lock taken again (docs/performance.md, "Keeping a process on one CPU"). Pinning the
+    whole process (``cpu_affinity``) removes that but keeps the process on a CPU something else
+    may keep busy. Here only the followers are pinned, each time to wherever the reactor thread
+    runs when it hands them a call: the kernel still moves the reactor as it likes, and the
+    threads it wakes are on its CPU when they wake.
+
+    Cost: one ``sched_getcpu`` per :meth:`follow`, and one ``sched_setaffinity`` per thread
+    when the caller's CPU changed since the last call. If the kernel refuses a move (a seccomp
+    profile, a cpuset changed under the process), the threads get back the CPUs the caller had
+    when the follower was made and following stops, with one warning.
+
+    Args:
+        getcpu: the calling thread's CPU (:func:`current_cpu_reader`); negative: unknown.
+        setaffinity: default ``os.sched_setaffinity`` (the tests inject their own).
+        getaffinity: default ``os.sched_getaffinity``; read once, for :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        getcpu: Callable[[], int],
+        setaffinity: Callable[[int, Iterable[int]], None] | None = None,
+        getaffinity: Callable[[int], Iterable[int]] | None = None,
+    ) -> None:
+        self._getcpu = getcpu
+        self._setaffinity = setaffinity or os.sched_setaffinity
+        self._original = frozenset((getaffinity or os.sched_getaffinity)(0))
+        self._tids: tuple[int, ...] = ()
+        self._cpu = -1
+        self.active = True
+
+    @property
+    def cpu(self) -> int:
+        """The CPU the threads were last moved to (-1: not yet)."""
+        return self._cpu
+
+    def set_threads(self, tids: Iterable[int]) -> None:
+        """Follow these threads (native thread ids) instead of those set before; they move at the
+        next :meth:`follow`. Set them again (or to none) when they end: the kernel reuses ids."""
+        self._tids = tuple(tids)
+        self._cpu = -1
+
+    def follow(self) -> None:
+        """Move the threads to the caller's CPU, if it is not theirs already."""
+        if not self.active:
+            return
+        cpu = self._getcpu()
+        if cpu == self._cpu or cpu < 0:
+            return
+        for tid in self._tids:
+            try:
+                self._setaffinity(tid, {cpu})
+            except ProcessLookupError:
+                continue  # the thread has ended
+            except OSError as e:
+                self.stop()
+                log.warn(
+                    "colocate_threads: cannot move a thread to CPU {cpu} ({error}); "
+                    "the mail-auth threads run on any CPU from now on",
+                    cpu=cpu,
+                    error=e.strerror or e,
+                )
+                return
+        self._cpu = cpu
+
+    def stop(self) -> None:
+        """Stop following and give the threads back the CPUs the caller had at the start."""
+        self.active = False
+        self._cpu = -1
+        for tid in self._tids:
+            try:
+                self._setaffinity(tid, self._original)
+            except OSError:
+                pass  # ended, or refused as well: nothing more to do for it

@@ -200,6 +200,9 @@ class Config:
     # CPUs the processes run on, one CPU per process taken in turn (docs/configuration.md,
     # "cpu_affinity"; e2a.affinity); empty: the kernel decides.
     cpu_affinity: tuple[int, ...] = ()
+    # With cpu_affinity empty: the mail-auth threads follow the reactor thread's CPU
+    # (docs/configuration.md, "colocate_threads"; e2a.affinity.ThreadFollower).
+    colocate_threads: bool = True
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -487,7 +490,7 @@ def load_config(
             problems.append("shared_domain: not a valid domain name")
     config = Config(
         env=top.env, data_dir=top.data_dir, shared_domain=shared.lower(), processes=top.processes,
-        cpu_affinity=top.cpu_affinity, **sections
+        cpu_affinity=top.cpu_affinity, colocate_threads=top.colocate_threads, **sections
     )
     problems.extend(validate(config))
     if problems:

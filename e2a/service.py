@@ -183,7 +183,10 @@ class E2AService(service.Service):
         # (5 s timeouts), so too few would let two bad senders stall verification for all.
         # 4 balances the two (2 and 8 threads measured within noise of each other). One call per
         # message, so its hand-off is the lean one of e2a.workers, not ThreadPool's.
-        self.mailauth_pool = WorkerPool(reactor, 4, "e2a-mailauth")
+        # ``colocate_threads``: unless the whole process is pinned, the pool's threads follow the
+        # reactor thread's CPU, so handing a call over does not wake another CPU (e2a.affinity).
+        self.thread_follower = self._thread_follower(config)
+        self.mailauth_pool = WorkerPool(reactor, 4, "e2a-mailauth", self.thread_follower)
         self.metrics, self._metrics_sampler = self._build_metrics()
         # The start-up plan that bounds ``http.max_connections`` so SMTP keeps its descriptors.
         self.fd_budget: FdBudget = plan_descriptors(config)
@@ -283,6 +286,15 @@ class E2AService(service.Service):
 
     # ---- construction helpers -----------------------------------------------------------
 
+    def _thread_follower(self, config: Config) -> affinity.ThreadFollower | None:
+        """The mail-auth threads' :class:`~e2a.affinity.ThreadFollower`, or None: when
+        ``colocate_threads`` is off, when ``cpu_affinity`` already keeps every thread on one
+        CPU, or where the platform cannot tell a thread's CPU (then the setting does nothing)."""
+        if not config.colocate_threads or self.cpu is not None:
+            return None
+        getcpu = affinity.current_cpu_reader()
+        return None if getcpu is None else affinity.ThreadFollower(getcpu)
+
     def _build_metrics(self) -> tuple[E2AMetrics, task.LoopingCall | None]:
         """This process's metrics. With ``processes: N`` every process writes its counters into
         ``<data_dir>/metrics`` (the parent empties it first) and any process's ``/metrics``
@@ -346,6 +358,8 @@ class E2AService(service.Service):
         self._stoppers.append(self.blocking_pool.stop)
         self.mailauth_pool.start()
         self._stoppers.append(self.mailauth_pool.stop)
+        if self.thread_follower is not None:
+            log.info("e2a keeps its mail-auth threads on the CPU of its main thread (colocate_threads)")
         if self._metrics_sampler is not None:
             self._metrics_sampler.start(5.0, now=False)
             self._stoppers.append(self._metrics_sampler.stop)

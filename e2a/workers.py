@@ -10,6 +10,10 @@ the reactor gives the GIL away. Here a call goes into one C ``queue.SimpleQueue`
 workers take from, and finished calls are collected in a deque that the reactor empties with
 one ``callFromThread`` however many finished while it was busy.
 
+A pool may be given an :class:`~e2a.affinity.ThreadFollower` (``colocate_threads``): each
+hand-over then first moves the threads to the CPU the reactor thread is on, so the one that
+wakes for the call takes the GIL over from the reactor without waking another CPU.
+
 What stays the same: a bounded number of threads (a slow call, such as a DNS lookup that
 times out, holds one thread and never the reactor), results and failures as a
 :class:`~twisted.internet.defer.Deferred` fired on the reactor thread, and ``stop`` joining
@@ -22,10 +26,13 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from queue import SimpleQueue
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
+
+if TYPE_CHECKING:
+    from e2a.affinity import ThreadFollower
 
 _T = TypeVar("_T")
 
@@ -44,9 +51,11 @@ class WorkerPool:
         reactor: gives results back to its thread (``callFromThread``).
         size: the number of threads, all started by :meth:`start`.
         name: the threads' name prefix (it shows in ``py-spy``, ``top -H`` and logs).
+        follower: keeps the threads on the CPU of the thread calling :meth:`run`
+            (``colocate_threads``); None: the kernel places them.
     """
 
-    def __init__(self, reactor: Any, size: int, name: str) -> None:
+    def __init__(self, reactor: Any, size: int, name: str, follower: ThreadFollower | None = None) -> None:
         if size < 1:
             raise ValueError("a worker pool needs at least one thread")
         self._reactor = reactor
@@ -59,6 +68,7 @@ class WorkerPool:
         self._collect_pending = False
         self._threads: list[threading.Thread] = []
         self._running = False
+        self._follower = follower
 
     def start(self) -> None:
         """Start the threads (idle ones wait in the queue's C lock, costing nothing)."""
@@ -69,6 +79,8 @@ class WorkerPool:
             thread = threading.Thread(target=self._work, name=f"{self._name}-{number}", daemon=True)
             thread.start()
             self._threads.append(thread)
+        if self._follower is not None:
+            self._follower.set_threads(t.native_id for t in self._threads if t.native_id is not None)
 
     def stop(self) -> None:
         """Let the calls already handed over finish, then end and join every thread.
@@ -84,6 +96,8 @@ class WorkerPool:
         for thread in self._threads:
             thread.join()
         self._threads = []
+        if self._follower is not None:
+            self._follower.set_threads(())
 
     def run(self, fn: Callable[..., _T], *args: Any) -> defer.Deferred[_T]:
         """Call ``fn(*args)`` in a worker thread; the Deferred fires on the reactor thread
@@ -91,6 +105,8 @@ class WorkerPool:
         if not self._running:
             return defer.fail(PoolStopped(f"the {self._name} worker pool is not running"))
         d: defer.Deferred[_T] = defer.Deferred()
+        if self._follower is not None:
+            self._follower.follow()  # before the put: the thread it wakes is already here
         self._calls.put((fn, args, d))
         return d
 

@@ -8,8 +8,9 @@ same path twistd takes); each key's check then looks at what the running service
 a listener address, an SMTP greeting or EHLO keyword, an HTTP answer, a rate limit that bites, or
 the value inside the component that applies it (the SMTP factory, the workers, the token signer,
 the DNS client). Keys that cannot share that service (``env``, ``processes``, ``cpu_affinity``,
-``database.auto_migrate``, ``metrics.enabled``, ``signing.master_key_file``, ``outbound.direct_mx``,
-``logging.*``) are checked on their own, as cheaply as their effect allows.
+``colocate_threads`` off, ``database.auto_migrate``, ``metrics.enabled``,
+``signing.master_key_file``, ``outbound.direct_mx``, ``logging.*``) are checked on their own, as
+cheaply as their effect allows.
 """
 
 from __future__ import annotations
@@ -275,6 +276,30 @@ async def _cpu_affinity(walk: Walk, request: Any) -> None:
         build_service(
             dataclasses.replace(config, processes=2, cpu_affinity=(allowed[0], unusable)), reactor, standalone=False
         )
+
+
+@check("colocate_threads")
+async def _colocate_threads(walk: Walk, request: Any) -> None:
+    """On (the walker leaves the default): a call handed to the mail-auth pool runs on the one CPU
+    its thread was just moved to, the reactor thread's. Off, or with ``cpu_affinity`` (every
+    thread on one CPU already), the service builds no follower. The threads following the caller
+    from CPU to CPU: tests/unit/test_affinity.py."""
+    import dataclasses
+    import os
+
+    from e2a import affinity
+    from e2a.service import build_service
+
+    if affinity.current_cpu_reader() is None:
+        pytest.skip("no sched_getcpu: the setting does nothing here")
+    follower = walk.service.thread_follower
+    assert follower is not None and walk.service.mailauth_pool._follower is follower
+    mask = await walk.service.mailauth_pool.run(os.sched_getaffinity, 0)
+    assert mask == {follower.cpu}
+    config = dataclasses.replace(walk.config, data_dir=str(walk.tmp / "colocate"))
+    assert build_service(dataclasses.replace(config, colocate_threads=False), reactor, standalone=False).thread_follower is None
+    pinned = dataclasses.replace(config, cpu_affinity=(sorted(os.sched_getaffinity(0))[0],))
+    assert build_service(pinned, reactor, standalone=False).thread_follower is None
 
 
 # ---- smtp ------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+from typing import Any
 
 import pytest
 
@@ -152,3 +153,141 @@ def test_a_cpu_that_cannot_be_used_at_pin_time_leaves_the_process_as_it_was():
     assert all(_masks().get(tid, mask) == mask for tid, mask in before.items())
     with affinity.unpinned():  # not pinned: nothing to give back
         assert os.sched_getaffinity(0) == before[threading.get_native_id()]
+
+
+# ---------------------------------------------------------------- colocate_threads
+
+
+class FakeKernel:
+    """The two calls a ThreadFollower makes: which CPU the caller is on, and moving a thread."""
+
+    def __init__(self, cpu: int, refuse: dict[int, OSError] | None = None) -> None:
+        self.cpu = cpu
+        self.refuse = refuse or {}
+        self.moves: list[tuple[int, frozenset[int]]] = []
+
+    def getcpu(self) -> int:
+        return self.cpu
+
+    def setaffinity(self, tid: int, cpus: Any) -> None:
+        if tid in self.refuse:
+            raise self.refuse[tid]
+        self.moves.append((tid, frozenset(cpus)))
+
+    def follower(self) -> affinity.ThreadFollower:
+        return affinity.ThreadFollower(self.getcpu, self.setaffinity, lambda tid: {0, 1, 2, 3})
+
+
+@pytest.mark.parametrize(
+    ("cpus", "moves"),
+    [
+        # The caller's CPU at each follow() → the CPU every thread is moved to (None: no move).
+        ([1], [1]),
+        ([1, 1, 1], [1, None, None]),  # already there: no system call
+        ([1, 0, 0, 1], [1, 0, None, 1]),  # the caller moved: the threads follow, each time
+        ([-1, 2, -1, 2], [None, 2, None, None]),  # CPU unknown: left where they are
+    ],
+)
+def test_the_threads_follow_the_callers_cpu_and_only_when_it_changed(cpus, moves):
+    kernel = FakeKernel(0)
+    follower = kernel.follower()
+    follower.set_threads([11, 12])
+    for cpu, expected in zip(cpus, moves, strict=True):
+        kernel.cpu = cpu
+        kernel.moves.clear()
+        follower.follow()
+        assert kernel.moves == ([] if expected is None else [(11, frozenset({expected})), (12, frozenset({expected}))])
+
+
+def test_new_threads_are_moved_at_the_next_follow_even_on_the_same_cpu():
+    kernel = FakeKernel(3)
+    follower = kernel.follower()
+    follower.set_threads([11])
+    follower.follow()
+    follower.set_threads([21, 22])  # e.g. the pool restarted: the old ids may be reused
+    kernel.moves.clear()
+    follower.follow()
+    assert kernel.moves == [(21, frozenset({3})), (22, frozenset({3}))]
+    assert follower.cpu == 3
+
+
+def test_a_thread_that_ended_does_not_stop_the_others_from_following():
+    kernel = FakeKernel(2, refuse={11: ProcessLookupError(3, "No such process")})
+    follower = kernel.follower()
+    follower.set_threads([11, 12])
+    follower.follow()
+    assert kernel.moves == [(12, frozenset({2}))]
+    assert follower.active and follower.cpu == 2
+
+
+def test_a_refused_move_gives_every_thread_back_its_cpus_and_stops_following():
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        kernel = FakeKernel(1, refuse={12: PermissionError(1, "Operation not permitted")})
+        follower = kernel.follower()
+        follower.set_threads([11, 12, 13])
+        follower.follow()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    # 11 had moved before 12 was refused; then every thread gets the caller's original CPUs back
+    # (12 refuses that too, which is left at that).
+    assert kernel.moves == [(11, frozenset({1})), (11, frozenset({0, 1, 2, 3})), (13, frozenset({0, 1, 2, 3}))]
+    assert not follower.active and follower.cpu == -1
+    kernel.moves.clear()
+    kernel.cpu = 0
+    follower.follow()
+    assert kernel.moves == []
+    warnings = [e for e in events if "colocate_threads" in e.get("log_format", "")]
+    assert len(warnings) == 1 and warnings[0]["error"] == "Operation not permitted"
+
+
+def test_colocate_threads_is_on_by_default_and_read_from_yaml_and_environment(tmp_path):
+    assert Config().colocate_threads is True
+    assert load_config(environ={}, cwd=tmp_path).colocate_threads is True
+    path = tmp_path / "e2a.yaml"
+    path.write_text("colocate_threads: false\n")
+    assert load_config(str(path), environ={}, cwd=tmp_path).colocate_threads is False
+    assert load_config(str(path), environ={"E2A_COLOCATE_THREADS": "yes"}, cwd=tmp_path).colocate_threads is True
+    with pytest.raises(ConfigError, match="E2A_COLOCATE_THREADS"):
+        load_config(environ={"E2A_COLOCATE_THREADS": "sometimes"}, cwd=tmp_path)
+
+
+@needs_two_cpus
+def test_the_pools_threads_run_on_the_cpu_of_the_thread_that_hands_them_calls():
+    """Real threads, real kernel: the calling thread is put on one CPU, then on another; each
+    call's worker runs there (it reports its own CPUs from inside the call)."""
+    from e2a.workers import WorkerPool
+    from tests.unit.test_workers import RecordingReactor
+
+    getcpu = affinity.current_cpu_reader()
+    assert getcpu is not None
+    follower = affinity.ThreadFollower(getcpu)
+    reactor = RecordingReactor()
+    pool = WorkerPool(reactor, 2, "follow-test", follower)
+    original = os.sched_getaffinity(0)
+    seen: list[set[int]] = []
+    pool.start()
+    try:
+        for cpu in (ALLOWED[0], ALLOWED[-1], ALLOWED[0]):
+            os.sched_setaffinity(0, {cpu})  # the "reactor" thread moves
+            assert getcpu() == cpu
+            done = threading.Event()
+
+            def report(done: threading.Event = done) -> None:
+                seen.append(os.sched_getaffinity(0))
+                done.set()
+
+            pool.run(report)
+            assert done.wait(30)
+            assert seen[-1] == {cpu}
+            assert follower.cpu == cpu
+        masks = thread_cpus(os.getpid())
+        workers = [t.native_id for t in threading.enumerate() if t.name.startswith("follow-test-")]
+        assert len(workers) == 2 and all(masks[tid] == {ALLOWED[0]} for tid in workers)
+    finally:
+        os.sched_setaffinity(0, original)
+        pool.stop()
+    reactor.run_pending()
