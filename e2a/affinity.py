@@ -18,7 +18,6 @@ is on each time it hands them a call; the reactor itself stays free to move, and
 
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -160,8 +159,10 @@ def current_cpu_reader() -> Callable[[], int] | None:
     if not supported():
         return None
     try:
+        import ctypes  # here: a Python built without _ctypes still runs e2a, without following
+
         fn = ctypes.CDLL(None).sched_getcpu
-    except (OSError, AttributeError):
+    except (ImportError, OSError, AttributeError):
         return None
     fn.argtypes = []
     fn.restype = ctypes.c_int
@@ -225,7 +226,10 @@ class ThreadFollower:
             try:
                 self._setaffinity(tid, {cpu})
             except ProcessLookupError:
-                continue  # the thread has ended
+                # The thread has ended: forget it, so that its id, once the kernel gives it to
+                # another thread or process, is never moved.
+                self._tids = tuple(t for t in self._tids if t != tid)
+                continue
             except OSError as e:
                 self.stop()
                 log.warn(
