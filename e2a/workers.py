@@ -80,7 +80,12 @@ class WorkerPool:
             thread.start()
             self._threads.append(thread)
         if self._follower is not None:
-            self._follower.set_threads(t.native_id for t in self._threads if t.native_id is not None)
+            self._follower.set_threads(self.thread_ids)
+
+    @property
+    def thread_ids(self) -> tuple[int, ...]:
+        """The kernel's ids of the running threads (none before :meth:`start` or after :meth:`stop`)."""
+        return tuple(t.native_id for t in self._threads if t.native_id is not None)
 
     def stop(self) -> None:
         """Let the calls already handed over finish, then end and join every thread.

@@ -281,9 +281,10 @@ async def _cpu_affinity(walk: Walk, request: Any) -> None:
 @check("colocate_threads")
 async def _colocate_threads(walk: Walk, request: Any) -> None:
     """On (the walker leaves the default): a call handed to the mail-auth pool runs on the one CPU
-    its thread was just moved to, the reactor thread's. Off, or with ``cpu_affinity`` (every
-    thread on one CPU already), the service builds no follower. The threads following the caller
-    from CPU to CPU: tests/unit/test_affinity.py."""
+    its thread was just moved to, the reactor thread's, under SCHED_BATCH (the reactor thread
+    keeps the default policy). Off, or with ``cpu_affinity`` (every thread on one CPU already),
+    the service builds no follower; off, the threads keep the default policy too. The threads
+    following the caller from CPU to CPU: tests/unit/test_affinity.py."""
     import dataclasses
     import os
 
@@ -296,10 +297,16 @@ async def _colocate_threads(walk: Walk, request: Any) -> None:
     assert follower is not None and walk.service.mailauth_pool._follower is follower
     mask = await walk.service.mailauth_pool.run(os.sched_getaffinity, 0)
     assert mask == {follower.cpu}
+    assert walk.service.batch_mailauth_threads
+    policies = {os.sched_getscheduler(tid) for tid in walk.service.mailauth_pool.thread_ids}
+    assert policies == {os.SCHED_BATCH} and os.sched_getscheduler(0) == os.SCHED_OTHER
     config = dataclasses.replace(walk.config, data_dir=str(walk.tmp / "colocate"))
-    assert build_service(dataclasses.replace(config, colocate_threads=False), reactor, standalone=False).thread_follower is None
-    pinned = dataclasses.replace(config, cpu_affinity=(sorted(os.sched_getaffinity(0))[0],))
-    assert build_service(pinned, reactor, standalone=False).thread_follower is None
+    off = build_service(dataclasses.replace(config, colocate_threads=False), reactor, standalone=False)
+    assert off.thread_follower is None and not off.batch_mailauth_threads
+    pinned = build_service(
+        dataclasses.replace(config, cpu_affinity=(sorted(os.sched_getaffinity(0))[0],)), reactor, standalone=False
+    )
+    assert pinned.thread_follower is None and pinned.batch_mailauth_threads
 
 
 # ---- smtp ------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from twisted.internet import reactor
 from e2a.config import Config
 from e2a.processes import ChildSpec, encode_spec, read_spec
 from tests.integration.test_twistd import REPO, TWISTD, _assert_clean_shutdown, _clean_env, _Collect, free_port
-from tests.support.cpus import thread_cpus
+from tests.support.cpus import thread_cpus, thread_policies
 from tests.support.dirs import reachable_tmpdir
 from tests.support.waiting import wait_for
 
@@ -158,7 +158,8 @@ def _task_masks(pid: int) -> set[frozenset[int]]:
 @pytest_twisted.ensureDeferred
 async def test_cpu_affinity_keeps_each_process_on_its_cpu_and_the_database_on_all():
     """processes: 2 with cpu_affinity [a, b]: every thread of the parent runs on a, every thread
-    of the child on b, and the embedded PostgreSQL keeps all the CPUs e2a was started with."""
+    of the child on b, and the embedded PostgreSQL keeps all the CPUs e2a was started with. In
+    each process the four mail-auth threads run under SCHED_BATCH, the main thread does not."""
     original = frozenset(os.sched_getaffinity(0))
     first, second = sorted(original)[:2]
     workdir = reachable_tmpdir("e2a-cpus-")
@@ -185,6 +186,10 @@ async def test_cpu_affinity_keeps_each_process_on_its_cpu_and_the_database_on_al
         child = _children(bytes(proto.output))[2]
         assert _task_masks(transport.pid) == {frozenset({second})}
         assert _task_masks(child) == {frozenset({first})}
+        for pid in (transport.pid, child):
+            policies = thread_policies(pid)
+            assert policies[pid] == os.SCHED_OTHER
+            assert sum(policy == os.SCHED_BATCH for policy in policies.values()) == 4, policies
         postmaster = int((workdir / "e2a-data" / "pg" / "postmaster.pid").read_text().split("\n", 1)[0])
         assert _task_masks(postmaster) == {original}
         assert f"e2a keeps its threads on CPU {second} (cpu_affinity)".encode() in proto.output

@@ -1,4 +1,4 @@
-"""The CPUs each thread of a process may run on (``cpu_affinity`` tests)."""
+"""The CPUs each thread of a process may run on, and its scheduling policy (``cpu_affinity`` tests)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,17 @@ def thread_cpus(pid: int) -> dict[int, set[int]]:
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             found[int(tid)] = os.sched_getaffinity(int(tid))
+        except ProcessLookupError:
+            pass
+    return found
+
+
+def thread_policies(pid: int) -> dict[int, int]:
+    """Thread id → its scheduling policy (``os.SCHED_*``), for every thread of ``pid``."""
+    found = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            found[int(tid)] = os.sched_getscheduler(int(tid))
         except ProcessLookupError:
             pass
     return found

@@ -339,3 +339,100 @@ def test_the_pools_threads_run_on_the_cpu_of_the_thread_that_hands_them_calls():
         os.sched_setaffinity(0, original)
         pool.stop()
     reactor.run_pending()
+
+
+# ---------------------------------------------------------------- SCHED_BATCH
+
+
+class FakeScheduler:
+    """``sched_setscheduler`` for batch_threads: records each (thread, policy), refuses as told."""
+
+    def __init__(self, refuse: dict[int, OSError] | None = None) -> None:
+        self.refuse = refuse or {}
+        self.calls: list[tuple[int, int]] = []
+
+    def __call__(self, tid: int, policy: int, param: Any) -> None:
+        assert param.sched_priority == 0  # the only priority SCHED_BATCH and SCHED_OTHER take
+        if tid in self.refuse and policy == os.SCHED_BATCH:
+            raise self.refuse[tid]
+        self.calls.append((tid, policy))
+
+
+needs_batch = pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux only")
+
+
+@needs_batch
+@pytest.mark.parametrize(
+    ("refuse", "ok", "calls"),
+    [
+        # every thread changed
+        ({}, True, [(11, "batch"), (12, "batch"), (13, "batch")]),
+        # an ended thread is skipped, the others still changed
+        ({12: ProcessLookupError(3, "No such process")}, True, [(11, "batch"), (13, "batch")]),
+        # refused: the threads already changed go back to the default policy, the rest untouched
+        ({12: PermissionError(1, "Operation not permitted")}, False, [(11, "batch"), (11, "other")]),
+        ({11: PermissionError(1, "Operation not permitted")}, False, []),
+    ],
+)
+def test_batch_threads_changes_each_thread_or_none(refuse, ok, calls):
+    from twisted.logger import globalLogPublisher
+
+    names = {os.SCHED_BATCH: "batch", os.SCHED_OTHER: "other"}
+    kernel = FakeScheduler(refuse)
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        assert affinity.batch_threads([11, 12, 13], kernel, lambda tid: os.SCHED_OTHER) is ok
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [(tid, names[policy]) for tid, policy in kernel.calls] == calls
+    warnings = [e for e in events if "SCHED_BATCH" in e.get("log_format", "")]
+    assert len(warnings) == (0 if ok else 1)
+    if not ok:
+        assert warnings[0]["error"] == "Operation not permitted"
+
+
+@needs_batch
+@pytest.mark.parametrize("policy", ["SCHED_BATCH", "SCHED_IDLE", "SCHED_FIFO", "SCHED_RR"])
+def test_batch_threads_leaves_a_policy_the_operator_chose(policy):
+    """A process started under another policy than the default (its threads inherit it) keeps it."""
+    kernel = FakeScheduler()
+    assert affinity.batch_threads([11, 12], kernel, lambda tid: getattr(os, policy)) is False
+    assert kernel.calls == []
+
+
+def test_batch_threads_does_nothing_where_the_policy_does_not_exist(monkeypatch):
+    monkeypatch.delattr(os, "SCHED_BATCH", raising=False)
+    kernel = FakeScheduler()
+    assert affinity.batch_threads([11], kernel, lambda tid: 0) is False
+    assert kernel.calls == []
+
+
+@needs_batch
+def test_a_pools_threads_run_under_sched_batch_and_the_caller_keeps_its_policy():
+    """Real threads, real kernel: each worker reports its own policy from inside a call."""
+    from e2a.workers import WorkerPool
+    from tests.unit.test_workers import RecordingReactor
+
+    pool = WorkerPool(RecordingReactor(), 2, "batch-test")
+    assert pool.thread_ids == ()
+    pool.start()
+    try:
+        ids = pool.thread_ids
+        assert len(ids) == 2 and set(ids) == {t.native_id for t in threading.enumerate() if t.name.startswith("batch-test-")}
+        assert affinity.batch_threads(ids) is True
+        seen: list[int] = []
+        for _ in range(4):
+            done = threading.Event()
+
+            def report(done: threading.Event = done) -> None:
+                seen.append(os.sched_getscheduler(0))
+                done.set()
+
+            pool.run(report)
+            assert done.wait(30)
+        assert seen == [os.SCHED_BATCH] * 4
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    finally:
+        pool.stop()
+    assert pool.thread_ids == ()
