@@ -364,8 +364,8 @@ class E2AService(service.Service):
         self._stoppers.append(self.mailauth_pool.stop)
         if self.thread_follower is not None:
             log.info("e2a keeps its mail-auth threads on the CPU of its main thread (colocate_threads)")
-        if self.batch_mailauth_threads:
-            affinity.batch_threads(self.mailauth_pool.thread_ids)
+        if self.batch_mailauth_threads and affinity.batch_threads(self.mailauth_pool.thread_ids):
+            log.info("e2a runs its mail-auth threads under SCHED_BATCH: waking one does not preempt the main thread")
         if self._metrics_sampler is not None:
             self._metrics_sampler.start(5.0, now=False)
             self._stoppers.append(self._metrics_sampler.stop)

@@ -193,6 +193,7 @@ async def test_cpu_affinity_keeps_each_process_on_its_cpu_and_the_database_on_al
         postmaster = int((workdir / "e2a-data" / "pg" / "postmaster.pid").read_text().split("\n", 1)[0])
         assert _task_masks(postmaster) == {original}
         assert f"e2a keeps its threads on CPU {second} (cpu_affinity)".encode() in proto.output
+        assert proto.output.count(b"e2a runs its mail-auth threads under SCHED_BATCH") == 2  # one per process
     finally:
         if not proto.ended.called:
             transport.signalProcess(signal.SIGTERM)
