@@ -190,7 +190,9 @@ class E2AService(service.Service):
         # preempt it only to find the GIL taken; under SCHED_BATCH it waits for its turn instead
         # (e2a.affinity.batch_threads). On CPUs of their own it measured no change: left alone.
         self.batch_mailauth_threads = self.cpu is not None or self.thread_follower is not None
-        self.mailauth_pool = WorkerPool(reactor, 4, "e2a-mailauth", self.thread_follower)
+        self.mailauth_pool = WorkerPool(
+            reactor, 4, "e2a-mailauth", self.thread_follower, batch=self.batch_mailauth_threads
+        )
         self.metrics, self._metrics_sampler = self._build_metrics()
         # The start-up plan that bounds ``http.max_connections`` so SMTP keeps its descriptors.
         self.fd_budget: FdBudget = plan_descriptors(config)
@@ -364,7 +366,7 @@ class E2AService(service.Service):
         self._stoppers.append(self.mailauth_pool.stop)
         if self.thread_follower is not None:
             log.info("e2a keeps its mail-auth threads on the CPU of its main thread (colocate_threads)")
-        if self.batch_mailauth_threads and affinity.batch_threads(self.mailauth_pool.thread_ids):
+        if self.mailauth_pool.batched:
             log.info("e2a runs its mail-auth threads under SCHED_BATCH: waking one does not preempt the main thread")
         if self._metrics_sampler is not None:
             self._metrics_sampler.start(5.0, now=False)

@@ -12,7 +12,10 @@ one ``callFromThread`` however many finished while it was busy.
 
 A pool may be given an :class:`~e2a.affinity.ThreadFollower` (``colocate_threads``): each
 hand-over then first moves the threads to the CPU the reactor thread is on, so the one that
-wakes for the call takes the GIL over from the reactor without waking another CPU.
+wakes for the call takes the GIL over from the reactor without waking another CPU. A pool whose
+threads share the reactor's CPU (following it, or the process pinned) also starts them under
+``SCHED_BATCH`` (``batch``; :func:`e2a.affinity.batch_threads`), so that waking one does not
+preempt the reactor.
 
 What stays the same: a bounded number of threads (a slow call, such as a DNS lookup that
 times out, holds one thread and never the reactor), results and failures as a
@@ -30,6 +33,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
+
+from e2a.affinity import batch_threads
 
 if TYPE_CHECKING:
     from e2a.affinity import ThreadFollower
@@ -53,9 +58,13 @@ class WorkerPool:
         name: the threads' name prefix (it shows in ``py-spy``, ``top -H`` and logs).
         follower: keeps the threads on the CPU of the thread calling :meth:`run`
             (``colocate_threads``); None: the kernel places them.
+        batch: run the threads under ``SCHED_BATCH`` from each :meth:`start` (Linux; see
+            :attr:`batched`).
     """
 
-    def __init__(self, reactor: Any, size: int, name: str, follower: ThreadFollower | None = None) -> None:
+    def __init__(
+        self, reactor: Any, size: int, name: str, follower: ThreadFollower | None = None, batch: bool = False
+    ) -> None:
         if size < 1:
             raise ValueError("a worker pool needs at least one thread")
         self._reactor = reactor
@@ -69,6 +78,9 @@ class WorkerPool:
         self._threads: list[threading.Thread] = []
         self._running = False
         self._follower = follower
+        self._batch = batch
+        #: Whether the running threads are under ``SCHED_BATCH`` (set by each :meth:`start`).
+        self.batched = False
 
     def start(self) -> None:
         """Start the threads (idle ones wait in the queue's C lock, costing nothing)."""
@@ -81,6 +93,7 @@ class WorkerPool:
             self._threads.append(thread)
         if self._follower is not None:
             self._follower.set_threads(self.thread_ids)
+        self.batched = self._batch and batch_threads(self.thread_ids)
 
     @property
     def thread_ids(self) -> tuple[int, ...]:
@@ -101,6 +114,7 @@ class WorkerPool:
         for thread in self._threads:
             thread.join()
         self._threads = []
+        self.batched = False
         if self._follower is not None:
             self._follower.set_threads(())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 
 def thread_cpus(pid: int) -> dict[int, set[int]]:
@@ -25,3 +26,29 @@ def thread_policies(pid: int) -> dict[int, int]:
         except ProcessLookupError:
             pass
     return found
+
+
+def can_batch() -> bool:
+    """Whether this process may put a thread of its own under ``SCHED_BATCH`` here: Linux, this
+    thread under the default policy (the one e2a changes from; a runner started under ``chrt``
+    is not), and a kernel that allows it (a sandbox may refuse). Probed on a throwaway thread."""
+    if not hasattr(os, "SCHED_BATCH"):
+        return False
+    try:
+        if os.sched_getscheduler(0) & ~getattr(os, "SCHED_RESET_ON_FORK", 0) != os.SCHED_OTHER:
+            return False
+    except OSError:
+        return False
+    outcome: list[bool] = []
+
+    def probe() -> None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+            outcome.append(True)
+        except OSError:
+            outcome.append(False)
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    thread.join()
+    return outcome == [True]

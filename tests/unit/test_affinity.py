@@ -14,7 +14,7 @@ import pytest
 from e2a import affinity
 from e2a.config import Config, load_config, validate
 from e2a.errors import ConfigError
-from tests.support.cpus import thread_cpus
+from tests.support.cpus import can_batch, thread_cpus
 
 ALLOWED = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
 needs_two_cpus = pytest.mark.skipif(
@@ -401,6 +401,32 @@ def test_batch_threads_leaves_a_policy_the_operator_chose(policy):
     assert kernel.calls == []
 
 
+@needs_batch
+def test_batch_threads_warns_once_when_it_may_not_even_read_the_policy():
+    from twisted.logger import globalLogPublisher
+
+    def refused(tid: int) -> int:
+        raise PermissionError(1, "Operation not permitted")
+
+    kernel = FakeScheduler()
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        assert affinity.batch_threads([11], kernel, refused) is False
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert kernel.calls == []
+    assert len([e for e in events if "SCHED_BATCH" in e.get("log_format", "")]) == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_RESET_ON_FORK"), reason="Linux only")
+def test_batch_threads_reads_the_reset_on_fork_flag_as_no_policy_of_its_own():
+    """systemd's CPUSchedulingResetOnFork= adds a flag to the default policy; still the default."""
+    kernel = FakeScheduler()
+    assert affinity.batch_threads([11], kernel, lambda tid: os.SCHED_OTHER | os.SCHED_RESET_ON_FORK) is True
+    assert kernel.calls == [(11, os.SCHED_BATCH)]
+
+
 def test_batch_threads_does_nothing_where_the_policy_does_not_exist(monkeypatch):
     monkeypatch.delattr(os, "SCHED_BATCH", raising=False)
     kernel = FakeScheduler()
@@ -408,19 +434,14 @@ def test_batch_threads_does_nothing_where_the_policy_does_not_exist(monkeypatch)
     assert kernel.calls == []
 
 
-@needs_batch
-def test_a_pools_threads_run_under_sched_batch_and_the_caller_keeps_its_policy():
-    """Real threads, real kernel: each worker reports its own policy from inside a call."""
+@pytest.mark.skipif(not can_batch(), reason="SCHED_BATCH not available to this process's threads here")
+def test_a_batch_pools_threads_run_under_sched_batch_after_each_start_and_the_caller_keeps_its_policy():
+    """Real threads, real kernel: each worker reports its own policy from inside a call, after
+    the first start and after a restart (new threads); a pool without ``batch`` leaves them be."""
     from e2a.workers import WorkerPool
     from tests.unit.test_workers import RecordingReactor
 
-    pool = WorkerPool(RecordingReactor(), 2, "batch-test")
-    assert pool.thread_ids == ()
-    pool.start()
-    try:
-        ids = pool.thread_ids
-        assert len(ids) == 2 and set(ids) == {t.native_id for t in threading.enumerate() if t.name.startswith("batch-test-")}
-        assert affinity.batch_threads(ids) is True
+    def policies(pool: WorkerPool) -> list[int]:
         seen: list[int] = []
         for _ in range(4):
             done = threading.Event()
@@ -431,8 +452,25 @@ def test_a_pools_threads_run_under_sched_batch_and_the_caller_keeps_its_policy()
 
             pool.run(report)
             assert done.wait(30)
-        assert seen == [os.SCHED_BATCH] * 4
-        assert os.sched_getscheduler(0) == os.SCHED_OTHER
+        return seen
+
+    pool = WorkerPool(RecordingReactor(), 2, "batch-test", batch=True)
+    assert pool.thread_ids == () and not pool.batched
+    for _ in range(2):
+        pool.start()
+        try:
+            ids = pool.thread_ids
+            names = {t.native_id for t in threading.enumerate() if t.name.startswith("batch-test-")}
+            assert len(ids) == 2 and set(ids) == names
+            assert pool.batched
+            assert policies(pool) == [os.SCHED_BATCH] * 4
+            assert os.sched_getscheduler(0) == os.SCHED_OTHER
+        finally:
+            pool.stop()
+        assert pool.thread_ids == () and not pool.batched
+    plain = WorkerPool(RecordingReactor(), 2, "plain-test")
+    plain.start()
+    try:
+        assert not plain.batched and policies(plain) == [os.SCHED_OTHER] * 4
     finally:
-        pool.stop()
-    assert pool.thread_ids == ()
+        plain.stop()
