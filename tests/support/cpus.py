@@ -4,28 +4,31 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+_T = TypeVar("_T")
 
 
-def thread_cpus(pid: int) -> dict[int, set[int]]:
-    """Thread id → its CPUs, for every thread of ``pid``; a thread that ends meanwhile is left out."""
+def _per_thread(pid: int, read: Callable[[int], _T]) -> dict[int, _T]:
+    """Thread id → ``read(tid)``, for every thread of ``pid``; a thread that ends meanwhile is left out."""
     found = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            found[int(tid)] = os.sched_getaffinity(int(tid))
+            found[int(tid)] = read(int(tid))
         except ProcessLookupError:
             pass
     return found
+
+
+def thread_cpus(pid: int) -> dict[int, set[int]]:
+    """Thread id → its CPUs, for every thread of ``pid``."""
+    return _per_thread(pid, os.sched_getaffinity)
 
 
 def thread_policies(pid: int) -> dict[int, int]:
     """Thread id → its scheduling policy (``os.SCHED_*``), for every thread of ``pid``."""
-    found = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            found[int(tid)] = os.sched_getscheduler(int(tid))
-        except ProcessLookupError:
-            pass
-    return found
+    return _per_thread(pid, os.sched_getscheduler)
 
 
 def can_batch() -> bool:

@@ -256,6 +256,21 @@ def test_no_cpu_reader_where_threads_cannot_be_placed(monkeypatch):
     assert affinity.current_cpu_reader() is None
 
 
+def in_worker(pool: Any, fn: Any) -> Any:
+    """What ``fn()`` returns when called in a worker of ``pool``; taken from inside the call, since
+    the tests' pools give their results to a recording reactor that never runs them."""
+    seen: list[Any] = []
+    done = threading.Event()
+
+    def call() -> None:
+        seen.append(fn())
+        done.set()
+
+    pool.run(call)
+    assert done.wait(30)
+    return seen[0]
+
+
 class RecordingFollower:
     """What a WorkerPool tells its follower, in order."""
 
@@ -316,21 +331,12 @@ def test_the_pools_threads_run_on_the_cpu_of_the_thread_that_hands_them_calls():
     reactor = RecordingReactor()
     pool = WorkerPool(reactor, 2, "follow-test", follower)
     original = os.sched_getaffinity(0)
-    seen: list[set[int]] = []
     pool.start()
     try:
         for cpu in (ALLOWED[0], ALLOWED[-1], ALLOWED[0]):
             os.sched_setaffinity(0, {cpu})  # the "reactor" thread moves
             assert getcpu() == cpu
-            done = threading.Event()
-
-            def report(done: threading.Event = done) -> None:
-                seen.append(os.sched_getaffinity(0))
-                done.set()
-
-            pool.run(report)
-            assert done.wait(30)
-            assert seen[-1] == {cpu}
+            assert in_worker(pool, lambda: os.sched_getaffinity(0)) == {cpu}
             assert follower.cpu == cpu
         masks = thread_cpus(os.getpid())
         workers = [t.native_id for t in threading.enumerate() if t.name.startswith("follow-test-")]
@@ -442,17 +448,7 @@ def test_a_batch_pools_threads_run_under_sched_batch_after_each_start_and_the_ca
     from tests.unit.test_workers import RecordingReactor
 
     def policies(pool: WorkerPool) -> list[int]:
-        seen: list[int] = []
-        for _ in range(4):
-            done = threading.Event()
-
-            def report(done: threading.Event = done) -> None:
-                seen.append(os.sched_getscheduler(0))
-                done.set()
-
-            pool.run(report)
-            assert done.wait(30)
-        return seen
+        return [in_worker(pool, lambda: os.sched_getscheduler(0)) for _ in range(4)]
 
     pool = WorkerPool(RecordingReactor(), 2, "batch-test", batch=True)
     assert pool.thread_ids == () and not pool.batched
