@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import secrets
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +27,19 @@ TEST_MASTER_KEY = bytes(range(32))
 
 
 def make_test_config(**overrides: Any) -> Config:
-    """A development config for tests; keyword overrides replace whole sections or top keys."""
-    config = Config(shared_domain="agents.test", data_dir="/nonexistent-e2a-test")
+    """A development config for tests; keyword overrides replace whole sections or top keys.
+
+    Its data directory is one per test process (:func:`shared_data_dir`): outbound mail
+    generates the deployment's DKIM key there once, and the run removes it (tests/conftest.py).
+    """
+    config = Config(shared_domain="agents.test", data_dir=shared_data_dir())
     return dataclasses.replace(config, **overrides)
+
+
+@functools.cache
+def shared_data_dir() -> str:
+    """A data directory shared by every :func:`make_test_config` config of this test process."""
+    return tempfile.mkdtemp(prefix="e2a-data-")
 
 
 @dataclass
