@@ -1,4 +1,5 @@
-"""Retention sweep (mail.md §9): old messages, feedback and expired rate-limit windows.
+"""Retention sweep (mail.md §9): old messages, feedback, expired rate-limit windows and
+expired console sessions and sign-in links.
 
 Runs in every process; each DELETE is one statement, so concurrent sweeps just find less work.
 A failing step is logged and the loop carries on — a LoopingCall whose function fails stops
@@ -8,6 +9,7 @@ for good, which would silently end retention.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from twisted.internet import task
@@ -18,6 +20,7 @@ from e2a.config import RetentionConfig
 from e2a.store import feedback as feedback_store
 from e2a.store import messages as message_store
 from e2a.store import ratelimits
+from e2a.store import sessions as session_store
 from e2a.store.database import Database
 
 log = Logger()
@@ -27,6 +30,18 @@ SWEEPS: tuple[tuple[str, Callable[[Database, int], Awaitable[None]]], ...] = (
     ("inbound messages", message_store.purge_inbound_older_than),
     ("outbound messages", message_store.purge_outbound_older_than),
     ("feedback", feedback_store.purge_older_than),
+)
+
+
+async def _expired_console_sessions(db: Database, now: float) -> int:
+    return await session_store.delete_expired(db, datetime.fromtimestamp(now, UTC))
+
+
+# (description, delete(db, now)): rows that can no longer be used, whatever retention.days
+# says; ``now`` is the injected clock's time.
+EXPIRED: tuple[tuple[str, Callable[[Database, float], Awaitable[int]]], ...] = (
+    ("rate-limit windows", ratelimits.delete_expired),
+    ("console sessions and sign-in links", _expired_console_sessions),
 )
 
 
@@ -47,12 +62,13 @@ class RetentionService:
                 await purge(self.db, self.config.days)
             except Exception:
                 log.failure("retention sweep of {what} failed; retrying next sweep", what=what)
-        if self._stopping:
-            return
-        try:
-            await ratelimits.delete_expired(self.db, self.clock.seconds())
-        except Exception:
-            log.failure("removing expired rate-limit windows failed; retrying next sweep")
+        for what, delete in EXPIRED:
+            if self._stopping:
+                return
+            try:
+                await delete(self.db, self.clock.seconds())
+            except Exception:
+                log.failure("removing expired {what} failed; retrying next sweep", what=what)
 
     def start(self) -> None:
         self._stopping = False

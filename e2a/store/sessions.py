@@ -27,6 +27,7 @@ __all__ = [
     "consume_login_link",
     "create_login_link",
     "create_session",
+    "delete_expired",
     "get_session",
     "new_link_token",
     "queue_signin_mail",
@@ -88,10 +89,32 @@ async def revoke_session(db: Database, token: str, now: datetime) -> None:
             "UPDATE console_sessions SET revoked_at = %s WHERE token_hash = %s AND revoked_at IS NULL",
             (now, token_hash(token)),
         )
-        # Dead sessions are not kept forever: each sign-out sweeps the expired ones.
-        await txn.execute("DELETE FROM console_sessions WHERE expires_at < %s", (now - SESSION_TTL,))
+        # Dead sessions are not kept forever: each sign-out sweeps the expired ones too.
+        await _delete_expired_sessions_txn(txn, now)
 
     await db.run("console_session_revoke", _txn)
+
+
+async def _delete_expired_sessions_txn(txn: Txn, now: datetime) -> int:
+    await txn.execute("DELETE FROM console_sessions WHERE expires_at < %s", (now,))
+    return txn.rowcount
+
+
+async def delete_expired(db: Database, now: datetime) -> int:
+    """Delete the sessions and sign-in links past their expiry at ``now`` (the retention
+    sweep, e2a.retention); returns how many rows went.
+
+    WHY: neither can be used once expired (:func:`get_session`, :func:`consume_login_link`
+    compare with ``now``), yet without this they stayed until their user was deleted: one row
+    per sign-in and per sign-in link, for ever. A used link is past its expiry 15 minutes later.
+    """
+
+    async def _txn(txn: Txn) -> int:
+        n = await _delete_expired_sessions_txn(txn, now)
+        await txn.execute("DELETE FROM console_login_links WHERE expires_at < %s", (now,))
+        return n + txn.rowcount
+
+    return await db.run("console_delete_expired", _txn)
 
 
 async def create_login_link(db: Database, email: str, now: datetime, ttl: timedelta = LOGIN_LINK_TTL) -> str | None:

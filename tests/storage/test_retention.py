@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest_twisted
 
@@ -10,6 +11,7 @@ from twisted.internet.task import Clock
 
 from e2a.config import RetentionConfig
 from e2a.retention import RetentionService
+from e2a.store import sessions
 from tests.support.apiserver import insert_user_with_key
 
 
@@ -45,3 +47,46 @@ async def test_sweep_deletes_old_mail_but_keeps_holds_and_recent(db):
     left = {r["id"] for r in await db.fetchall("SELECT id FROM messages")}
     assert left == {"msg_new_in", "msg_old_held"}
     assert await db.fetchall("SELECT 1 FROM rate_limits") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_sweep_deletes_expired_console_sessions_and_sign_in_links(db):
+    """Sessions and sign-in links past their expiry go (they can never be used again); live
+    ones stay and still work."""
+    user_id, _ = await insert_user_with_key(db, email="console@example.com")
+    now = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    expired_session, _ = await sessions.create_session(db, user_id, now - sessions.SESSION_TTL - timedelta(seconds=1))
+    live_session, _ = await sessions.create_session(db, user_id, now - timedelta(days=1))
+    expired_link = await sessions.create_login_link(db, "console@example.com", now - timedelta(hours=1))
+    used_link = await sessions.create_login_link(db, "console@example.com", now - timedelta(hours=1))
+    assert await sessions.consume_login_link(db, used_link, now - timedelta(hours=1)) == user_id
+    live_link = await sessions.create_login_link(db, "console@example.com", now - timedelta(minutes=5))
+
+    clock = Clock()
+    clock.advance(now.timestamp())
+    await RetentionService(db, RetentionConfig(days=30, sweep_interval=3600), clock).sweep_once()
+
+    stored_sessions = {r["token_hash"] for r in await db.fetchall("SELECT token_hash FROM console_sessions")}
+    assert stored_sessions == {sessions.token_hash(live_session)}
+    stored_links = {r["token_hash"] for r in await db.fetchall("SELECT token_hash FROM console_login_links")}
+    assert stored_links == {sessions.token_hash(live_link)}
+    assert expired_session and expired_link  # created, then swept
+    assert (await sessions.get_session(db, live_session, now)).user_id == user_id
+    assert await sessions.consume_login_link(db, live_link, now) == user_id
+
+
+@pytest_twisted.ensureDeferred
+async def test_sign_out_sweeps_expired_sessions_only(db):
+    user_id, _ = await insert_user_with_key(db)
+    now = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    expired, _ = await sessions.create_session(db, user_id, now - sessions.SESSION_TTL - timedelta(seconds=1))
+    other, _ = await sessions.create_session(db, user_id, now - timedelta(hours=1))
+    leaving, _ = await sessions.create_session(db, user_id, now - timedelta(hours=1))
+
+    await sessions.revoke_session(db, leaving, now)
+
+    stored = {r["token_hash"] for r in await db.fetchall("SELECT token_hash FROM console_sessions")}
+    assert stored == {sessions.token_hash(other), sessions.token_hash(leaving)}
+    assert await sessions.get_session(db, leaving, now) is None
+    assert (await sessions.get_session(db, other, now)).user_id == user_id
+    assert expired

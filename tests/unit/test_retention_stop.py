@@ -29,7 +29,7 @@ async def test_stop_waits_for_the_step_in_progress_and_starts_no_other(monkeypat
         return purge
 
     monkeypatch.setattr(retention, "SWEEPS", (("first", step("first")), ("second", step("second"))))
-    monkeypatch.setattr(retention.ratelimits, "delete_expired", step("rate limits"))
+    monkeypatch.setattr(retention, "EXPIRED", (("rate limits", step("rate limits")),))
     service = retention.RetentionService(object(), RetentionConfig(days=30, sweep_interval=3600), Clock())
     service.start()
     assert calls == ["first"]
@@ -48,7 +48,7 @@ async def test_stop_between_sweeps_returns_at_once_and_the_loop_ends(monkeypatch
         calls.append("purge")
 
     monkeypatch.setattr(retention, "SWEEPS", (("only", purge),))
-    monkeypatch.setattr(retention.ratelimits, "delete_expired", purge)
+    monkeypatch.setattr(retention, "EXPIRED", (("expired", purge),))
     clock = Clock()
     service = retention.RetentionService(object(), RetentionConfig(days=30, sweep_interval=60), clock)
     service.start()
