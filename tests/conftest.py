@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -20,49 +18,20 @@ from twisted.internet import reactor as _reactor
 
 from e2a.store.database import Database
 from e2a.store.embedded import EmbeddedPostgres, EmbeddedSettings
+from tests.support.dirs import end_run_tmp, start_run_tmp
 
 TEMPLATE_DB = "e2a_template"
 _counter = itertools.count()
 
-#: Set (to anything but "" or "0") to keep the run's temporary directory for a post-mortem.
-KEEP_TMP_ENV = "E2A_KEEP_TEST_TMP"
-_run_tmp: dict[str, str | None] = {}
-
 
 def pytest_configure(config):
-    """Put every temporary file of the run under one directory and remove it when the run ends.
-
-    WHY: the suite starts PostgreSQL servers, twistd processes and pip builds, each in a fresh
-    temporary directory (about 700 MB a run in all), and left to each test, those directories
-    outlived the run: repeated runs filled the disk. Pointing ``tempfile`` and, through
-    ``TMPDIR``, every process the tests start at one directory of this run lets the run clean
-    up after all of them at once, whatever a test did or however it failed. The directory is
-    mode 0755 so that the embedded PostgreSQL's own user can reach data directories under it
-    (run as root, tests/support/dirs.py). ``E2A_KEEP_TEST_TMP=1`` keeps it for a post-mortem.
-    """
-    root = tempfile.mkdtemp(prefix="e2a-tests-")
-    os.chmod(root, 0o755)
-    _run_tmp.update(root=root, tempdir=tempfile.tempdir, TMPDIR=os.environ.get("TMPDIR"))
-    tempfile.tempdir = root
-    os.environ["TMPDIR"] = root
+    """Every temporary file of the run under one directory, removed when the run ends
+    (tests/support/dirs.py)."""
+    start_run_tmp()
 
 
 def pytest_unconfigure(config):
-    root = _run_tmp.pop("root", None)
-    if root is None:
-        return
-    tempfile.tempdir = _run_tmp.pop("tempdir")
-    previous = _run_tmp.pop("TMPDIR")
-    if previous is None:
-        os.environ.pop("TMPDIR", None)
-    else:
-        os.environ["TMPDIR"] = previous
-    if os.environ.get(KEEP_TMP_ENV, "") not in ("", "0"):
-        sys.stderr.write(f"e2a tests: temporary files kept in {root}\n")
-        return
-    shutil.rmtree(root, ignore_errors=True)
-    if os.path.exists(root):
-        sys.stderr.write(f"e2a tests: could not remove all of {root} (a process still writing there?)\n")
+    end_run_tmp()
 
 
 def _admin(dsn: str):

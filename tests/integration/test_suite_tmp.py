@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.apiserver import make_test_config
-from tests.support.dirs import reachable_tmpdir
+from tests.support.dirs import reachable_tmpdir, system_tmpdir
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -32,7 +32,10 @@ INNER_TESTS = [
 
 
 def _run_inner(tmpdir: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    child_env = {k: v for k, v in os.environ.items() if k not in ("E2A_KEEP_TEST_TMP", "E2A_TEST_PGDIR")}
+    # the run's own settings only: no kept directory, no server of the caller's, no options
+    # (a --basetemp there would point the inner run at the outer run's directory)
+    child_env = {k: v for k, v in os.environ.items()
+                 if k not in ("E2A_KEEP_TEST_TMP", "E2A_TEST_PGDIR", "PYTEST_ADDOPTS")}
     child_env.update(TMPDIR=str(tmpdir), **env)
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", *INNER_TESTS],
@@ -65,8 +68,11 @@ def test_keep_variable_keeps_the_run_directory_and_names_it():
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def test_api_test_configs_keep_their_data_under_the_run_directory():
+def test_this_run_writes_under_its_own_directory():
+    run_root = Path(tempfile.gettempdir())
+    assert run_root.name.startswith("e2a-tests-")
+    assert os.environ["TMPDIR"] == str(run_root)  # for the processes tests start
+    assert Path(system_tmpdir()) != run_root  # what outlives a run (the type checker's cache)
     data_dir = Path(make_test_config().data_dir)
-    assert data_dir.is_dir()
-    assert data_dir.is_relative_to(tempfile.gettempdir())
+    assert data_dir.is_dir() and data_dir.parent == run_root
     assert make_test_config().data_dir == str(data_dir)  # one per test process: the DKIM key is made once

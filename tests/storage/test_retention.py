@@ -51,15 +51,20 @@ async def test_sweep_deletes_old_mail_but_keeps_holds_and_recent(db):
 
 @pytest_twisted.ensureDeferred
 async def test_sweep_deletes_expired_console_sessions_and_sign_in_links(db):
-    """Sessions and sign-in links past their expiry go (they can never be used again); live
-    ones stay and still work."""
+    """Sessions and sign-in links expired more than the grace ago go (they can never be used
+    again); live ones stay and still work, and so do ones expired within the grace (another
+    node's clock may be behind)."""
     user_id, _ = await insert_user_with_key(db, email="console@example.com")
     now = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
-    expired_session, _ = await sessions.create_session(db, user_id, now - sessions.SESSION_TTL - timedelta(seconds=1))
+    gone = now - sessions.EXPIRED_GRACE - timedelta(seconds=1)  # expiry of what goes
+    kept = now - sessions.EXPIRED_GRACE + timedelta(seconds=1)  # expiry of what stays
+    await sessions.create_session(db, user_id, gone - sessions.SESSION_TTL)
+    recent_session, _ = await sessions.create_session(db, user_id, kept - sessions.SESSION_TTL)
     live_session, _ = await sessions.create_session(db, user_id, now - timedelta(days=1))
-    expired_link = await sessions.create_login_link(db, "console@example.com", now - timedelta(hours=1))
-    used_link = await sessions.create_login_link(db, "console@example.com", now - timedelta(hours=1))
-    assert await sessions.consume_login_link(db, used_link, now - timedelta(hours=1)) == user_id
+    await sessions.create_login_link(db, "console@example.com", gone - sessions.LOGIN_LINK_TTL)
+    used_link = await sessions.create_login_link(db, "console@example.com", gone - sessions.LOGIN_LINK_TTL)
+    assert await sessions.consume_login_link(db, used_link, gone - timedelta(minutes=1)) == user_id
+    recent_link = await sessions.create_login_link(db, "console@example.com", kept - sessions.LOGIN_LINK_TTL)
     live_link = await sessions.create_login_link(db, "console@example.com", now - timedelta(minutes=5))
 
     clock = Clock()
@@ -67,19 +72,19 @@ async def test_sweep_deletes_expired_console_sessions_and_sign_in_links(db):
     await RetentionService(db, RetentionConfig(days=30, sweep_interval=3600), clock).sweep_once()
 
     stored_sessions = {r["token_hash"] for r in await db.fetchall("SELECT token_hash FROM console_sessions")}
-    assert stored_sessions == {sessions.token_hash(live_session)}
+    assert stored_sessions == {sessions.token_hash(t) for t in (recent_session, live_session)}
     stored_links = {r["token_hash"] for r in await db.fetchall("SELECT token_hash FROM console_login_links")}
-    assert stored_links == {sessions.token_hash(live_link)}
-    assert expired_session and expired_link  # created, then swept
+    assert stored_links == {sessions.token_hash(t) for t in (recent_link, live_link)}
     assert (await sessions.get_session(db, live_session, now)).user_id == user_id
+    assert await sessions.get_session(db, recent_session, now) is None  # expired, only not yet deleted
     assert await sessions.consume_login_link(db, live_link, now) == user_id
 
 
 @pytest_twisted.ensureDeferred
-async def test_sign_out_sweeps_expired_sessions_only(db):
+async def test_sign_out_sweeps_expired_sessions_too(db):
     user_id, _ = await insert_user_with_key(db)
     now = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
-    expired, _ = await sessions.create_session(db, user_id, now - sessions.SESSION_TTL - timedelta(seconds=1))
+    await sessions.create_session(db, user_id, now - sessions.EXPIRED_GRACE - sessions.SESSION_TTL - timedelta(seconds=1))
     other, _ = await sessions.create_session(db, user_id, now - timedelta(hours=1))
     leaving, _ = await sessions.create_session(db, user_id, now - timedelta(hours=1))
 
@@ -89,4 +94,3 @@ async def test_sign_out_sweeps_expired_sessions_only(db):
     assert stored == {sessions.token_hash(other), sessions.token_hash(leaving)}
     assert await sessions.get_session(db, leaving, now) is None
     assert (await sessions.get_session(db, other, now)).user_id == user_id
-    assert expired

@@ -1,7 +1,8 @@
 """mypy over e2a/ at the level configured in setup.cfg ``[mypy]``: the type check in CI.
 
 It runs as a test so the README's one test command covers it. The cache lives in the system
-temporary directory, per user and per checkout, so a second run only re-checks changed modules.
+temporary directory (not the run's own, which goes at the end: tests/support/dirs.py), per user
+and per checkout, so a second run only re-checks changed modules.
 """
 
 from __future__ import annotations
@@ -10,17 +11,18 @@ import hashlib
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
+
+from tests.support.dirs import system_tmpdir
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _cache_dir() -> Path:
     tag = hashlib.sha256(str(REPO).encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / f"e2a-mypy-{os.getuid()}-{tag}"
+    return Path(system_tmpdir()) / f"e2a-mypy-{os.getuid()}-{tag}"
 
 
 @pytest.mark.timeout(600)
