@@ -182,6 +182,10 @@ class RetentionConfig:
 class LoggingConfig:
     format: str = ""
     level: str = "info"
+    # A log file (twistd --logfile, or twistd.log when daemonized) rotates at this size and
+    # keeps this many rotated files, deleting the oldest (0: keep every one, as twistd does).
+    rotate_mb: int = 100
+    keep_files: int = 10
 
 
 @dataclass(frozen=True)
@@ -603,6 +607,7 @@ def validate(config: Config) -> list[str]:
         "websocket.max_connections_per_agent": config.websocket.max_connections_per_agent,
         "websocket.drain_page_size": config.websocket.drain_page_size,
         "retention.days": config.retention.days,
+        "logging.rotate_mb": config.logging.rotate_mb,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -640,6 +645,8 @@ def validate(config: Config) -> list[str]:
             problems.append(f"{key}: must be a positive integer")
     if config.hitl.token_grace < 0:
         problems.append("hitl.token_grace: must not be negative")
+    if config.logging.keep_files < 0:
+        problems.append("logging.keep_files: must not be negative (0 keeps every rotated file)")
     if not 0 <= config.webhooks.jitter < 1:
         problems.append("webhooks.jitter: must be in [0, 1)")
     if not config.webhooks.retry_schedule or any(s < 0 for s in config.webhooks.retry_schedule):

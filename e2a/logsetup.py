@@ -130,7 +130,9 @@ def text_event_formatter(time_format: str | None = timeFormatRFC3339) -> Any:
     return format_event
 
 
-def twistd_log_file(twistd_options: Any, reactor: Any) -> IO[Any] | None:
+def twistd_log_file(
+    twistd_options: Any, reactor: Any, rotate_bytes: int = 1_000_000, keep_files: int = 0
+) -> IO[Any] | None:
     """Where twistd's own ``UnixAppLogger`` would write, or None to leave twistd's observer alone.
 
     Mirrors ``twisted.scripts._twistd_unix.UnixAppLogger._getLogObserver`` so replacing the observer
@@ -139,6 +141,11 @@ def twistd_log_file(twistd_options: Any, reactor: Any) -> IO[Any] | None:
     a daemon without ``--logfile`` writes ``twistd.log``. None (twistd decides) for ``--syslog``,
     a custom ``--logger`` (twistd ignores the component then anyway), a daemon asked to log to
     stdout (twistd exits with its own message) and when there are no twistd options at all.
+
+    The file rotates at ``rotate_bytes`` and keeps ``keep_files`` rotated files (0: all, as
+    twistd does; ``logging.rotate_mb``/``logging.keep_files``). WHY not twistd's 1 MB and every
+    file: at one line per message a busy gateway rotated every few seconds, and each rotation
+    renames every kept file, in the thread that serves mail, while the disk fills.
     """
     if twistd_options is None:
         return None
@@ -151,7 +158,9 @@ def twistd_log_file(twistd_options: Any, reactor: Any) -> IO[Any] | None:
         return sys.stdout if nodaemon else None
     if nodaemon and not logfile:
         return sys.stdout
-    log_file = LogFile.fromFullPath(logfile or "twistd.log")
+    log_file = LogFile.fromFullPath(
+        logfile or "twistd.log", rotateLength=rotate_bytes, maxRotatedFiles=keep_files or None
+    )
     _rotate_on_sigusr1(log_file, reactor)
     return log_file
 
@@ -172,7 +181,9 @@ def twistd_log_observer(config: Config, twistd_options: Any, reactor: Any) -> IL
 
     ``reactor`` only schedules the SIGUSR1 log rotation, as twistd does.
     """
-    out = twistd_log_file(twistd_options, reactor)
+    out = twistd_log_file(
+        twistd_options, reactor, config.logging.rotate_mb * 1_000_000, config.logging.keep_files
+    )
     if out is None:
         return None
     return build_log_observer(config, out)

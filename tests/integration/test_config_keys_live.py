@@ -20,6 +20,7 @@ import io
 import json
 import re
 import socket
+import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -727,6 +728,33 @@ async def _logging(walk: Walk, request: Any) -> None:
     log.warn("loud {x}", x=2)
     lines = [json.loads(line) for line in out.getvalue().splitlines() if line.strip()]
     assert [e["log_format"] for e in lines] == ["loud {x}"]
+
+
+@check("logging.rotate_mb", "logging.keep_files")
+async def _log_file(walk: Walk, request: Any) -> None:
+    """1 MB and 1 file, from YAML through twistd's path (e2a.tap): the --logfile rotates at
+    1,000,000 bytes and only the newest rotated file stays."""
+    from twisted.logger import Logger
+
+    from e2a.logsetup import twistd_log_observer
+
+    (walk.tmp / "logging.yaml").write_text(yaml.safe_dump(
+        {"shared_domain": "agents.test", "data_dir": str(walk.tmp / "log-data"),
+         "logging": {"rotate_mb": 1, "keep_files": 1}}))
+    config = load_config(str(walk.tmp / "logging.yaml"), environ={})
+    logs = Path(tempfile.mkdtemp(prefix="logs-", dir=walk.tmp))  # both keys run this check
+
+    class _Reactor:
+        def callFromThread(self, fn: Any, *args: Any) -> None:  # noqa: N802 - Twisted's name
+            fn(*args)
+
+    observer = twistd_log_observer(config, {"nodaemon": True, "logfile": str(logs / "e2a.log")}, _Reactor())
+    assert observer is not None
+    log = Logger(namespace="e2a.mail", observer=observer)
+    for n in range(12_000):  # ~2.5 MB: two rotations
+        log.info("accepted {n} " + "z" * 150, n=n)
+    assert sorted(p.name for p in logs.iterdir()) == ["e2a.log", "e2a.log.1"]
+    assert 900_000 < (logs / "e2a.log.1").stat().st_size <= 1_000_300
 
 
 @check("usage.tracking")

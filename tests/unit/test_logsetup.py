@@ -245,3 +245,50 @@ def test_tap_makeservice_builds_the_observer_from_twistd_options(tmp_path, monke
     tap.makeService(options).setServiceParent(application)
     _emit(application.getComponent(ILogObserver), "info")
     assert json.loads(out.getvalue())["log_namespace"] == "e2a.test"
+
+
+# ---- the log file's size and the files it keeps -----------------------------------------------
+
+
+def _fill(out: LogFile, lines: int, size: int = 100) -> None:
+    for n in range(lines):
+        out.write(f"{n:09d} " + "x" * (size - 11) + "\n")
+
+
+@pytest.mark.parametrize(("keep", "expected"), [(2, ["x.log", "x.log.1", "x.log.2"]),
+                                                (0, ["x.log"] + [f"x.log.{n}" for n in range(1, 10)])])
+def test_log_file_rotates_at_its_size_and_keeps_so_many_files(tmp_path, restore_sigusr1, keep, expected):
+    """Rotated at ``rotate_bytes``; only ``keep_files`` rotated files stay, the newest (0: all)."""
+    out = twistd_log_file({"nodaemon": True, "logfile": str(tmp_path / "x.log")}, _Reactor(), 1000, keep)
+    try:
+        _fill(out, 100)  # 10,000 bytes: nine rotations
+    finally:
+        out.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(expected)
+    newest = (tmp_path / "x.log.1").read_text()
+    assert newest.startswith("000000080 ") and newest.endswith("\n")  # lines 80-89, the last rotated
+
+
+def test_log_file_settings_come_from_the_configuration(tmp_path, restore_sigusr1):
+    """twistd_log_observer rotates at ``logging.rotate_mb`` and keeps ``logging.keep_files``."""
+    config = dataclasses.replace(_config(), logging=LoggingConfig(rotate_mb=1, keep_files=1))
+    observer = twistd_log_observer(config, {"nodaemon": True, "logfile": str(tmp_path / "e.log")}, _Reactor())
+    assert observer is not None
+    log = Logger(namespace="e2a.mail", observer=observer)
+    for n in range(12_000):  # ~2.5 MB of lines: two rotations at 1,000,000 bytes
+        log.info("accepted {n} " + "y" * 150, n=n)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["e.log", "e.log.1"]
+    assert 900_000 < (tmp_path / "e.log.1").stat().st_size <= 1_000_300
+
+
+@pytest.mark.parametrize(("env", "problem"), [
+    ({"E2A_LOGGING_ROTATE_MB": "0"}, "logging.rotate_mb: must be a positive integer"),
+    ({"E2A_LOGGING_KEEP_FILES": "-1"}, "logging.keep_files: must not be negative"),
+])
+def test_log_file_settings_are_checked(tmp_path, env, problem):
+    from e2a.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, environ={"E2A_SHARED_DOMAIN": "agents.test", **env}, cwd=tmp_path)
+    assert any(p.startswith(problem) for p in raised.value.problems)
