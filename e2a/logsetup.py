@@ -11,6 +11,8 @@ including the stdout/stderr redirection and the "Server Shut Down" line.
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import sys
 from typing import IO, Any
@@ -130,6 +132,21 @@ def text_event_formatter(time_format: str | None = timeFormatRFC3339) -> Any:
     return format_event
 
 
+class RotatingLogFile(LogFile):
+    """Twisted's ``LogFile``, counting as rotated files only ``NAME.<number>``.
+
+    WHY: Twisted's own count takes whatever follows the last dot of any ``NAME.*``, so a file an
+    operator leaves beside the log (``e2a.log.old.3``) counts as rotated file 3; the next rotation
+    then fails to rename it, and so does every write after it: logging stops.
+    """
+
+    def listLogs(self) -> list[int]:  # noqa: N802 - Twisted's name
+        rotated = re.compile(re.escape(os.path.basename(self.path)) + r"\.([1-9][0-9]*)")
+        return sorted(
+            int(m.group(1)) for name in os.listdir(self.directory) if (m := rotated.fullmatch(name))
+        )
+
+
 def twistd_log_file(
     twistd_options: Any, reactor: Any, rotate_bytes: int = 1_000_000, keep_files: int = 0
 ) -> IO[Any] | None:
@@ -158,7 +175,7 @@ def twistd_log_file(
         return sys.stdout if nodaemon else None
     if nodaemon and not logfile:
         return sys.stdout
-    log_file = LogFile.fromFullPath(
+    log_file = RotatingLogFile.fromFullPath(
         logfile or "twistd.log", rotateLength=rotate_bytes, maxRotatedFiles=keep_files or None
     )
     _rotate_on_sigusr1(log_file, reactor)

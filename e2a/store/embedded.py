@@ -49,8 +49,9 @@ log = Logger()
 
 SYSTEM_USER = "e2a-postgres"
 SOCKET_PORT = 5432
-# Unix socket paths are limited to 107 bytes on Linux; leave room for "/.s.PGSQL.5432".
-MAX_SOCKET_DIR = 90
+# Unix socket paths are limited to 107 bytes on Linux and 103 on macOS; leave room for
+# "/.s.PGSQL.5432".
+MAX_SOCKET_DIR = 89
 # Name of the copy of the binaries inside the data directory (root only, when needed).
 BINARIES_COPY = "pgsql"
 
@@ -140,13 +141,41 @@ def socket_dir_for(pgdata: Path, tmpdir: str | None = None) -> Path:
     WHY the last step: a temporary directory can itself be long (``TMPDIR`` per user or per
     session, macOS's), and PostgreSQL refuses a socket path over 107 bytes at start.
     """
-    if len(str(pgdata)) <= MAX_SOCKET_DIR:
+    if len(os.fsencode(pgdata)) <= MAX_SOCKET_DIR:
         return pgdata
     name = "e2a-pg-" + hashlib.sha256(str(pgdata).encode()).hexdigest()[:16]
     candidate = Path(tmpdir if tmpdir is not None else tempfile.gettempdir()) / name
-    if len(str(candidate)) <= MAX_SOCKET_DIR:
+    if len(os.fsencode(candidate)) <= MAX_SOCKET_DIR:
         return candidate
     return Path("/tmp") / name
+
+
+def claim_socket_dir(path: Path, owners: Iterable[int]) -> bool:
+    """Create the socket directory ``path`` (mode 0700) or accept the one already there;
+    True when it was created.
+
+    WHY the checks: a fallback socket directory has a predictable name in a directory every
+    local user can write to. One created there first by somebody else, or left open to others,
+    would let them put their own socket where e2a connects as ``postgres``. An existing one is
+    accepted only if it is a real directory (not a link), owned by one of ``owners`` (this
+    process's user, and the server's when it runs as another) and closed to group and others.
+
+    Raises:
+        EmbeddedPostgresError: ``path`` exists and fails those checks.
+    """
+    try:
+        path.mkdir(mode=0o700)
+        return True
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in set(owners) or st.st_mode & 0o077:
+        raise EmbeddedPostgresError(
+            f"{path} (the embedded PostgreSQL's socket directory) exists but is not a private directory"
+            f" of this server (owner uid {st.st_uid}, mode {stat.filemode(st.st_mode)}): remove it, or"
+            " choose a data_dir with a shorter path (the socket then lives in the data directory)"
+        )
+    return False
 
 
 def install_parts(source: Path) -> list[tuple[Path, Path]]:
@@ -344,8 +373,8 @@ class EmbeddedPostgres:
             assert owner is not None
             os.chown(self.pgdata, owner.pw_uid, owner.pw_gid)
         if self.socket_dir != self.pgdata:
-            if not self.socket_dir.exists():
-                self.socket_dir.mkdir(mode=0o700)
+            owners = [os.geteuid()] + ([self._owner.pw_uid] if self._owner is not None else [])
+            if claim_socket_dir(self.socket_dir, owners):
                 self._note_created(f"{self.socket_dir} (socket directory: the data dir path is too long for one)")
             if self._owner is not None:
                 os.chown(self.socket_dir, self._owner.pw_uid, self._owner.pw_gid)

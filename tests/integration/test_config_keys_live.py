@@ -732,8 +732,10 @@ async def _logging(walk: Walk, request: Any) -> None:
 
 @check("logging.rotate_mb", "logging.keep_files")
 async def _log_file(walk: Walk, request: Any) -> None:
-    """1 MB and 1 file, from YAML through twistd's path (e2a.tap): the --logfile rotates at
-    1,000,000 bytes and only the newest rotated file stays."""
+    """1 MB and 1 file, from YAML through the function e2a.tap hands twistd's options to: the
+    --logfile rotates at 1,000,000 bytes and only the newest rotated file stays."""
+    import signal
+
     from twisted.logger import Logger
 
     from e2a.logsetup import twistd_log_observer
@@ -748,11 +750,15 @@ async def _log_file(walk: Walk, request: Any) -> None:
         def callFromThread(self, fn: Any, *args: Any) -> None:  # noqa: N802 - Twisted's name
             fn(*args)
 
-    observer = twistd_log_observer(config, {"nodaemon": True, "logfile": str(logs / "e2a.log")}, _Reactor())
-    assert observer is not None
-    log = Logger(namespace="e2a.mail", observer=observer)
-    for n in range(12_000):  # ~2.5 MB: two rotations
-        log.info("accepted {n} " + "z" * 150, n=n)
+    saved = signal.signal(signal.SIGUSR1, signal.SIG_DFL)  # the log file takes SIGUSR1 when free
+    try:
+        observer = twistd_log_observer(config, {"nodaemon": True, "logfile": str(logs / "e2a.log")}, _Reactor())
+        assert observer is not None
+        log = Logger(namespace="e2a.mail", observer=observer)
+        for n in range(12_000):  # ~2.5 MB: two rotations
+            log.info("accepted {n} " + "z" * 150, n=n)
+    finally:
+        signal.signal(signal.SIGUSR1, saved)
     assert sorted(p.name for p in logs.iterdir()) == ["e2a.log", "e2a.log.1"]
     assert 900_000 < (logs / "e2a.log.1").stat().st_size <= 1_000_300
 

@@ -49,7 +49,11 @@ def start_run_tmp() -> None:
     embedded PostgreSQL's own user can reach data directories under it (run as root). A
     pytest-xdist worker keeps the directory its controller made (inherited through TMPDIR).
     """
-    if "root" in _run or os.environ.get("PYTEST_XDIST_WORKER"):
+    if "root" in _run:
+        return
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # the controller's directory, made in the one it found: that one outlives the run
+        _run["tempdir_before"] = str(Path(tempfile.gettempdir()).parent)
         return
     before = tempfile.gettempdir()
     root = tempfile.mkdtemp(prefix="e2a-tests-", dir=before)

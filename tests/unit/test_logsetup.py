@@ -269,6 +269,37 @@ def test_log_file_rotates_at_its_size_and_keeps_so_many_files(tmp_path, restore_
     assert newest.startswith("000000080 ") and newest.endswith("\n")  # lines 80-89, the last rotated
 
 
+def test_files_beside_the_log_are_not_taken_for_rotated_ones(tmp_path, restore_sigusr1):
+    """``x.log.old.3`` or ``x.log.bak`` beside the log: rotation goes on and leaves them alone
+    (Twisted's own count took ``.old.3`` for rotated file 3, failed to rename it, and every
+    write after that failed too)."""
+    for stray in ("x.log.old.3", "x.log.bak", "x.log.01x", "x.log.0"):
+        (tmp_path / stray).write_text("keep me\n")
+    out = twistd_log_file({"nodaemon": True, "logfile": str(tmp_path / "x.log")}, _Reactor(), 1000, 2)
+    try:
+        _fill(out, 50)  # four rotations
+    finally:
+        out.close()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(["x.log", "x.log.1", "x.log.2", "x.log.old.3", "x.log.bak", "x.log.01x", "x.log.0"])
+    assert (tmp_path / "x.log.old.3").read_text() == "keep me\n"
+    assert (tmp_path / "x.log").read_text().endswith("000000049 " + "x" * 89 + "\n")
+
+
+def test_the_first_rotation_drops_every_file_past_the_limit(tmp_path, restore_sigusr1):
+    """An existing log with more rotated files than ``keep_files`` (say, kept by twistd before)
+    keeps only the newest ``keep_files`` after its first rotation."""
+    for n in range(1, 21):
+        (tmp_path / f"x.log.{n}").write_text(f"old {n}\n")
+    out = twistd_log_file({"nodaemon": True, "logfile": str(tmp_path / "x.log")}, _Reactor(), 1000, 3)
+    try:
+        out.rotate()
+    finally:
+        out.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.log", "x.log.1", "x.log.2", "x.log.3"]
+    assert (tmp_path / "x.log.2").read_text() == "old 1\n"
+
+
 def test_log_file_settings_come_from_the_configuration(tmp_path, restore_sigusr1):
     """twistd_log_observer rotates at ``logging.rotate_mb`` and keeps ``logging.keep_files``."""
     config = dataclasses.replace(_config(), logging=LoggingConfig(rotate_mb=1, keep_files=1))
