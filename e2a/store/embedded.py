@@ -139,7 +139,8 @@ def socket_dir_for(pgdata: Path, tmpdir: str | None = None) -> Path:
     (``tmpdir``, default ``tempfile.gettempdir()``), else in ``/tmp``.
 
     WHY the last step: a temporary directory can itself be long (``TMPDIR`` per user or per
-    session, macOS's), and PostgreSQL refuses a socket path over 107 bytes at start.
+    session, macOS's), and PostgreSQL refuses a socket path over 107 bytes (103 on macOS) at
+    start.
     """
     if len(os.fsencode(pgdata)) <= MAX_SOCKET_DIR:
         return pgdata
