@@ -218,7 +218,7 @@ class EmbeddedPostgres:
         self.postmaster_pid: int | None = None
         # What this process created outside PostgreSQL's own files (user, directories): logged.
         self.created: list[str] = []
-        self.socket_dir = self._choose_socket_dir()
+        self.socket_dir = socket_dir_for(self.pgdata)
 
     @property
     def owns_server(self) -> bool:
@@ -226,9 +226,6 @@ class EmbeddedPostgres:
         return self._lock_fd is not None
 
     # ---- blocking parts: run in a thread (startup/shutdown only) -------------------------
-
-    def _choose_socket_dir(self) -> Path:
-        return socket_dir_for(self.pgdata)
 
     @property
     def dsn(self) -> str:
