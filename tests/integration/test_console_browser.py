@@ -29,12 +29,10 @@ from twisted.web.server import Site
 
 from e2a.config import WebhooksConfig
 from tests.integration.test_magiclink_browser import (  # noqa: F401 - browser_env is a fixture
-    BROWSER_FLAGS,
-    CHROMEDRIVER,
-    CHROMIUM,
     _requests,
     browser_env,
 )
+from tests.support.browser import CHROMEDRIVER, CHROMIUM, ChromeSession
 from tests.support.hitlstack import AGENT, start_hitl_stack
 from tests.support.mail import make_message, send_mail
 from tests.support.waiting import wait_for
@@ -63,21 +61,11 @@ class Receiver(Resource):
         return b"ok" if self.code == 200 else b"broken"
 
 
-class ConsoleBrowser:
+class ConsoleBrowser(ChromeSession):
     """A blocking Selenium session; call every method through :func:`threads.deferToThread`."""
 
     def __init__(self, profile: str, shots: str) -> None:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-
-        options = webdriver.ChromeOptions()
-        options.binary_location = CHROMIUM
-        for flag in BROWSER_FLAGS:
-            options.add_argument(flag)
-        options.add_argument(f"--user-data-dir={profile}")
-        options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
-        self.driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
-        self.driver.set_page_load_timeout(30)
+        super().__init__(profile)
         self.shots = shots
         self.console: list[dict[str, Any]] = []
         self.performance: list[dict[str, Any]] = []
@@ -159,8 +147,6 @@ class ConsoleBrowser:
         scroll = self.driver.execute_script("return document.documentElement.scrollWidth")
         return inner, scroll
 
-    def quit(self) -> None:
-        self.driver.quit()
 
 
 def _in_thread(fn: Any, *args: Any) -> Any:

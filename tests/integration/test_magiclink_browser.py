@@ -10,8 +10,6 @@ runs in a thread (``deferToThread``) so the reactor keeps serving the browser me
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
 from typing import Any
 
@@ -20,51 +18,18 @@ import pytest_twisted
 
 from twisted.internet import defer, threads
 
+from tests.support.browser import CHROMEDRIVER, CHROMIUM, ChromeSession
 from tests.support.hitlstack import OWNER, links_in, start_hitl_stack
 from tests.support.waiting import wait_for
-
-
-def _find(names: tuple[str, ...], fallback: str) -> str | None:
-    for name in names:
-        path = shutil.which(name)
-        if path:
-            return path
-    return fallback if os.access(fallback, os.X_OK) else None
-
-
-CHROMIUM = os.environ.get("E2A_TEST_CHROMIUM") or _find(("chromium", "chromium-browser", "google-chrome"),
-                                                         "/usr/bin/chromium")
-CHROMEDRIVER = os.environ.get("E2A_TEST_CHROMEDRIVER") or _find(("chromedriver",), "/usr/bin/chromedriver")
 
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None or CHROMEDRIVER is None,
     reason="no Chromium installed: install Debian's chromium and chromium-driver packages to run the browser test",
 )
 
-BROWSER_FLAGS = (
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-default-apps", "--disable-extensions", "--no-default-browser-check", "--window-size=1000,900",
-    # No lookup or connection ever leaves loopback, whatever the browser's own pages try.
-    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", "--no-proxy-server",
-)
 
-
-class Browser:
+class Browser(ChromeSession):
     """A blocking Selenium session; call every method through :func:`threads.deferToThread`."""
-
-    def __init__(self, profile: str) -> None:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-
-        options = webdriver.ChromeOptions()
-        options.binary_location = CHROMIUM
-        for flag in BROWSER_FLAGS:
-            options.add_argument(flag)
-        options.add_argument(f"--user-data-dir={profile}")
-        options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
-        self.driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
-        self.driver.set_page_load_timeout(30)
 
     def open(self, url: str) -> dict[str, Any]:
         from selenium.webdriver.common.by import By
@@ -88,9 +53,6 @@ class Browser:
 
     def screenshot(self, path: str) -> bool:
         return self.driver.save_screenshot(path)
-
-    def quit(self) -> None:
-        self.driver.quit()
 
 
 def _requests(performance: list[dict[str, Any]], base: str) -> tuple[list[tuple[str, str]], list[dict[str, Any]]]:

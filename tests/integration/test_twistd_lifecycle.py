@@ -18,6 +18,7 @@ from twisted.internet import reactor
 
 from e2a.store.embedded import pid_alive
 from tests.integration.test_twistd import REPO, TWISTD, _clean_env, _Collect, free_port
+from tests.storage.test_embedded_root import lasting_creations
 from tests.support.dirs import reachable_tmpdir
 
 pytestmark = pytest.mark.slow
@@ -227,7 +228,10 @@ def test_editable_install_exposes_the_twistd_plugin():
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the e2a-postgres user is only used when running as root")
 def test_root_start_prints_nothing_created_when_everything_exists():
-    """Second root start on the same data dir: the user and directories exist, nothing is created."""
+    """Second root start on the same data dir: the user and directories exist, nothing is created.
+
+    Except a socket directory of its own, when the data dir's path is too long for PostgreSQL's
+    socket (a long TMPDIR): that one lives only while the server runs."""
     from e2a.store.embedded import EmbeddedPostgres, EmbeddedSettings
 
     base = reachable_tmpdir("e2a-rootagain-")
@@ -237,6 +241,6 @@ def test_root_start_prints_nothing_created_when_everything_exists():
     second = EmbeddedPostgres(EmbeddedSettings(base / "data" / "pg"))
     second.thd_start()
     try:
-        assert second.created == []
+        assert lasting_creations(second) == []
     finally:
         second.thd_stop()

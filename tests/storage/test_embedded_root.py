@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from e2a.store.embedded import (
     pid_alive,
     postgres_install_dir,
 )
+from tests.support.dirs import reachable_tmpdir
 
 pytestmark = [
     pytest.mark.slow,
@@ -51,16 +51,17 @@ def _snapshot(paths: list[Path], exclude: Path | None = None) -> dict[str, tuple
     return seen
 
 
-def _temp_root() -> Path:
-    root = Path(tempfile.mkdtemp(prefix="e2a-root-"))
-    root.chmod(0o755)
-    return root
+def lasting_creations(server: EmbeddedPostgres) -> list[str]:
+    """What ``server``'s start created that outlives it: its ``created`` without the socket
+    directory it makes at every start, and removes at stop, when the data dir's path is too long
+    for PostgreSQL's socket (a long TMPDIR)."""
+    return [c for c in server.created if not c.startswith(f"{server.socket_dir} (socket directory")]
 
 
 def test_root_start_changes_no_mode_outside_the_data_dir():
     """Start and stop as root: no mode/owner change anywhere outside the data dir (its parents,
     siblings, the installed PostgreSQL); the data dir itself only gains o+x."""
-    root = _temp_root()
+    root = reachable_tmpdir("e2a-root-")
     (root / "srv").mkdir(mode=0o755)
     (root / "srv" / "sibling").write_text("x")
     data_dir = root / "srv" / "data"
@@ -82,7 +83,7 @@ def test_root_start_changes_no_mode_outside_the_data_dir():
 def test_root_start_refuses_a_data_dir_its_user_cannot_reach_in_one_line():
     """A data dir under a 0700 directory: one line naming that directory and the fix; the
     directory keeps its mode."""
-    root = _temp_root()
+    root = reachable_tmpdir("e2a-root-")
     locked = root / "locked"
     locked.mkdir(mode=0o700)
     server = EmbeddedPostgres(EmbeddedSettings(locked / "data" / "pg"))
@@ -100,7 +101,7 @@ def test_root_start_refuses_a_data_dir_its_user_cannot_reach_in_one_line():
 def test_root_start_copies_binaries_its_user_cannot_read_into_the_data_dir():
     """PostgreSQL installed under a 0700 directory: copied to <data_dir>/pgsql (said so), run
     from there, and the original keeps its modes."""
-    root = _temp_root()
+    root = reachable_tmpdir("e2a-root-")
     hidden = root / "hidden"
     hidden.mkdir(mode=0o700)
     bundled = postgres_install_dir()
@@ -123,7 +124,7 @@ def test_root_start_copies_binaries_its_user_cannot_read_into_the_data_dir():
     again = EmbeddedPostgres(EmbeddedSettings(data_dir / "pg", install_dir=install))
     again.thd_start()
     try:
-        assert again.created == []
+        assert lasting_creations(again) == []
     finally:
         again.thd_stop()
     shutil.rmtree(root, ignore_errors=True)

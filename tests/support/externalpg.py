@@ -118,19 +118,19 @@ def start_external_postgres() -> ExternalPostgres:
     base = Path(tempfile.mkdtemp(prefix="e2a-extpg-"))
     base.chmod(0o755)
     data = base / "data"
-    sockets = base / "sock"
-    sockets.mkdir()
     superpass = base / "superpass"
     superpass.write_text("super-secret-pw\n")
     if run_as is not None:
         uid = pwd.getpwnam(run_as).pw_uid
-        for p in (base, sockets, superpass):
+        for p in (base, superpass):
             os.chown(p, uid, -1)
     _as(run_as, [str(bindir / "initdb"), "-D", str(data), "-U", "pgadmin", "--auth-local=trust",
                  "--auth-host=scram-sha-256", f"--pwfile={superpass}", "-E", "UTF8", "--locale=C"])
     port = _free_port()
+    # TCP only (-k ''): a Unix socket path inside the temporary directory can pass the kernel's
+    # limit (107 bytes) when TMPDIR is long, and nothing here connects through one.
     _as(run_as, [str(bindir / "pg_ctl"), "-D", str(data), "-w", "-t", "60", "-l", str(base / "server.log"),
-                 "-o", f"-p {port} -h 127.0.0.1 -k {sockets} -c fsync=off -c max_connections=200", "start"])
+                 "-o", f"-p {port} -h 127.0.0.1 -k '' -c fsync=off -c max_connections=200", "start"])
     server = ExternalPostgres(bindir, base, port, "e2a", "e2a-db-pw-" + os.urandom(6).hex(), run_as)
     admin = ExternalPostgres(bindir, base, port, "pgadmin", "super-secret-pw", run_as)
     # pg_ctl -w returned: the server accepts connections.
