@@ -3,25 +3,21 @@ parse per message, not one per recipient copy on the reactor thread.
 
 The attack: one ~100 KiB header section of addresses to 50 agents. Before the fix every copy
 parsed To/Cc/Reply-To again on the reactor (10–13 s to accept, every other session frozen
-meanwhile). The bound in the test (1 s) is a generous regression guard, not a benchmark.
+meanwhile). The test checks the fix itself, not a duration: the section is parsed once, in a
+worker thread, so the reactor is free whatever the machine's speed; what one parse costs is
+bounded by the parser's input (tests/unit/test_messageview_bounds.py).
 """
 
 from __future__ import annotations
 
-import time
+import threading
 
 import pytest_twisted
 
-from twisted.internet import defer, reactor, task
-
+from e2a import inbound
 from tests.support.inboundstack import DOMAIN, InboundStack, send
-from tests.support.smtpclient import connect
 
 AGENTS = 50
-# Seconds, whole transaction → 250. Measured 0.3–1.0 s on a loaded 2-core machine (5.3 s
-# before the fix there, 10–13 s in the report); the bound is a generous regression guard.
-ACCEPT_BOUND = 3.0
-NOOP_BOUND = 0.25  # seconds, worst NOOP round trip on another session meanwhile
 
 
 def _huge_message(size: int = 95_000) -> bytes:
@@ -43,36 +39,23 @@ async def stack(db):
 
 
 @pytest_twisted.ensureDeferred
-async def test_huge_address_headers_to_many_agents_accept_fast_and_reactor_free(stack, db):
-    """~95 KiB of To/Cc/Reply-To to 50 agents: 250 within the bound, stored with ≤ 100 parsed
-    addresses per list; NOOPs on another session stay fast meanwhile."""
+async def test_huge_address_headers_to_many_agents_parsed_once_off_the_reactor(stack, db, monkeypatch):
+    """~95 KiB of To/Cc/Reply-To to 50 agents: one parse of the header section, in a worker
+    thread; 250, and every copy stored with ≤ 100 parsed addresses per list."""
+    parses: list[bool] = []  # per parse: whether it ran on the reactor's thread
+    parse = inbound._parsed_view
+
+    def spy(fields):
+        parses.append(threading.current_thread() is threading.main_thread())
+        return parse(fields)
+
+    monkeypatch.setattr(inbound, "_parsed_view", spy)
     port = stack.listen()
     raw = _huge_message()
     assert len(raw) > 90_000
-    watcher = await connect(port)
-    assert (await watcher.reply()).code == 220
-    latencies: list[float] = []
-    done = False
-
-    async def noops() -> None:
-        while not done:
-            t0 = time.perf_counter()
-            assert (await watcher.command("NOOP")).code == 250
-            latencies.append(time.perf_counter() - t0)
-            await task.deferLater(reactor, 0.02, lambda: None)
-
-    pinger = defer.Deferred.fromCoroutine(noops())
-    started = time.perf_counter()
     reply = await send(port, "alice@example.com", [f"a{i}@{DOMAIN}" for i in range(AGENTS)], raw)
-    elapsed = time.perf_counter() - started
-    done = True
-    await pinger
-    watcher.abort()
-    await watcher.closed
-    print(f"\naccept of {len(raw)} octets to {AGENTS} agents: {elapsed:.3f} s; worst NOOP {max(latencies):.3f} s")
     assert reply.code == 250, reply
-    assert elapsed < ACCEPT_BOUND
-    assert max(latencies) < NOOP_BOUND
+    assert parses == [False]
     rows = await db.fetchall("SELECT to_addrs, cc_addrs, display_from FROM messages")
     assert len(rows) == AGENTS
     assert all(len(r["to_addrs"]) == 100 and len(r["cc_addrs"]) == 100 for r in rows)
