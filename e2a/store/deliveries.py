@@ -764,7 +764,7 @@ async def insert_job_txn(
             "WITH job AS (INSERT INTO deliveries"
             " (id, message_id, agent_id, webhook_url, status, next_attempt_at, leased_until)"
             " VALUES (%(id)s, %(message_id)s, %(agent_id)s, %(url)s, 'pending', now(),"
-            " CASE WHEN e2a_webhook_slots_free(%(agent_id)s, %(max)s::integer, %(now)s, NULL) > 0"
+            " CASE WHEN e2a_webhook_slots_free(%(agent_id)s, %(max)s::integer, %(now)s, NULL::integer) > 0"
             " THEN %(until)s END)"
             " RETURNING agent_id, leased_until)"
             " SELECT pg_notify(%(channel)s, agent_id) FROM job WHERE leased_until IS NULL",

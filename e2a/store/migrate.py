@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg2
+import psycopg2.errorcodes
 from txpostgres import txpostgres
 
 from twisted.logger import Logger
@@ -26,6 +27,12 @@ log = Logger()
 
 # Arbitrary but fixed: "e2a" + "migr" as an int64 key for pg_advisory_lock.
 ADVISORY_LOCK_KEY = 0x6532614D696772
+#: Longest a migration waits for a lock on a table (seconds). Some migrations lock a table
+#: against every other session; while such a lock request waits (behind a long transaction: a
+#: pg_dump, an e2a still running), PostgreSQL queues every later query on that table behind it,
+#: so waiting without end would stall whatever else uses the database. Past it the migration
+#: is rolled back and the run stops, saying so; running it again later is safe.
+LOCK_TIMEOUT = 30.0
 _NAME_RE = re.compile(r"^(\d+)_([A-Za-z0-9_\-]+)\.sql$")
 
 
@@ -128,6 +135,7 @@ async def migrate(dsn: str, reactor: Any) -> list[Migration]:
             pending = plan(await _applied(conn), load_migrations())
             for migration in pending:
                 async def _apply(cursor: txpostgres.Cursor, m: Migration = migration) -> None:
+                    await cursor.execute(f"SET LOCAL lock_timeout = {int(LOCK_TIMEOUT * 1000)}")
                     await cursor.execute(m.sql)
                     await cursor.execute(
                         "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (m.version, m.name)
@@ -136,7 +144,14 @@ async def migrate(dsn: str, reactor: Any) -> list[Migration]:
                 try:
                     await conn.runInteraction(lambda c, fn=_apply: _as_deferred(fn(c)))
                 except psycopg2.Error as e:
-                    raise MigrationError(f"migration {migration.version:04d}_{migration.name} failed: {e}") from e
+                    name = f"{migration.version:04d}_{migration.name}"
+                    if e.pgcode == psycopg2.errorcodes.LOCK_NOT_AVAILABLE:
+                        raise MigrationError(
+                            f"migration {name} waited {LOCK_TIMEOUT:g} s for a table another session is using "
+                            "(an e2a still running, a pg_dump, a long transaction) and was rolled back; "
+                            "run it again once that session ended"
+                        ) from e
+                    raise MigrationError(f"migration {name} failed: {e}") from e
                 log.info("applied migration {version:04d}_{name}", version=migration.version, name=migration.name)
                 done.append(migration)
         finally:
