@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from twisted.internet import task
 
 from e2a.config import Config, DatabaseConfig, HttpConfig, SmtpConfig
-from e2a.service import E2AService, FailedStart, build_service
+from e2a.service import E2AService, FailedStart, build_service, freeze_startup_heap
 
 
 def _config(tmp_path: Path, **overrides: object) -> Config:
@@ -74,3 +75,20 @@ def test_build_service_failure_raises_in_tests_and_defers_under_twistd(tmp_path:
     with pytest.raises(OSError):
         build_service(config, task.Clock(), standalone=False)
     assert isinstance(build_service(config, task.Clock(), standalone=True), FailedStart)
+
+
+def test_only_a_process_of_its_own_freezes_the_startup_heap(tmp_path: Path) -> None:
+    """twistd's service (standalone) freezes what start-up left out of the garbage collector's
+    walks; a service embedded in another process (the tests) leaves that process's heap alone."""
+    assert _built(_config(tmp_path)).freeze_after_start is False
+    own = build_service(_config(tmp_path), task.Clock(), standalone=True)
+    assert isinstance(own, E2AService) and own.freeze_after_start is True
+
+
+def test_freeze_startup_heap_takes_live_objects_out_of_collection() -> None:
+    """After it, a full collection no longer walks the objects alive at the call."""
+    try:
+        freeze_startup_heap()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
