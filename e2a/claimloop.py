@@ -13,6 +13,9 @@ from collections.abc import Awaitable, Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from e2a.store.database import DatabaseUnavailable
 
 log = Logger()
 
@@ -20,11 +23,37 @@ log = Logger()
 ClaimFn = Callable[[], Awaitable[tuple[int, int]]]
 
 
+class OutageLog:
+    """The log of a task that runs every second or so, while the database is unreachable: one
+    warning when it starts failing for that reason and one line when it works again, instead
+    of a traceback per run (about 44 lines a second for e2a's periodic tasks together). Any
+    other failure is logged in full each time."""
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._failed = 0
+
+    def failed(self, failure: Failure) -> None:
+        if not failure.check(DatabaseUnavailable):
+            log.failure("{what} failed", failure, what=self._what)
+            return
+        if not self._failed:
+            log.warn("{what} failed: {error}; retrying, and logged again once it works",
+                     what=self._what, error=failure.getErrorMessage())
+        self._failed += 1
+
+    def succeeded(self) -> None:
+        if self._failed:
+            log.info("{what} works again, after {count} failed attempts", what=self._what, count=self._failed)
+            self._failed = 0
+
+
 class ClaimLoop:
     def __init__(self, claim_and_start: ClaimFn, is_running: Callable[[], bool], what: str) -> None:
         self._claim_and_start = claim_and_start
         self._is_running = is_running
         self._what = what
+        self._outage = OutageLog(f"{what} poll")
         self._polling = False
         self._again = False
         self._done: defer.Deferred[None] | None = None
@@ -56,8 +85,9 @@ class ClaimLoop:
                 try:
                     claimed, limit = await self._claim_and_start()
                 except Exception:
-                    log.failure("{what} poll failed", what=self._what)
+                    self._outage.failed(Failure())
                     return
+                self._outage.succeeded()
                 if not (self._again or (limit > 0 and claimed == limit)):
                     return
         finally:

@@ -43,9 +43,10 @@ from typing import Any
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from e2a import maillog
-from e2a.claimloop import ClaimLoop
+from e2a.claimloop import ClaimLoop, OutageLog
 from e2a.config import WebhooksConfig
 from e2a.delivery.backpressure import Backpressure
 from e2a.delivery.port import LEASE_MARGIN, DeliveryPort
@@ -144,6 +145,7 @@ class DeliveryService:
         self._loop: task.LoopingCall | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._claims = ClaimLoop(self._claim_and_start, lambda: self.slots.running, "webhook delivery")
+        self._backlog_outage = OutageLog("counting the webhook backlog")
         # The attempts in flight (cancelled at the stop deadline) and the give-backs not yet
         # answered; the counts that decide anything are in self.slots.
         self._in_flight: dict[str, defer.Deferred[Any]] = {}
@@ -246,8 +248,9 @@ class DeliveryService:
             backlogs = await deliveries.due_by_agent(self._db, self._now(), bp.scan_limit, bp.min_count)
         except Exception:
             bp.refresh_failed()
-            log.failure("counting the webhook backlog failed")
+            self._backlog_outage.failed(Failure())
             return
+        self._backlog_outage.succeeded()
         bp.update(backlogs)
 
     async def _claim_and_start(self) -> tuple[int, int]:

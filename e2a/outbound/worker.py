@@ -22,9 +22,10 @@ from typing import Any
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from e2a import maillog
-from e2a.claimloop import ClaimLoop
+from e2a.claimloop import ClaimLoop, OutageLog
 from e2a.config import OutboundConfig, WebhooksConfig
 from e2a.metrics import E2AMetrics, metrics_of
 from e2a.outbound import relay as relay_mod
@@ -110,6 +111,7 @@ class OutboundService:
         self._unsubscribe: Callable[[], None] | None = None
         self._running = False
         self._claims = ClaimLoop(self._claim_and_start, lambda: self._running, "outbound queue")
+        self._renew_outage = OutageLog("renewing outbound leases")
         self._in_flight: dict[str, defer.Deferred[None]] = {}
         self._leased: dict[str, list[ClaimedRecipient]] = {}
 
@@ -201,8 +203,9 @@ class OutboundService:
                     self._db, rows, self._now() + timedelta(seconds=self._lease_seconds)
                 )
             except Exception:
-                log.failure("renewing outbound leases failed")
+                self._renew_outage.failed(Failure())
                 return
+            self._renew_outage.succeeded()
             if kept < len(rows):
                 # Another claim owns them now; this SMTP session's writes are refused by the
                 # lease-token guard and mark_in_doubt stops it before any data is sent.

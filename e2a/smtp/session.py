@@ -643,7 +643,10 @@ class SmtpSession(smtp.ESMTP):
         def looked_up(result: Any) -> None:
             if isinstance(result, Failure):
                 _log_failure("recipient lookup for {address}", result, address=address)
-                self._reply(failure_reply(result))
+                reply = failure_reply(result)
+                maillog.refused(code=reply.code, reason=f"{reply.text}: {address} ({type(result.value).__name__})",
+                                client_ip=self._client_ip, mail_from=self._mail.address if self._mail else None)
+                self._reply(reply)
             elif result is None:
                 maillog.refused(code=R_NO_RCPT.code, reason=f"{R_NO_RCPT.text}: {address}",
                                 client_ip=self._client_ip, mail_from=self._mail.address if self._mail else None)

@@ -10,6 +10,9 @@ Design (Synapse's ``runInteraction``, Buildbot's connector):
 * A connection that broke (server restart, network) is replaced on the next checkout, so a
   database outage turns into :class:`~e2a.errors.TransientError` for the duration of the
   outage, not forever.
+* A caller that stops waiting (a timeout, a client gone) gets ``CancelledError`` at once, also
+  from a server that no longer answers; the work it abandoned has its statement cancelled
+  (:class:`CancelRequests`) and keeps its connection until PostgreSQL answered.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import psycopg2.errorcodes
 import psycopg2.extensions
 from txpostgres import txpostgres
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -42,6 +45,9 @@ RETRYABLE = {
     psycopg2.errorcodes.DEADLOCK_DETECTED,  # 40P01
 }
 MAX_ATTEMPTS = 5
+#: Cancel requests in flight at once; past it a cancel is not sent (the statement then runs to
+#: its end). A server that stopped answering holds each one until it answers again.
+MAX_CANCELS_IN_FLIGHT = 4
 
 
 class DatabaseUnavailable(TransientError):
@@ -268,10 +274,28 @@ class Database:
         self._semaphore = defer.DeferredSemaphore(pool_size)
         self._closed = False
         self._commits = GroupCommit(self)
+        self._cancels = CancelRequests(dsn, reactor)
+        # A connection whose statement a cancel request was sent for, and that request: the
+        # connection goes back to the pool only once the request was delivered, so that it
+        # never interrupts the next user's statement.
+        self._cancelling: dict[txpostgres.Connection, Deferred[None]] = {}
 
     @property
     def dsn(self) -> str:
         return self._dsn
+
+    @property
+    def idle(self) -> int:
+        """Connections in the pool, not checked out (for tests and diagnostics)."""
+        return len(self._idle)
+
+    def cancel_statement(self, conn: txpostgres.Connection) -> Deferred[None]:
+        """Ask PostgreSQL to cancel the statement running on checked-out ``conn``; the
+        connection returns to the pool only after the request was delivered. Fires then."""
+        sent = self._cancelling.get(conn)
+        if sent is None:
+            sent = self._cancelling[conn] = self._cancels.send(conn)
+        return sent
 
     async def start(self) -> None:
         """Open the pool; fails (DatabaseUnavailable) when the server cannot be reached."""
@@ -329,6 +353,10 @@ class Database:
             raise
 
     def _checkin(self, conn: txpostgres.Connection, broken: bool) -> None:
+        pending = self._cancelling.pop(conn, None)
+        if pending is not None:
+            pending.addBoth(lambda _: self._checkin(conn, broken))
+            return
         if broken or conn.closed or self._closed:
             try:
                 conn.close()
@@ -343,15 +371,37 @@ class Database:
     ) -> T:
         """Check a connection out, run ``body(conn)``, check it back in; the one place that
         retries serialization failures/deadlocks and maps a broken connection to
-        :class:`DatabaseUnavailable` (and discards that connection)."""
+        :class:`DatabaseUnavailable` (and discards that connection).
+
+        Cancelling the returned work fails it with ``CancelledError`` at once; what it was
+        doing is abandoned (:meth:`_abandon`), never cancelled through txpostgres, whose
+        cancel blocks the process until the server answers (see :class:`CancelRequests`).
+        """
+        use = _Use()
+        work = Deferred.fromCoroutine(self._attempts(desc, body, abort, use))
+        return await _shielded(work, lambda: self._abandon(use))
+
+    def _abandon(self, use: _Use) -> None:
+        """Nobody waits for ``use``'s work any more: a statement in flight is cancelled, and work
+        still waiting for a connection stops when it gets one."""
+        use.abandoned = True
+        if use.conn is not None:
+            self.cancel_statement(use.conn)
+
+    async def _attempts(
+        self, desc: str, body: Callable[[txpostgres.Connection], Awaitable[T]], abort: AbortSignal | None, use: _Use
+    ) -> T:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             conn = await self._checkout(abort)
+            use.conn = conn
             broken = False
             try:
+                if use.abandoned:
+                    raise defer.CancelledError()
                 return await body(conn)
             except psycopg2.Error as e:
                 code = getattr(e, "pgcode", None)
-                if code in RETRYABLE and attempt < MAX_ATTEMPTS:
+                if code in RETRYABLE and attempt < MAX_ATTEMPTS and not use.abandoned:
                     log.debug("retrying {desc} after {code}", desc=desc, code=code)
                     continue
                 if isinstance(e, (psycopg2.OperationalError, psycopg2.InterfaceError)) and code is None:
@@ -362,6 +412,7 @@ class Database:
                 broken = True
                 raise DatabaseUnavailable(f"{desc}: rollback failed") from e
             finally:
+                use.conn = None
                 self._checkin(conn, broken)
         raise AssertionError("unreachable")
 
@@ -467,7 +518,7 @@ class Database:
         reported: set[str] = set()
 
         async def reads(conn: txpostgres.Connection) -> T:
-            batch = BatchTxn(conn.cursor(), _BackendCanceller(conn, self._reactor, abort) if abort else None)
+            batch = BatchTxn(conn.cursor(), _BackendCanceller(self, conn, abort) if abort else None)
             batches.append(batch)
             left.clear()
             try:
@@ -523,10 +574,18 @@ class Database:
         :class:`DatabaseUnavailable` (the connection broke: outcome unknown) or
         :class:`Aborted` (``abort`` set; the statement was never sent or was cancelled).
         """
+        use = _Use()
+        work = Deferred.fromCoroutine(self._send_writes(desc, writes, abort, use))
+        return await _shielded(work, lambda: self._abandon(use))
+
+    async def _send_writes(self, desc: str, writes: Writes, abort: AbortSignal | None, use: _Use) -> set[str]:
         conn = await self._checkout(abort)
+        use.conn = conn
         broken = False
         try:
-            batch = BatchTxn(conn.cursor(), _BackendCanceller(conn, self._reactor, abort) if abort else None)
+            if use.abandoned:
+                raise defer.CancelledError()
+            batch = BatchTxn(conn.cursor(), _BackendCanceller(self, conn, abort) if abort else None)
             try:
                 return await batch.send(writes)
             finally:
@@ -538,6 +597,7 @@ class Database:
                 raise DatabaseUnavailable(f"{desc}: database connection failed") from e
             raise
         finally:
+            use.conn = None
             self._checkin(conn, broken)
 
 
@@ -554,6 +614,89 @@ def rolled_back(error: psycopg2.Error) -> bool:
     if code == psycopg2.errorcodes.QUERY_CANCELED:
         return True
     return not code.startswith(("08", "57", "58", "XX"))
+
+
+@dataclass
+class _Use:
+    """The connection one unit of work holds (None: none yet, or given back), and whether its
+    caller stopped waiting for it."""
+
+    conn: txpostgres.Connection | None = None
+    abandoned: bool = False
+
+
+def _shielded(work: Deferred[T], abandon: Callable[[], None]) -> Deferred[T]:
+    """A Deferred with ``work``'s result whose ``cancel()`` calls ``abandon`` and fails it with
+    ``CancelledError`` at once, while ``work`` itself runs on to its end.
+
+    WHY: cancelling txpostgres's Deferreds sends PostgreSQL's cancel request through psycopg2's
+    ``connection.cancel()``, which waits for the server holding the GIL: a server that stopped
+    answering (a frozen host, a network partition) froze the whole process, health check
+    included. Its Deferred then fires only once the server answers, so a timeout could not
+    end the wait either.
+    """
+
+    def cancel(_: Deferred[T]) -> None:
+        abandon()  # Deferred.cancel then fails the Deferred with CancelledError
+
+    shield: Deferred[T] = Deferred(cancel)
+
+    def settle(result: T | Failure) -> None:
+        if shield.called:
+            if isinstance(result, Failure):
+                log.debug("abandoned database work ended: {error}", error=result.getErrorMessage())
+        elif isinstance(result, Failure):
+            shield.errback(result)
+        else:
+            shield.callback(result)
+
+    work.addBoth(settle)
+    return shield
+
+
+class CancelRequests:
+    """Cancels a backend's running statement without blocking: ``pg_cancel_backend(pid)`` over
+    a connection of its own, asynchronous like every other.
+
+    WHY not libpq's cancel request (psycopg2 ``connection.cancel()``): it waits for the server
+    while holding the GIL, even from a thread, so a server that accepts connections but does
+    not answer (stopped, overloaded, a network dropping its packets) stopped every thread of
+    e2a until it answered. This costs a full connection per cancel, which is rare (a timeout, an
+    abort, a client gone). It needs the right to signal the backend, which a role has over its
+    own sessions.
+    """
+
+    def __init__(self, dsn: str, reactor: Any, max_in_flight: int = MAX_CANCELS_IN_FLIGHT) -> None:
+        self._dsn = dsn
+        self._reactor = reactor
+        self._max = max_in_flight
+        self.in_flight = 0
+
+    def send(self, conn: txpostgres.Connection) -> Deferred[None]:
+        """Ask PostgreSQL to cancel what ``conn``'s backend is running; fires once the request
+        was delivered, or could not be (logged; never fails)."""
+        if conn.pollable() is None or conn.pollable().closed or self.in_flight >= self._max:
+            return defer.succeed(None)
+        pid = conn.pollable().get_backend_pid()  # known since connecting: no round trip
+        self.in_flight += 1
+        d = Deferred.fromCoroutine(self._cancel(pid))
+
+        def done(result: None | Failure) -> None:
+            self.in_flight -= 1
+            if isinstance(result, Failure):
+                log.warn("cancel request for backend {pid} failed: {error}", pid=pid, error=result.getErrorMessage())
+
+        d.addBoth(done)
+        return d
+
+    async def _cancel(self, pid: int) -> None:
+        conn = txpostgres.Connection(reactor=self._reactor)
+        try:
+            await conn.connect(self._dsn)
+            await conn.runQuery("SELECT pg_cancel_backend(%s)", (pid,))
+        finally:
+            if conn.pollable() is not None and not conn.pollable().closed:
+                conn.close()
 
 
 @dataclass
@@ -791,24 +934,22 @@ def _dict_rows(cursor: txpostgres.Cursor) -> list[dict[str, Any]]:
 class _BackendCanceller:
     """Cancels the statement running on one connection when an :class:`AbortSignal` is set.
 
-    PostgreSQL's cancel request (libpq ``PQcancel``, through psycopg2 ``connection.cancel``)
-    opens a connection of its own and blocks, so it runs in a thread; a cancel that reaches an
-    idle backend is ignored by PostgreSQL. :meth:`statement` wraps every statement: none starts
-    once the signal is set, and a statement the cancel interrupted raises :class:`Aborted`.
+    The cancel request goes through :meth:`Database.cancel_statement` (never blocking); a
+    cancel that reaches an idle backend is ignored by PostgreSQL. :meth:`statement` wraps every
+    statement: none starts once the signal is set, and a statement the cancel interrupted
+    raises :class:`Aborted`.
     """
 
-    def __init__(self, conn: txpostgres.Connection, reactor: Any, abort: AbortSignal) -> None:
+    def __init__(self, db: Database, conn: txpostgres.Connection, abort: AbortSignal) -> None:
+        self._db = db
         self._conn = conn
-        self._reactor = reactor
         self.abort = abort
         self._running = False
         self._sent: Deferred[None] | None = None
 
     def _on_abort(self) -> None:
         if self._running and self._sent is None:
-            pg = self._conn.pollable()
-            self._sent = threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), pg.cancel)
-            self._sent.addErrback(lambda f: log.warn("cancel request failed: {e}", e=str(f.value)))
+            self._sent = self._db.cancel_statement(self._conn)
 
     async def statement(self, run: Callable[[], Awaitable[T]]) -> T:
         """Run one statement under the signal (see the class docstring)."""

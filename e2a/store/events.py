@@ -27,6 +27,18 @@ CHANNELS = (CHANNEL_INBOUND, CHANNEL_DELIVERY, CHANNEL_OUTBOUND, CHANNEL_REVOKE)
 
 Subscriber = Callable[[str], Any]
 
+#: First wait (seconds) before re-LISTENing after the connection was lost, doubled per failed
+#: attempt up to MAX_RECONNECT_DELAY. The cap bounds how long after the database is back that
+#: WebSocket pushes and revocations (which travel by NOTIFY) are still not heard; a connection
+#: attempt every few seconds costs an unreachable server nothing.
+FIRST_RECONNECT_DELAY = 0.5
+MAX_RECONNECT_DELAY = 5.0
+
+
+def next_reconnect_delay(delay: float) -> float:
+    """The wait after the next failed reconnect attempt."""
+    return min(delay * 2, MAX_RECONNECT_DELAY)
+
 
 class EventListener:
     def __init__(self, dsn: str, reactor: Any, clock: Any | None = None) -> None:
@@ -38,7 +50,7 @@ class EventListener:
         self._conn: txpostgres.Connection | None = None
         self._stopping = False
         self._retry_call: Any = None
-        self._delay = 0.5
+        self._delay = FIRST_RECONNECT_DELAY
         self._connecting = False
 
     def subscribe(self, channel: str, fn: Subscriber) -> Callable[[], None]:
@@ -64,7 +76,7 @@ class EventListener:
         for channel in CHANNELS:
             await conn.runOperation(f"LISTEN {channel}")
         self._conn = conn
-        self._delay = 0.5
+        self._delay = FIRST_RECONNECT_DELAY
         # txpostgres has no connection-lost callback of its own; watch the underlying reader.
         original = conn.connectionLost
 
@@ -81,7 +93,7 @@ class EventListener:
         if self._retry_call is not None and self._retry_call.active():
             return
         self._retry_call = self._clock.callLater(self._delay, self._reconnect)
-        self._delay = min(self._delay * 2, 30.0)
+        self._delay = next_reconnect_delay(self._delay)
 
     def reconnect_now(self) -> None:
         """The server is back (e2a.store.embedded restarted it): re-LISTEN now, not after the
@@ -107,7 +119,7 @@ class EventListener:
             self._retry_call.cancel()
         elif self._connecting:
             return
-        self._delay = 0.5
+        self._delay = FIRST_RECONNECT_DELAY
         self._reconnect()
 
     def _reconnect(self) -> None:
@@ -122,6 +134,7 @@ class EventListener:
                 return
             finally:
                 self._connecting = False
+            log.info("LISTEN connection back")
             for hook in list(self._reconnect_hooks):
                 try:
                     hook()

@@ -15,7 +15,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from twisted.internet import defer, endpoints, protocol, reactor, ssl, task
+from twisted.logger import globalLogPublisher
 
+from e2a import maillog
 from e2a.errors import TransientError
 from e2a.smtp.server import load_tls_options
 from tests.support.smtpclient import WAIT, SmtpTestClient
@@ -118,6 +120,25 @@ async def test_reply_table_commands(env):
     assert str(await client.reply()).startswith("500 5.5.2")
     client.send(b"NOOP\nNOOP\r\n")
     assert str(await client.reply()).startswith("500 5.5.2")
+
+
+@pytest_twisted.ensureDeferred
+async def test_rcpt_refused_by_a_failed_lookup_is_in_the_mail_flow_log(env):
+    """A RCPT answered 451 because its lookup failed is a ``mail.refused`` line like any other
+    refusal (docs/logging.md), naming the cause."""
+    port = env.start()
+    client = await env.connect(port)
+    assert str(await client.command("HELO c.test")).startswith("250")
+    assert str(await client.command("MAIL FROM:<a@b.test>")).startswith("250")
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        assert str(await client.command("RCPT TO:<boom@agents.test>")).startswith("451 4.3.0")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    [refused] = [e for e in events if e.get("event") == maillog.EVENT_REFUSED]
+    assert refused["code"] == 451 and refused["mail_from_domain"] == "b.test"
+    assert "boom@agents.test (TransientError)" in refused["reason"]
 
 
 @pytest.mark.parametrize(

@@ -171,7 +171,7 @@ async def _assert_250_with_stored_copies(db, reply, mid: str) -> None:
 @pytest_twisted.ensureDeferred
 async def test_cancel_request_slower_than_grace_after_commit_answers_250(stack, db, monkeypatch):
     """Residual of 15.2: the abort is set while the writes are in flight; they commit, but
-    the cancel request (PQcancel, in a thread) does not go through within ABORT_GRACE, so the
+    the cancel request does not go through within ABORT_GRACE, so the
     accept is given up. The session reads whether the first id is stored: 250 with it."""
     monkeypatch.setattr(smtp_session, "ABORT_GRACE", 0.5)
     port = stack.listen(store_timeout=STORE_TIMEOUT)

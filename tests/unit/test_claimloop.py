@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from twisted.internet import defer
+from twisted.logger import formatEvent, globalLogPublisher
 
 from e2a.claimloop import ClaimLoop
+from e2a.store.database import DatabaseUnavailable
 
 
 def test_wakes_during_a_pass_ask_for_exactly_one_more():
@@ -66,3 +68,35 @@ def test_not_running_means_no_claim():
 
     ClaimLoop(claim, lambda: False, "test").wake()
     assert calls == []
+
+
+def test_database_outage_is_logged_once_then_its_end():
+    """While the database is unreachable a poll logs one warning, not one traceback per pass;
+    the first pass that works says so once; any other failure is logged in full every time."""
+    outcomes: list[BaseException | None] = [
+        DatabaseUnavailable("webhook claim: database connection failed"), DatabaseUnavailable("again"),
+        DatabaseUnavailable("and again"), None, None, RuntimeError("a bug"), RuntimeError("a bug"),
+    ]
+
+    async def claim() -> tuple[int, int]:
+        outcome = outcomes.pop(0)
+        if outcome is not None:
+            raise outcome
+        return (0, 10)
+
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        loop = ClaimLoop(claim, lambda: True, "webhook delivery")
+        for _ in range(7):
+            loop.wake()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    lines = [(e["log_level"].name, formatEvent(e)) for e in events if e.get("log_namespace") == "e2a.claimloop"]
+    assert lines == [
+        ("warn", "webhook delivery poll failed: webhook claim: database connection failed; retrying, "
+                 "and logged again once it works"),
+        ("info", "webhook delivery poll works again, after 3 failed attempts"),
+        ("critical", "webhook delivery poll failed"),
+        ("critical", "webhook delivery poll failed"),
+    ]
