@@ -15,13 +15,15 @@ from typing import Any
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from e2a.claimloop import OutageLog
 from e2a.config import RetentionConfig
 from e2a.store import feedback as feedback_store
 from e2a.store import messages as message_store
 from e2a.store import ratelimits
 from e2a.store import sessions as session_store
-from e2a.store.database import Database
+from e2a.store.database import Database, DatabaseUnavailable
 
 log = Logger()
 
@@ -53,22 +55,36 @@ class RetentionService:
         self._loop: task.LoopingCall | None = None
         self._running: Deferred[None] | None = None
         self._stopping = False
+        self._outage = OutageLog("retention sweep")
 
     async def sweep_once(self) -> None:
+        """Every step once; a step that fails is logged and the next one runs, except while the
+        database is unreachable: then the sweep stops, logged once per outage."""
         for what, purge in SWEEPS:
             if self._stopping:
                 return
             try:
                 await purge(self.db, self.config.days)
             except Exception:
-                log.failure("retention sweep of {what} failed; retrying next sweep", what=what)
+                if not self._step_failed(Failure(), f"retention sweep of {what}"):
+                    return
         for what, delete in EXPIRED:
             if self._stopping:
                 return
             try:
                 await delete(self.db, self.clock.seconds())
             except Exception:
-                log.failure("removing expired {what} failed; retrying next sweep", what=what)
+                if not self._step_failed(Failure(), f"removing expired {what}"):
+                    return
+        self._outage.succeeded()
+
+    def _step_failed(self, failure: Failure, what: str) -> bool:
+        """Log a failed step; False when the sweep should stop (the database is unreachable)."""
+        if failure.check(DatabaseUnavailable):
+            self._outage.failed(failure)
+            return False
+        log.failure("{what} failed; retrying next sweep", failure, what=what)
+        return True
 
     def start(self) -> None:
         self._stopping = False

@@ -17,7 +17,9 @@ from typing import Any
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from e2a.claimloop import OutageLog
 from e2a.outbound.hitl import SWEEP_LIMIT, HoldReview
 
 log = Logger()
@@ -34,6 +36,7 @@ class ExpiryService:
         self.limit = limit
         self._loop: task.LoopingCall | None = None
         self._running: Deferred[Any] | None = None
+        self._outage = OutageLog("HITL expiry sweep")
 
     async def sweep_once(self) -> int:
         """Run sweeps until one finds less than a full batch; returns the holds ended."""
@@ -42,8 +45,9 @@ class ExpiryService:
             try:
                 n = await self.review.expire_due(self.limit)
             except Exception:
-                log.failure("HITL expiry sweep failed; retrying next sweep")
+                self._outage.failed(Failure())
                 break
+            self._outage.succeeded()
             total += n
             if n < self.limit:
                 break

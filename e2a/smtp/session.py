@@ -108,7 +108,12 @@ def _log_failure(what: str, failure: Failure, **fields: Any) -> None:
     """Expected failures (transient, timeouts, explicit rejections) get one line, bugs a traceback."""
     if failure.check(MessageRejected):
         return
-    if failure.check(TransientError, defer.TimeoutError, defer.CancelledError):
+    if failure.check(defer.TimeoutError) and failure.value.args:
+        # addTimeout's error reads as the bare tuple "(5, 'Deferred')"
+        log.warn(what + " failed: no answer within {seconds} s", seconds=failure.value.args[0], **fields)
+    elif failure.check(defer.TimeoutError):
+        log.warn(what + " failed: timed out", **fields)
+    elif failure.check(TransientError, defer.CancelledError):
         log.warn(what + " failed: {error}", error=str(failure.value), **fields)
     else:
         log.failure(what + " failed", failure, **fields)

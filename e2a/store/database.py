@@ -30,6 +30,7 @@ from txpostgres import txpostgres
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionLost
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -48,6 +49,24 @@ MAX_ATTEMPTS = 5
 #: Cancel requests in flight at once; past it a cancel is not sent (the statement then runs to
 #: its end). A server that stopped answering holds each one until it answers again.
 MAX_CANCELS_IN_FLIGHT = 4
+
+
+class PgConnection(txpostgres.Connection):
+    """txpostgres's connection, quiet when the server closes it while it is idle.
+
+    An idle connection is watched for NOTIFYs, so a server that goes away (a restart, a
+    crash) makes psycopg2 raise in the reactor's read callback, which Twisted logs as an
+    "Unhandled Error" traceback: one per pooled connection at every outage. Here the read
+    ends the connection as lost instead; the pool replaces it at its next checkout, and the
+    outage itself is reported by whoever needs the database next.
+    """
+
+    def doRead(self) -> Any:  # noqa: N802 - Twisted API
+        try:
+            return super().doRead()
+        except psycopg2.OperationalError as e:
+            log.debug("database connection closed while idle: {error}", error=str(e).strip())
+            return ConnectionLost(str(e).strip())
 
 
 class DatabaseUnavailable(TransientError):
@@ -310,7 +329,7 @@ class Database:
         encoding in which a backslash is not the octet 0x5C (with SHIFT_JIS_2004 and
         ``standard_conforming_strings`` off, quoted backslashes came back changed).
         """
-        conn = txpostgres.Connection(reactor=self._reactor)
+        conn = PgConnection(reactor=self._reactor)
         try:
             await conn.connect(self._dsn, client_encoding="UTF8")
         except psycopg2.Error as e:
@@ -690,7 +709,7 @@ class CancelRequests:
         return d
 
     async def _cancel(self, pid: int) -> None:
-        conn = txpostgres.Connection(reactor=self._reactor)
+        conn = PgConnection(reactor=self._reactor)
         try:
             await conn.connect(self._dsn)
             await conn.runQuery("SELECT pg_cancel_backend(%s)", (pid,))

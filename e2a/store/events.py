@@ -17,6 +17,8 @@ from txpostgres import txpostgres
 
 from twisted.logger import Logger
 
+from e2a.store.database import PgConnection
+
 log = Logger()
 
 CHANNEL_INBOUND = "e2a_inbound"  # payload: "<agent id>\t<message id>" (local-mode pushes)
@@ -70,7 +72,7 @@ class EventListener:
         await self._connect()
 
     async def _connect(self) -> None:
-        conn = txpostgres.Connection(reactor=self._reactor)
+        conn = PgConnection(reactor=self._reactor)
         await conn.connect(self._dsn)
         conn.addNotifyObserver(self._dispatch)
         for channel in CHANNELS:

@@ -6,11 +6,13 @@ did not answer froze the whole process, the health check included."""
 
 from __future__ import annotations
 
+import psycopg2
 import psycopg2.extensions
 import pytest
 import pytest_twisted
 
 from twisted.internet import defer, reactor, task
+from twisted.logger import formatEvent, globalLogPublisher
 
 from e2a.store.database import Database
 from tests.support.pgproxy import PgProxy
@@ -61,3 +63,23 @@ async def test_abandoned_statement_is_cancelled_in_postgresql(db):
     rows = await db.fetchall("SELECT count(*) AS n FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'"
                              " AND state = 'active'")
     assert rows == [{"n": 0}]
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_closing_idle_connections_logs_no_traceback(db, db_dsn):
+    """The server ends the pool's idle connections (a restart, a crash): no "Unhandled Error"
+    per connection; the next query gets fresh connections."""
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        admin = psycopg2.connect(db_dsn)
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        admin.close()
+        await wait_for(lambda: all(c.pollable().closed for c in db._idle), timeout=10, step=0.02)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [formatEvent(e) for e in events if e.get("isError") or e.get("log_failure")] == []
+    assert await db.fetchone("SELECT 1 AS one") == {"one": 1}

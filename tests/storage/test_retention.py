@@ -8,10 +8,12 @@ from datetime import UTC, datetime, timedelta
 import pytest_twisted
 
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 
 from e2a.config import RetentionConfig
 from e2a.retention import RetentionService
 from e2a.store import sessions
+from e2a.store.database import DatabaseUnavailable
 from tests.support.apiserver import insert_user_with_key
 
 
@@ -94,3 +96,38 @@ async def test_sign_out_sweeps_expired_sessions_too(db):
     assert stored == {sessions.token_hash(other), sessions.token_hash(leaving)}
     assert await sessions.get_session(db, leaving, now) is None
     assert (await sessions.get_session(db, other, now)).user_id == user_id
+
+
+class _Unreachable:
+    """A database whose every call fails as an unreachable server's does."""
+
+    def __getattr__(self, name: str):
+        async def fail(*args, **kwargs):
+            raise DatabaseUnavailable("cannot connect to the database: connection refused")
+
+        return fail
+
+
+@pytest_twisted.ensureDeferred
+async def test_sweeps_during_an_outage_log_it_once_and_its_end(db):
+    """While the database is unreachable a sweep stops at its first step, and only the first
+    such sweep logs (a warning, no traceback); the first full sweep afterwards says so."""
+    service = RetentionService(db, RetentionConfig(days=30, sweep_interval=3600), Clock())
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        service.db = _Unreachable()
+        await service.sweep_once()
+        await service.sweep_once()
+        service.db = db
+        await service.sweep_once()
+        await service.sweep_once()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    lines = [(e["log_level"].name, formatEvent(e)) for e in events if e.get("log_namespace") == "e2a.claimloop"]
+    assert lines == [
+        ("warn", "retention sweep failed: cannot connect to the database: connection refused; retrying, "
+                 "and logged again once it works"),
+        ("info", "retention sweep works again, after 2 failed attempts"),
+    ]
+    assert not [e for e in events if e.get("log_failure") or e.get("isError")]
