@@ -46,8 +46,9 @@ RETRYABLE = {
     psycopg2.errorcodes.DEADLOCK_DETECTED,  # 40P01
 }
 MAX_ATTEMPTS = 5
-#: Cancel requests in flight at once; past it a cancel is not sent (the statement then runs to
-#: its end). A server that stopped answering holds each one until it answers again.
+#: Cancel requests in flight at once (each one a connection); more wait their turn, never
+#: dropped: an accept that was aborted must learn its statement's real outcome. A server that
+#: stopped answering holds each one until it answers again.
 MAX_CANCELS_IN_FLIGHT = 4
 
 
@@ -357,10 +358,12 @@ class Database:
             conn.close()
         self._idle.clear()
 
-    async def _checkout(self, abort: AbortSignal | None = None) -> txpostgres.Connection:
+    async def _checkout(self, abort: AbortSignal | None = None, use: _Use | None = None) -> txpostgres.Connection:
         if self._closed:
             raise DatabaseUnavailable("database is shut down")
         acquired = self._semaphore.acquire()
+        if use is not None:
+            use.acquiring = acquired  # abandoning the work leaves the queue (_abandon)
         await (acquired if abort is None else abort.guard(acquired))
         try:
             conn = self._idle.pop() if self._idle else None
@@ -406,12 +409,16 @@ class Database:
         use.abandoned = True
         if use.conn is not None:
             self.cancel_statement(use.conn)
+        elif use.acquiring is not None and not use.acquiring.called:
+            # Still queued for a connection: leave the queue, so that abandoned callers
+            # (every timed-out lookup of an outage) do not each take a slot when it ends.
+            use.acquiring.cancel()
 
     async def _attempts(
         self, desc: str, body: Callable[[txpostgres.Connection], Awaitable[T]], abort: AbortSignal | None, use: _Use
     ) -> T:
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            conn = await self._checkout(abort)
+            conn = await self._checkout(abort, use)
             use.conn = conn
             broken = False
             try:
@@ -598,7 +605,7 @@ class Database:
         return await _shielded(work, lambda: self._abandon(use))
 
     async def _send_writes(self, desc: str, writes: Writes, abort: AbortSignal | None, use: _Use) -> set[str]:
-        conn = await self._checkout(abort)
+        conn = await self._checkout(abort, use)
         use.conn = conn
         broken = False
         try:
@@ -642,6 +649,8 @@ class _Use:
 
     conn: txpostgres.Connection | None = None
     abandoned: bool = False
+    #: The wait for a pool slot (cancelled when the work is abandoned while queued).
+    acquiring: Deferred[Any] | None = None
 
 
 def _shielded(work: Deferred[T], abandon: Callable[[], None]) -> Deferred[T]:
@@ -663,7 +672,10 @@ def _shielded(work: Deferred[T], abandon: Callable[[], None]) -> Deferred[T]:
     def settle(result: T | Failure) -> None:
         if shield.called:
             if isinstance(result, Failure):
-                log.debug("abandoned database work ended: {error}", error=result.getErrorMessage())
+                if result.check(defer.CancelledError, psycopg2.Error, TransientError):
+                    log.debug("abandoned database work ended: {error}", error=result.getErrorMessage())
+                else:
+                    log.failure("abandoned database work failed", result)
         elif isinstance(result, Failure):
             shield.errback(result)
         else:
@@ -688,17 +700,17 @@ class CancelRequests:
     def __init__(self, dsn: str, reactor: Any, max_in_flight: int = MAX_CANCELS_IN_FLIGHT) -> None:
         self._dsn = dsn
         self._reactor = reactor
-        self._max = max_in_flight
+        self._slots = defer.DeferredSemaphore(max_in_flight)
         self.in_flight = 0
 
     def send(self, conn: txpostgres.Connection) -> Deferred[None]:
         """Ask PostgreSQL to cancel what ``conn``'s backend is running; fires once the request
         was delivered, or could not be (logged; never fails)."""
-        if conn.pollable() is None or conn.pollable().closed or self.in_flight >= self._max:
+        if conn.pollable() is None or conn.pollable().closed:
             return defer.succeed(None)
         pid = conn.pollable().get_backend_pid()  # known since connecting: no round trip
         self.in_flight += 1
-        d = Deferred.fromCoroutine(self._cancel(pid))
+        d = self._slots.run(lambda: Deferred.fromCoroutine(self._cancel(pid)))
 
         def done(result: None | Failure) -> None:
             self.in_flight -= 1
@@ -712,7 +724,9 @@ class CancelRequests:
         conn = PgConnection(reactor=self._reactor)
         try:
             await conn.connect(self._dsn)
-            await conn.runQuery("SELECT pg_cancel_backend(%s)", (pid,))
+            [(signalled,)] = await conn.runQuery("SELECT pg_cancel_backend(%s)", (pid,))
+            if not signalled:
+                log.warn("cancel request for backend {pid} found no such backend (a pooler in between?)", pid=pid)
         finally:
             if conn.pollable() is not None and not conn.pollable().closed:
                 conn.close()

@@ -83,3 +83,29 @@ async def test_server_closing_idle_connections_logs_no_traceback(db, db_dsn):
         globalLogPublisher.removeObserver(events.append)
     assert [formatEvent(e) for e in events if e.get("isError") or e.get("log_failure")] == []
     assert await db.fetchone("SELECT 1 AS one") == {"one": 1}
+
+
+@pytest_twisted.ensureDeferred
+async def test_callers_that_give_up_while_queued_leave_the_queue(db_dsn):
+    """Callers waiting for a connection that give up are taken out of the pool's queue: when
+    the connection frees, the pool still has its one slot, and nothing is left queued."""
+    db = Database(db_dsn, pool_size=1, reactor=reactor)
+    await db.start()
+    try:
+        busy = defer.Deferred.fromCoroutine(db.fetchone("SELECT pg_sleep(0.3)"))
+        clock = task.Clock()
+        waiting = []
+        for _ in range(300):
+            d = defer.Deferred.fromCoroutine(db.fetchone("SELECT 1 AS one"))
+            d.addTimeout(1, clock)
+            waiting.append(d)
+        clock.advance(1)
+        results = await defer.DeferredList(waiting, consumeErrors=True)
+        assert all(not ok and f.check(defer.TimeoutError) for ok, f in results)
+        assert db._semaphore.waiting == []
+        await busy
+        await wait_for(lambda: db.idle == 1, timeout=10, step=0.02)
+        assert db._semaphore.tokens == 1
+        assert await db.fetchone("SELECT 2 AS two") == {"two": 2}
+    finally:
+        db.close()
