@@ -701,7 +701,6 @@ class CancelRequests:
         self._dsn = dsn
         self._reactor = reactor
         self._slots = defer.DeferredSemaphore(max_in_flight)
-        self.in_flight = 0
 
     def send(self, conn: txpostgres.Connection) -> Deferred[None]:
         """Ask PostgreSQL to cancel what ``conn``'s backend is running; fires once the request
@@ -709,11 +708,9 @@ class CancelRequests:
         if conn.pollable() is None or conn.pollable().closed:
             return defer.succeed(None)
         pid = conn.pollable().get_backend_pid()  # known since connecting: no round trip
-        self.in_flight += 1
         d = self._slots.run(lambda: Deferred.fromCoroutine(self._cancel(pid)))
 
         def done(result: None | Failure) -> None:
-            self.in_flight -= 1
             if isinstance(result, Failure):
                 log.warn("cancel request for backend {pid} failed: {error}", pid=pid, error=result.getErrorMessage())
 
